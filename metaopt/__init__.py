@@ -1,0 +1,8 @@
+"""metaopt: meta-learned optimizers (APO, MetaMD) on a shared Kronecker-preconditioner core."""
+
+__version__ = "0.1.0"
+
+from metaopt.io import load_preconditioner, save_preconditioner  # noqa: E402
+from metaopt.kron import KroneckerPreconditioner  # noqa: E402
+
+__all__ = ["KroneckerPreconditioner", "__version__", "load_preconditioner", "save_preconditioner"]

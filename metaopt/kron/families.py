@@ -1,0 +1,309 @@
+"""Preconditioner families: the meta-parameters of one layer block and how they act.
+
+A family acts on the ``out x in`` matrix ``G`` of a :class:`~metaopt.kron.layers.LayerView`
+and returns the update direction ``P(phi) vec(G)`` reshaped the same way. ``vec`` is
+row-major throughout (``G.reshape(-1)``), so for ``X`` of shape ``out x in``,
+``vec(B X A) = (B kron A^T) vec(X)``.
+
+Families (all PSD by construction, all the identity at ``init_scale=0``):
+
+* :class:`EKFACFamily` (APO, Eq. 9-10): ``A`` (in x in), ``B`` (out x out), ``S``
+  (out x in); direction ``B (S^2 * (B^T G A)) A^T``, i.e. ``P = C diag(vec S^2) C^T``
+  with ``C = B kron A``. No inverse anywhere.
+* :class:`LowRankFamily` (MetaMD): forward matrix ``M = c (B kron A)`` with
+  ``A = I + U U^T``, ``B = I + V V^T`` and ``c = 1`` unless ``learn_scale``; direction
+  ``M^{-1} vec(G) = vec(B^{-1} G A^{-1}) / c`` through Woodbury in ``O(r out in)``.
+* :class:`DiagFamily`: per-entry positive scale, direction ``exp(s) * G``.
+* :class:`ScalarFamily`: one positive scale per block (per-layer learning rates).
+
+Families with an explicit forward matrix ``M = P^{-1}`` (lowrank, diag, scalar) also give
+``bregman``, ``min_eigenvalue`` and ``squared_distance_to_identity`` without forming ``M``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "FAMILIES",
+    "DiagFamily",
+    "EKFACFamily",
+    "Family",
+    "LowRankFamily",
+    "ScalarFamily",
+    "make_family",
+]
+
+
+class Family(nn.Module, abc.ABC):
+    """One block's meta-parameters. Subclasses implement ``_direction`` and ``dense``.
+
+    ``apply`` computes in the wider of the gradient's and the meta-parameters' dtypes and
+    returns the gradient's dtype, so a bf16 model can use an fp32 preconditioner.
+    """
+
+    #: whether ``bregman`` / ``min_eigenvalue`` / ``squared_distance_to_identity`` exist
+    has_forward_matrix: bool = False
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.shape = (int(shape[0]), int(shape[1]))
+
+    def apply(self, grad: Tensor) -> Tensor:
+        """``grad`` (out x in) -> update direction (out x in), same dtype as ``grad``."""
+        meta_dtype = next(self.parameters()).dtype
+        dtype = torch.promote_types(grad.dtype, meta_dtype)
+        return self._direction(grad.to(dtype), dtype).to(grad.dtype)
+
+    @abc.abstractmethod
+    def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
+        """``grad`` already in ``dtype``; cast meta-parameters with ``_p``."""
+
+    @abc.abstractmethod
+    def dense(self) -> Tensor:
+        """The ``(out*in) x (out*in)`` preconditioner ``P`` (row-major vec)."""
+
+    def forward(self, grad: Tensor) -> Tensor:
+        return self.apply(grad)
+
+    @staticmethod
+    def _p(t: Tensor, dtype: torch.dtype) -> Tensor:
+        return t if t.dtype == dtype else t.to(dtype)
+
+
+class EKFACFamily(Family):
+    """APO's structured preconditioner ``B (S^2 * (B^T G A)) A^T`` (identity at init)."""
+
+    def __init__(self, shape: tuple[int, int], *, init_scale: float = 0.0, **_: object):
+        super().__init__(shape)
+        out_dim, in_dim = self.shape
+        self.A = nn.Parameter(torch.eye(in_dim))
+        self.B = nn.Parameter(torch.eye(out_dim))
+        self.S = nn.Parameter(torch.ones(out_dim, in_dim))
+        if init_scale:
+            with torch.no_grad():
+                self.A.add_(torch.randn_like(self.A), alpha=init_scale)
+                self.B.add_(torch.randn_like(self.B), alpha=init_scale)
+                self.S.add_(torch.randn_like(self.S), alpha=init_scale)
+
+    def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
+        A, B, S = (self._p(t, dtype) for t in (self.A, self.B, self.S))
+        return B @ ((S * S) * (B.T @ grad @ A)) @ A.T
+
+    def dense(self) -> Tensor:
+        C = torch.kron(self.B, self.A)
+        return C @ torch.diag((self.S * self.S).reshape(-1)) @ C.T
+
+
+def _woodbury_solve(X: Tensor, U: Tensor, right: bool) -> Tensor:
+    """``X (I + U U^T)^{-1}`` (``right``) or ``(I + U U^T)^{-1} X`` in ``O(r * X.numel())``.
+
+    Uses ``(I + U U^T)^{-1} = I - U (I_r + U^T U)^{-1} U^T`` (Sherman-Morrison for r = 1);
+    only an ``r x r`` system is solved.
+    """
+    r = U.shape[1]
+    core = torch.eye(r, dtype=U.dtype, device=U.device) + U.T @ U
+    if right:
+        XU = X @ U  # (m, r)
+        if r == 1:
+            return X - (XU / core) @ U.T
+        return X - torch.linalg.solve(core, XU.T).T @ U.T
+    UX = U.T @ X  # (r, n)
+    if r == 1:
+        return X - U @ (UX / core)
+    return X - U @ torch.linalg.solve(core, UX)
+
+
+class LowRankFamily(Family):
+    """MetaMD's ``M = c (A kron B)`` with ``A = I + U U^T``, ``B = I + V V^T`` (paper order).
+
+    In metaopt's row-major vec the forward matrix is ``c * kron(B, A)``; the direction is
+    ``M^{-1} g = B^{-1} G A^{-1} / c``.
+
+    Args:
+        shape: ``(out, in)``.
+        rank: ``r`` (columns of ``U`` and ``V``); must not exceed ``min(out, in)``.
+        learn_scale: add a learnable ``c = exp(log_scale)`` (default ``False``, ``c = 1``).
+        init_scale: ``U, V ~ N(0, init_scale^2 / dim)`` so that ``||U||_F ~ init_scale``.
+            Exactly zero is the identity but is a stationary point of every objective in
+            ``U U^T`` (the gradient ``2 sym(dA) U`` vanishes), so the default ``1e-3``
+            starts a hair away from the identity.
+    """
+
+    has_forward_matrix = True
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        *,
+        rank: int = 1,
+        learn_scale: bool = False,
+        init_scale: float = 1e-3,
+        name: str = "",
+        **_: object,
+    ):
+        super().__init__(shape)
+        out_dim, in_dim = self.shape
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank={rank!r}: must be a positive integer")
+        if rank > min(out_dim, in_dim):
+            raise ValueError(
+                f"rank={rank} is larger than layer {name or '?'} of shape {out_dim}x{in_dim} "
+                f"allows (at most {min(out_dim, in_dim)})"
+            )
+        self.rank = rank
+        self.learn_scale = learn_scale
+        self.U = nn.Parameter(torch.randn(in_dim, rank) * (init_scale / math.sqrt(in_dim)))
+        self.V = nn.Parameter(torch.randn(out_dim, rank) * (init_scale / math.sqrt(out_dim)))
+        if learn_scale:
+            self.log_scale = nn.Parameter(torch.zeros(()))
+
+    # --- factors -------------------------------------------------------------------------
+    def factor_A(self) -> Tensor:
+        return torch.eye(self.shape[1], dtype=self.U.dtype, device=self.U.device) + self.U @ self.U.T
+
+    def factor_B(self) -> Tensor:
+        return torch.eye(self.shape[0], dtype=self.V.dtype, device=self.V.device) + self.V @ self.V.T
+
+    def scale(self) -> Tensor:
+        if self.learn_scale:
+            return self.log_scale.exp()
+        return torch.ones((), dtype=self.U.dtype, device=self.U.device)
+
+    # --- action ------------------------------------------------------------------------
+    def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
+        U, V = self._p(self.U, dtype), self._p(self.V, dtype)
+        out = _woodbury_solve(_woodbury_solve(grad, U, right=True), V, right=False)
+        if self.learn_scale:
+            out = out * self._p(torch.exp(-self.log_scale), dtype)
+        return out
+
+    def forward_apply(self, X: Tensor) -> Tensor:
+        """``M vec(X)`` reshaped: ``c B X A`` (no inverse)."""
+        dtype = torch.promote_types(X.dtype, self.U.dtype)
+        X = X.to(dtype)
+        U, V = self._p(self.U, dtype), self._p(self.V, dtype)
+        XA = X + (X @ U) @ U.T
+        out = XA + V @ (V.T @ XA)
+        return out * self._p(self.scale(), dtype) if self.learn_scale else out
+
+    def dense(self) -> Tensor:
+        return torch.linalg.inv(self.dense_forward())
+
+    def dense_forward(self) -> Tensor:
+        """``M = c kron(B, A)`` in row-major vec (tests only)."""
+        return self.scale() * torch.kron(self.factor_B(), self.factor_A())
+
+    # --- identities (MetaMD appendix A.4-A.5) -------------------------------------------
+    def bregman(self, delta: Tensor) -> Tensor:
+        """``1/2 vec(D)^T M vec(D)`` for ``D = theta - theta_ref`` (out x in)."""
+        return 0.5 * (delta * self.forward_apply(delta)).sum()
+
+    def min_eigenvalue(self) -> Tensor:
+        """``c * lambda_min(A) * lambda_min(B)``; ``lambda_min(I + U U^T) = 1`` for r < dim."""
+        return self.scale() * _min_eig_identity_plus(self.U) * _min_eig_identity_plus(self.V)
+
+    def squared_distance_to_identity(self) -> Tensor:
+        """``||M - I||_F^2`` from traces, without cancellation.
+
+        With ``P = U U^T``, ``Q = V V^T`` (so ``A = I + P``, ``B = I + Q``) and
+        ``X = P kron I + I kron Q + P kron Q``: ``M - I = (c - 1) I + c X``, hence
+        ``||M - I||^2 = (c-1)^2 n + 2 c (c-1) tr X + c^2 ||X||^2`` with
+        ``tr X = tP dB + dA tQ + tP tQ`` and
+        ``||X||^2 = fP dB + dA fQ + fP fQ + 2 tP tQ + 2 fP tQ + 2 tP fQ``,
+        where ``tP = ||U||_F^2``, ``fP = ||U^T U||_F^2`` (same for ``Q``), ``dA = in``,
+        ``dB = out`` and ``n = dA dB``. Every term is non-negative at ``c = 1``.
+        """
+        dA, dB = float(self.shape[1]), float(self.shape[0])
+        tP, tQ = (self.U * self.U).sum(), (self.V * self.V).sum()
+        UtU, VtV = self.U.T @ self.U, self.V.T @ self.V
+        fP, fQ = (UtU * UtU).sum(), (VtV * VtV).sum()
+        x_sq = fP * dB + dA * fQ + fP * fQ + 2 * (tP * tQ + fP * tQ + tP * fQ)
+        if not self.learn_scale:
+            return x_sq
+        c = self.scale()
+        tr_x = tP * dB + dA * tQ + tP * tQ
+        return (c - 1) ** 2 * (dA * dB) + 2 * c * (c - 1) * tr_x + c * c * x_sq
+
+
+def _min_eig_identity_plus(U: Tensor) -> Tensor:
+    dim, r = U.shape
+    if r < dim:
+        return torch.ones((), dtype=U.dtype, device=U.device)
+    # r >= dim: I + U U^T is dim x dim and small here
+    return 1 + torch.linalg.eigvalsh(U @ U.T)[0]
+
+
+class DiagFamily(Family):
+    """Per-entry positive scale: direction ``exp(s) * G``; forward matrix ``diag(exp(-s))``."""
+
+    has_forward_matrix = True
+
+    def __init__(self, shape: tuple[int, int], *, init_scale: float = 0.0, **_: object):
+        super().__init__(shape)
+        self.log_scale = nn.Parameter(torch.randn(*self.shape) * init_scale)
+
+    def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
+        return self._p(self.log_scale.exp(), dtype) * grad
+
+    def dense(self) -> Tensor:
+        return torch.diag(self.log_scale.exp().reshape(-1))
+
+    def bregman(self, delta: Tensor) -> Tensor:
+        return 0.5 * (delta * delta * torch.exp(-self.log_scale)).sum()
+
+    def min_eigenvalue(self) -> Tensor:
+        return torch.exp(-self.log_scale).min()
+
+    def squared_distance_to_identity(self) -> Tensor:
+        return (torch.exp(-self.log_scale) - 1).pow(2).sum()
+
+
+class ScalarFamily(Family):
+    """One positive scale per block: direction ``exp(s) * G`` (per-layer learning rate)."""
+
+    has_forward_matrix = True
+
+    def __init__(self, shape: tuple[int, int], *, init_scale: float = 0.0, **_: object):
+        super().__init__(shape)
+        self.log_scale = nn.Parameter(torch.randn(()) * init_scale)
+
+    def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
+        return self._p(self.log_scale.exp(), dtype) * grad
+
+    def dense(self) -> Tensor:
+        n = self.shape[0] * self.shape[1]
+        s = self.log_scale
+        return s.exp() * torch.eye(n, dtype=s.dtype, device=s.device)
+
+    def bregman(self, delta: Tensor) -> Tensor:
+        return 0.5 * torch.exp(-self.log_scale) * (delta * delta).sum()
+
+    def min_eigenvalue(self) -> Tensor:
+        return torch.exp(-self.log_scale)
+
+    def squared_distance_to_identity(self) -> Tensor:
+        n = self.shape[0] * self.shape[1]
+        return n * (torch.exp(-self.log_scale) - 1) ** 2
+
+
+FAMILIES: dict[str, type[Family]] = {
+    "ekfac": EKFACFamily,
+    "lowrank": LowRankFamily,
+    "rank1": LowRankFamily,
+    "diag": DiagFamily,
+    "scalar": ScalarFamily,
+}
+
+
+def make_family(family: str, shape: tuple[int, int], **options: object) -> Family:
+    """Instantiate ``family`` for a block of ``shape``; ``"rank1"`` forces ``rank=1``."""
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is unknown; choose one of {sorted(FAMILIES)}")
+    if family == "rank1":
+        options = {**options, "rank": 1}
+    return FAMILIES[family](shape, **options)

@@ -1,0 +1,115 @@
+"""The deploy target: a learned preconditioner as an ordinary ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaopt.kron.preconditioner import KroneckerPreconditioner
+
+__all__ = ["Preconditioned"]
+
+
+class Preconditioned(torch.optim.Optimizer):
+    """``theta <- theta - lr * (momentum-smoothed) P (grad + weight_decay * theta)``.
+
+    With the identity preconditioner this is exactly ``torch.optim.SGD`` (same momentum,
+    Nesterov and weight-decay conventions, dampening 0). Weight decay is added to the
+    gradient before preconditioning (L2 regularisation of the loss the mirror step sees).
+
+    Args:
+        params: ``model.named_parameters()`` (preferred), or the parameters in the order of
+            ``model.named_parameters()``, or param-group dicts of either. Parameters are
+            matched to the preconditioner's blocks by name (or by position).
+        preconditioner: a :class:`~metaopt.kron.KroneckerPreconditioner` built for the model.
+            It is applied without gradient tracking; its meta-parameters are not updated.
+        lr: learning rate (``eta``).
+        momentum: heavy-ball coefficient (default 0).
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
+        weight_decay: L2 coefficient (default 0).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        preconditioner: KroneckerPreconditioner,
+        lr: float = 1e-2,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr={lr!r}: must be a non-negative number")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum={momentum!r}: must be in [0, 1)")
+        if nesterov and momentum <= 0:
+            raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum!r}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay={weight_decay!r}: must be non-negative")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.preconditioner = preconditioner
+        self._names = self._resolve_names(preconditioner)
+
+    def _resolve_names(self, pre: KroneckerPreconditioner) -> dict[Tensor, str]:
+        """Map each parameter tensor to its name in the preconditioner."""
+        names: dict[Tensor, str] = {}
+        positional = [p for g in self.param_groups for p in g["params"]]
+        given = [n for g in self.param_groups for n in g.get("param_names", [])]
+        if given:
+            pairs = list(zip(positional, given, strict=True))
+        else:
+            if len(positional) != len(pre.param_names):
+                raise ValueError(
+                    f"params: got {len(positional)} tensors but the preconditioner covers "
+                    f"{len(pre.param_names)}; pass model.named_parameters()"
+                )
+            pairs = list(zip(positional, pre.param_names, strict=True))
+        for p, n in pairs:
+            if n not in pre.param_shapes:
+                raise ValueError(f"params: {n!r} is not a parameter the preconditioner knows")
+            if tuple(p.shape) != pre.param_shapes[n]:
+                raise ValueError(
+                    f"params: {n!r} has shape {tuple(p.shape)} but the preconditioner expects "
+                    f"{pre.param_shapes[n]}"
+                )
+            names[p] = n
+        return names
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            wd, mom, lr = group["weight_decay"], group["momentum"], group["lr"]
+            grads: dict[str, Tensor] = {}
+            owners: dict[str, Tensor] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                name = self._names[p]
+                g = p.grad
+                if wd != 0:
+                    g = g.add(p, alpha=wd)
+                grads[name] = g
+                owners[name] = p
+            if not grads:
+                continue
+            directions = self.preconditioner.apply(grads)
+            for name, p in owners.items():
+                d = directions[name]
+                if mom != 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.detach().clone()
+                    else:
+                        buf.mul_(mom).add_(d)
+                    d = d.add(buf, alpha=mom) if group["nesterov"] else buf
+                p.add_(d, alpha=-lr)
+        return loss
