@@ -1,1 +1,26 @@
-"""tasks package."""
+"""Task distributions, datasets and models for meta-training and meta-testing."""
+
+from tasks.base import BatchStream, Task, TaskFamily, TaskSuite
+from tasks.registry import (
+    available,
+    get_family,
+    get_suite,
+    get_task,
+    register_family,
+    register_suite,
+    register_task,
+)
+
+__all__ = [
+    "BatchStream",
+    "Task",
+    "TaskFamily",
+    "TaskSuite",
+    "available",
+    "get_family",
+    "get_suite",
+    "get_task",
+    "register_family",
+    "register_suite",
+    "register_task",
+]
