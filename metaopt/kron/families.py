@@ -164,10 +164,12 @@ class LowRankFamily(Family):
 
     # --- factors -------------------------------------------------------------------------
     def factor_A(self) -> Tensor:
-        return torch.eye(self.shape[1], dtype=self.U.dtype, device=self.U.device) + self.U @ self.U.T
+        """``A = I + U U^T`` (in x in)."""
+        return _identity_plus(self.U)
 
     def factor_B(self) -> Tensor:
-        return torch.eye(self.shape[0], dtype=self.V.dtype, device=self.V.device) + self.V @ self.V.T
+        """``B = I + V V^T`` (out x out)."""
+        return _identity_plus(self.V)
 
     def scale(self) -> Tensor:
         if self.learn_scale:
@@ -228,6 +230,10 @@ class LowRankFamily(Family):
         c = self.scale()
         tr_x = tP * dB + dA * tQ + tP * tQ
         return (c - 1) ** 2 * (dA * dB) + 2 * c * (c - 1) * tr_x + c * c * x_sq
+
+
+def _identity_plus(U: Tensor) -> Tensor:
+    return torch.eye(U.shape[0], dtype=U.dtype, device=U.device) + U @ U.T
 
 
 def _min_eig_identity_plus(U: Tensor) -> Tensor:

@@ -107,7 +107,10 @@ class LayerView:
                     "curvature statistics; use explicit integer padding"
                 )
             patches = F.unfold(
-                inp, conv.kernel_size, dilation=conv.dilation, padding=padding,
+                inp,
+                conv.kernel_size,
+                dilation=conv.dilation,
+                padding=padding,
                 stride=conv.stride,
             )  # (B, C*kh*kw, L)
             a = patches.transpose(1, 2).reshape(-1, patches.shape[1])
@@ -196,8 +199,12 @@ def layer_views(
         view = claimed.get(pname)
         if view is None:
             view = LayerView(
-                name=pname, kind="diag", weight=pname, bias=None,
-                shape=(1, p.numel()), param_shapes=(tuple(p.shape),),
+                name=pname,
+                kind="diag",
+                weight=pname,
+                bias=None,
+                shape=(1, p.numel()),
+                param_shapes=(tuple(p.shape),),
             )
         if view.name not in seen:
             seen.add(view.name)

@@ -202,7 +202,11 @@ def _as_diag_views(views: list[LayerView]) -> list[LayerView]:
             numel = int(torch.Size(shape).numel())
             out.append(
                 LayerView(
-                    name=pname, kind="diag", weight=pname, bias=None, shape=(1, numel),
+                    name=pname,
+                    kind="diag",
+                    weight=pname,
+                    bias=None,
+                    shape=(1, numel),
                     param_shapes=(shape,),
                 )
             )

@@ -1,0 +1,17 @@
+"""Meta-objectives registered by name (``proximal`` for APO, ``bregman-rate`` for MetaMD)."""
+
+from metaopt.objectives.base import (
+    MetaContext,
+    available_meta_objectives,
+    evaluate_meta_objective,
+    get_meta_objective,
+    register_meta_objective,
+)
+
+__all__ = [
+    "MetaContext",
+    "available_meta_objectives",
+    "evaluate_meta_objective",
+    "get_meta_objective",
+    "register_meta_objective",
+]

@@ -1,0 +1,126 @@
+"""Meta-objectives: scalar functions of one documented context, registered by name.
+
+A meta-objective is ``fn(ctx: MetaContext, **options) -> Tensor`` (a scalar, differentiable
+in whatever the learner differentiates: the preconditioner's meta-parameters, the adapted
+hyperparameters, and ``ctx.params_after``). Both learners build the same context:
+
+* APO (online): ``params_before`` = theta, ``params_after`` = theta'(phi) = u(theta, phi, B)
+  (the one-step lookahead), ``batch`` = B, ``fsd_batch`` = B'.
+* MetaMD (offline, per task): ``params_before`` = theta_1 (the initialisation),
+  ``params_after`` = theta_T (after T inner steps), ``batch`` = a training batch of the task.
+
+A field a learner cannot fill is ``None``; an objective that needs it raises ``ValueError``
+through :meth:`MetaContext.require`. Users add objectives without touching library code::
+
+    @metaopt.register_meta_objective("my-proximal")
+    def my_proximal(ctx, lambda_wsd=1e-3):
+        x, y = ctx.batch
+        out = ctx.forward(ctx.params_after, x)
+        return ctx.loss(out, y) + lambda_wsd / 2 * ctx.squared_distance()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from torch import Tensor
+
+from metaopt.kron.preconditioner import KroneckerPreconditioner
+
+__all__ = [
+    "MetaContext",
+    "available_meta_objectives",
+    "get_meta_objective",
+    "register_meta_objective",
+]
+
+Forward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
+
+
+@dataclass
+class MetaContext:
+    """Everything a meta-objective may look at.
+
+    Attributes:
+        params_before: ``{name: tensor}`` -- theta (APO) or theta_1 (MetaMD).
+        params_after: ``{name: tensor}`` -- theta' (APO lookahead) or theta_T (MetaMD).
+        forward: functional model, ``forward(params, x) -> output`` (``torch.func``).
+        loss: ``loss(output, target) -> scalar`` (the task's training loss).
+        batch: ``(x, y)``: APO's B (the gradient batch); MetaMD: a batch of the task.
+        fsd_batch: ``(x, y)``: APO's B' for the output-space (FSD) term, else ``None``.
+        preconditioner: the preconditioner being learned (MetaMD) or used (APO), or ``None``.
+        step: the learner's step counter (APO: training step; MetaMD: outer step).
+        extras: learner-specific additions (documented by each learner).
+    """
+
+    params_before: Mapping[str, Tensor]
+    params_after: Mapping[str, Tensor]
+    forward: Forward | None = None
+    loss: Callable[[Tensor, Tensor], Tensor] | None = None
+    batch: tuple[Tensor, Tensor] | None = None
+    fsd_batch: tuple[Tensor, Tensor] | None = None
+    preconditioner: KroneckerPreconditioner | None = None
+    step: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def require(self, *names: str) -> None:
+        """Raise ``ValueError`` naming the first of ``names`` this context lacks."""
+        for name in names:
+            if getattr(self, name) is None:
+                raise ValueError(
+                    f"meta-objective needs ctx.{name}, which this learner does not provide"
+                )
+
+    def squared_distance(self) -> Tensor:
+        """``||params_after - params_before||^2`` over all parameters."""
+        total = None
+        for n, after in self.params_after.items():
+            d = (after - self.params_before[n]).pow(2).sum()
+            total = d if total is None else total + d
+        if total is None:
+            raise ValueError("ctx.params_after is empty")
+        return total
+
+
+MetaObjective = Callable[..., Tensor]
+F = TypeVar("F", bound=MetaObjective)
+_OBJECTIVES: dict[str, MetaObjective] = {}
+
+
+def register_meta_objective(name: str) -> Callable[[F], F]:
+    """Decorator: register ``fn(ctx: MetaContext, **options) -> Tensor`` as ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name={name!r}: must be a non-empty string")
+
+    def deco(fn: F) -> F:
+        _OBJECTIVES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_meta_objective(name: str) -> MetaObjective:
+    """The objective registered as ``name``; unknown names list the registered ones."""
+    if name not in _OBJECTIVES:
+        raise ValueError(f"meta_objective={name!r} is unknown; registered: {sorted(_OBJECTIVES)}")
+    return _OBJECTIVES[name]
+
+
+def available_meta_objectives() -> list[str]:
+    return sorted(_OBJECTIVES)
+
+
+def _check_scalar(value: Tensor, name: str) -> Tensor:
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise ValueError(f"meta-objective {name!r} must return a scalar tensor, got {value!r}")
+    return value.reshape(())
+
+
+def evaluate_meta_objective(name: str, ctx: MetaContext, **options: Any) -> Tensor:
+    """Look up ``name``, call it on ``ctx`` and check the result is a scalar tensor."""
+    return _check_scalar(get_meta_objective(name)(ctx, **options), name)
+
+
+__all__ += ["evaluate_meta_objective"]
