@@ -128,7 +128,8 @@ class LayerView:
         if self.kind == "linear":
             return grad_out.reshape(-1, grad_out.shape[-1])
         if self.kind == "conv2d":
-            return grad_out.transpose(1, -1).reshape(-1, grad_out.shape[1])
+            # (B, out, H', W') -> (B, H'*W', out): same position order as F.unfold
+            return grad_out.flatten(2).transpose(1, 2).reshape(-1, grad_out.shape[1])
         raise ValueError(f"layer {self.name!r}: diag blocks have no output-gradient matrix")
 
     def positions(self, grad_out: Tensor) -> int:
