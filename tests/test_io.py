@@ -1,0 +1,122 @@
+"""Preconditioner files: exact round trip, shape validation, and nothing executed on load."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from metaopt import load_preconditioner, save_preconditioner
+from metaopt.io import read_preconditioner_metadata
+from metaopt.kron import KroneckerPreconditioner
+
+
+def _model(hidden=5):
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, hidden),
+        nn.LayerNorm(hidden),
+        nn.Linear(hidden, 3),
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "options"),
+    [
+        ("rank1", {}),
+        ("lowrank", {"rank": 2, "learn_scale": True}),
+        ("ekfac", {}),
+        ("diag", {}),
+        ("scalar", {}),
+    ],
+)
+def test_round_trip_is_exact(tmp_path, family, options):
+    torch.manual_seed(0)
+    model = _model()
+    pre = KroneckerPreconditioner.for_model(model, family, skip="^4\\.bias$", **options)
+    with torch.no_grad():
+        for p in pre.parameters():
+            p.normal_()
+    path = tmp_path / "pre.safetensors"
+    save_preconditioner(pre, path, metadata={"note": "unit test", "steps": 3})
+    loaded = load_preconditioner(path, _model())
+    sd_a, sd_b = pre.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    out_a, out_b = pre.apply(grads), loaded.apply(grads)
+    assert all(torch.equal(out_a[k], out_b[k]) for k in out_a)
+    meta = read_preconditioner_metadata(path)
+    assert meta["family"] == family and meta["user"] == {"note": "unit test", "steps": 3}
+    assert meta["skip"] == "^4\\.bias$"
+    assert [f for f in os.listdir(tmp_path)] == ["pre.safetensors"]  # no temp files left
+
+
+def test_mismatched_model_names_every_layer_with_both_shapes(tmp_path):
+    path = tmp_path / "pre.safetensors"
+    save_preconditioner(KroneckerPreconditioner.for_model(_model(5), "rank1"), path)
+    with pytest.raises(ValueError) as err:
+        load_preconditioner(path, _model(7))
+    msg = str(err.value)
+    assert "2: file 5x33 vs model 7x33" in msg
+    assert "3.weight: file 1x5 vs model 1x7" in msg
+    assert "4: file 3x6 vs model 3x8" in msg
+    assert "\n" not in msg
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        load_preconditioner(path, _model())
+    assert not marker.exists()
+    # the same payload through torch.save's zip format is refused too
+    torch.save({"x": Payload()}, path)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_preconditioner(path, _model())
+    assert not marker.exists()
+    # control: unpickling the payload really would have run it
+    pickle.loads(pickle.dumps(Payload()))
+    assert marker.exists()
+
+
+def test_other_bad_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_preconditioner(tmp_path / "missing.safetensors", _model())
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match="not a metaopt preconditioner"):
+        load_preconditioner(plain, _model())
+    # a header that claims more bytes than the file has (truncated file)
+    good = tmp_path / "good.safetensors"
+    save_preconditioner(KroneckerPreconditioner.for_model(_model(), "rank1"), good)
+    data = good.read_bytes()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="safetensors"):
+        load_preconditioner(trunc, _model())
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    assert json.loads(header["__metadata__"]["metaopt"])["format"].startswith("metaopt")
+
+
+def test_failed_save_keeps_previous_file(tmp_path):
+    path = tmp_path / "pre.safetensors"
+    pre = KroneckerPreconditioner.for_model(_model(), "rank1")
+    save_preconditioner(pre, path)
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        save_preconditioner(pre, path, metadata={"bad": object()})  # not JSON-serialisable
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["pre.safetensors"]

@@ -1,0 +1,256 @@
+"""Families and KroneckerPreconditioner against dense float64 oracles built here from torch.kron."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from metaopt.kron import KroneckerPreconditioner, make_family
+
+torch.set_default_dtype(torch.float32)
+F64 = torch.float64
+
+
+def _randomize(module: nn.Module, scale: float = 0.5, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def _lowrank(shape, rank, learn_scale=False, seed=0):
+    fam = make_family("lowrank", shape, rank=rank, learn_scale=learn_scale).double()
+    _randomize(fam, 0.7, seed)
+    return fam
+
+
+def _oracle_forward(fam):
+    """c * kron(B, A) with A = I + U U^T, B = I + V V^T, built independently of the family."""
+    U, V = fam.U.detach(), fam.V.detach()
+    A = torch.eye(U.shape[0], dtype=F64) + U @ U.T
+    B = torch.eye(V.shape[0], dtype=F64) + V @ V.T
+    c = fam.log_scale.detach().exp() if fam.learn_scale else torch.tensor(1.0, dtype=F64)
+    return c * torch.kron(B, A)
+
+
+# --- per-family dense oracles -------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(3, 4), (5, 2), (1, 6)])
+def test_ekfac_direction_matches_dense_formula(shape):
+    fam = make_family("ekfac", shape).double()
+    _randomize(fam)
+    A, B, S = fam.A.detach(), fam.B.detach(), fam.S.detach()
+    C = torch.kron(B, A)
+    P = C @ torch.diag(S.reshape(-1) ** 2) @ C.T
+    G = torch.randn(shape, dtype=F64)
+    torch.testing.assert_close(fam.apply(G).reshape(-1), P @ G.reshape(-1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fam.dense(), P)
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+@pytest.mark.parametrize(("shape", "rank"), [((3, 4), 1), ((5, 6), 2), ((4, 4), 4), ((2, 7), 2)])
+def test_lowrank_matches_dense_inverse_and_identities(shape, rank, learn_scale):
+    fam = _lowrank(shape, rank, learn_scale)
+    if learn_scale:
+        with torch.no_grad():
+            fam.log_scale.fill_(0.3)
+    M = _oracle_forward(fam)
+    Minv = torch.linalg.inv(M)
+    G = torch.randn(shape, dtype=F64)
+    torch.testing.assert_close(fam.apply(G).reshape(-1), Minv @ G.reshape(-1))
+    torch.testing.assert_close(fam.dense(), Minv)
+    D = torch.randn(shape, dtype=F64)
+    d = D.reshape(-1)
+    torch.testing.assert_close(fam.bregman(D), 0.5 * d @ M @ d)
+    torch.testing.assert_close(fam.min_eigenvalue(), torch.linalg.eigvalsh(M).min())
+    eye = torch.eye(M.shape[0], dtype=F64)
+    torch.testing.assert_close(
+        fam.squared_distance_to_identity(), torch.linalg.matrix_norm(M - eye) ** 2
+    )
+
+
+def test_min_eigenvalue_of_identity_plus_low_rank_is_one():
+    """For rank < dim, I + U U^T has eigenvalue exactly 1 (U U^T is singular)."""
+    fam = _lowrank((6, 5), 2)
+    A = torch.eye(5, dtype=F64) + fam.U.detach() @ fam.U.detach().T
+    assert torch.linalg.eigvalsh(A).min().item() == pytest.approx(1.0, abs=1e-12)
+    assert fam.min_eigenvalue().item() == pytest.approx(1.0, abs=1e-12)
+    # ... and rank == dim of a factor lifts it above 1
+    full = _lowrank((3, 3), 3)
+    assert full.min_eigenvalue().item() > 1.0
+
+
+@pytest.mark.parametrize("family", ["diag", "scalar"])
+def test_diag_and_scalar_families(family):
+    fam = make_family(family, (3, 4)).double()
+    _randomize(fam)
+    s = fam.log_scale.detach().exp()
+    P = torch.diag(s.expand(3, 4).reshape(-1))
+    G = torch.randn(3, 4, dtype=F64)
+    torch.testing.assert_close(fam.apply(G).reshape(-1), P @ G.reshape(-1))
+    torch.testing.assert_close(fam.dense(), P)
+    M = torch.linalg.inv(P)
+    D = torch.randn(3, 4, dtype=F64)
+    torch.testing.assert_close(fam.bregman(D), 0.5 * D.reshape(-1) @ M @ D.reshape(-1))
+    torch.testing.assert_close(fam.min_eigenvalue(), torch.linalg.eigvalsh(M).min())
+    torch.testing.assert_close(
+        fam.squared_distance_to_identity(),
+        torch.linalg.matrix_norm(M - torch.eye(12, dtype=F64)) ** 2,
+    )
+
+
+def test_families_start_at_identity():
+    for family in ["ekfac", "diag", "scalar"]:
+        fam = make_family(family, (3, 4))
+        G = torch.randn(3, 4)
+        assert torch.equal(fam.apply(G), G), family
+    fam = make_family("lowrank", (3, 4), init_scale=0.0)
+    G = torch.randn(3, 4)
+    assert torch.equal(fam.apply(G), G)
+
+
+def test_lowrank_rank_errors():
+    with pytest.raises(ValueError, match="rank=5 is larger than layer fc of shape 3x4"):
+        make_family("lowrank", (3, 4), rank=5, name="fc")
+    with pytest.raises(ValueError, match="rank=0"):
+        make_family("lowrank", (3, 4), rank=0)
+    with pytest.raises(ValueError, match="family='nope' is unknown"):
+        make_family("nope", (3, 4))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out_dim=st.integers(1, 6),
+    in_dim=st.integers(1, 6),
+    rank=st.integers(1, 6),
+    seed=st.integers(0, 10_000),
+)
+def test_property_lowrank_apply_inverts_forward(out_dim, in_dim, rank, seed):
+    rank = min(rank, out_dim, in_dim)
+    fam = _lowrank((out_dim, in_dim), rank, seed=seed)
+    M = _oracle_forward(fam)
+    G = torch.randn(out_dim, in_dim, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(M @ fam.apply(G).reshape(-1), G.reshape(-1), rtol=1e-9, atol=1e-9)
+    eig = torch.linalg.eigvalsh(fam.dense())
+    assert eig.min() > 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(out_dim=st.integers(1, 5), in_dim=st.integers(1, 5), seed=st.integers(0, 10_000))
+def test_property_ekfac_dense_is_symmetric_psd(out_dim, in_dim, seed):
+    fam = make_family("ekfac", (out_dim, in_dim)).double()
+    _randomize(fam, 1.0, seed)
+    P = fam.dense()
+    torch.testing.assert_close(P, P.T)
+    assert torch.linalg.eigvalsh(P).min() > -1e-9 * P.abs().max()
+
+
+# --- the whole preconditioner --------------------------------------------------------------
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 2, 2, stride=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 3, 4),
+        nn.Linear(4, 3, bias=False),
+    ).double()
+
+
+def _vec(tensors, names):
+    return torch.cat([tensors[n].reshape(-1) for n in names])
+
+
+@pytest.mark.parametrize(
+    ("family", "options"),
+    [
+        ("ekfac", {}),
+        ("lowrank", {"rank": 2}),
+        ("rank1", {}),
+        ("diag", {}),
+        ("scalar", {}),
+        ("lowrank", {"learn_scale": True}),
+    ],
+)
+def test_preconditioner_apply_equals_dense(family, options):
+    model = _model()
+    pre = KroneckerPreconditioner.for_model(model, family, **options).double()
+    _randomize(pre, 0.4)
+    names = [n for n, _ in model.named_parameters()]
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    out = pre.apply(grads)
+    P = pre.dense()
+    torch.testing.assert_close(_vec(out, names), P @ _vec(grads, names))
+    torch.testing.assert_close(P, P.T)
+    assert torch.linalg.eigvalsh(P).min() > -1e-9
+    assert pre.num_meta_parameters() == sum(p.numel() for p in pre.parameters())
+
+
+def test_preconditioner_skip_is_identity_and_lowrank_identities_match_dense():
+    model = _model()
+    pre = KroneckerPreconditioner.for_model(model, "lowrank", rank=1, skip=r"^5\.").double()
+    _randomize(pre, 0.6)
+    names = [n for n, _ in model.named_parameters()]
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    out = pre.apply(grads)
+    for n in ("5.weight", "5.bias"):
+        assert torch.equal(out[n], grads[n])
+    P = pre.dense()
+    M = torch.linalg.inv(P)
+    theta = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    ref = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    d = _vec(theta, names) - _vec(ref, names)
+    torch.testing.assert_close(pre.bregman(theta, ref), 0.5 * d @ M @ d)
+    # lambda and ||M - I||_F are over the covered (non-skipped) blocks
+    covered = torch.tensor(
+        [
+            not n.startswith("5.")
+            for n in names
+            for _ in range(dict(model.named_parameters())[n].numel())
+        ]
+    )
+    Mc = M[covered][:, covered]
+    torch.testing.assert_close(pre.min_eigenvalue(), torch.linalg.eigvalsh(Mc).min())
+    torch.testing.assert_close(
+        pre.frobenius_distance_to_identity(),
+        torch.linalg.matrix_norm(Mc - torch.eye(Mc.shape[0], dtype=F64)),
+    )
+
+
+def test_identities_refused_for_ekfac():
+    pre = KroneckerPreconditioner.for_model(_model(), "ekfac")
+    with pytest.raises(ValueError, match="no explicit forward matrix"):
+        pre.min_eigenvalue()
+
+
+@pytest.mark.parametrize("family", ["ekfac", "lowrank", "diag", "scalar"])
+def test_meta_gradient_matches_finite_differences(family):
+    """d/dphi of a scalar function of apply(g): autograd vs central differences (gradcheck)."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Flatten(), nn.Linear(8, 2)).double()
+    pre = KroneckerPreconditioner.for_model(model, family, rank=1).double()
+    _randomize(pre, 0.3)
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    weights = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    names = [n for n, _ in pre.named_parameters()]
+
+    def f(*meta):
+        out = torch.func.functional_call(pre, dict(zip(names, meta, strict=True)), (grads,))
+        return sum((torch.tanh(out[n]) * weights[n]).sum() for n in out)
+
+    meta = tuple(p.detach().clone().requires_grad_(True) for p in pre.parameters())
+    assert torch.autograd.gradcheck(f, meta, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_bf16_gradient_with_fp32_preconditioner():
+    model = nn.Linear(6, 4)
+    pre = KroneckerPreconditioner.for_model(model, "rank1")
+    _randomize(pre, 0.5)
+    g32 = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    g16 = {n: g.bfloat16() for n, g in g32.items()}
+    out16 = pre.apply(g16)
+    assert all(v.dtype == torch.bfloat16 for v in out16.values())
+    ref = pre.apply({n: g.float() for n, g in g16.items()})
+    for n in ref:
+        torch.testing.assert_close(out16[n].float(), ref[n], rtol=2e-2, atol=2e-2)
