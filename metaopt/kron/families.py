@@ -70,6 +70,20 @@ class Family(nn.Module, abc.ABC):
     def forward(self, grad: Tensor) -> Tensor:
         return self.apply(grad)
 
+    @torch.no_grad()
+    def accumulate_(self, targets: list[Tensor], grads: list[Tensor], alpha: float) -> None:
+        """In place: ``targets += alpha * P G`` with ``G = [grads[0] | grads[1] | ...]``.
+
+        ``targets`` and ``grads`` are matching column blocks (see
+        ``LayerView.column_blocks``). The default concatenates; families override it to
+        avoid temporaries the size of ``G`` (the deploy optimizer's hot path).
+        """
+        sizes = [g.shape[1] for g in grads]
+        grad = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+        direction = self.apply(grad)
+        for target, part in zip(targets, direction.split(sizes, dim=1), strict=True):
+            target.add_(part, alpha=alpha)
+
     @staticmethod
     def _p(t: Tensor, dtype: torch.dtype) -> Tensor:
         return t if t.dtype == dtype else t.to(dtype)
@@ -97,25 +111,6 @@ class EKFACFamily(Family):
     def dense(self) -> Tensor:
         C = torch.kron(self.B, self.A)
         return C @ torch.diag((self.S * self.S).reshape(-1)) @ C.T
-
-
-def _woodbury_solve(X: Tensor, U: Tensor, right: bool) -> Tensor:
-    """``X (I + U U^T)^{-1}`` (``right``) or ``(I + U U^T)^{-1} X`` in ``O(r * X.numel())``.
-
-    Uses ``(I + U U^T)^{-1} = I - U (I_r + U^T U)^{-1} U^T`` (Sherman-Morrison for r = 1);
-    only an ``r x r`` system is solved.
-    """
-    r = U.shape[1]
-    core = torch.eye(r, dtype=U.dtype, device=U.device) + U.T @ U
-    if right:
-        XU = X @ U  # (m, r)
-        if r == 1:
-            return X - (XU / core) @ U.T
-        return X - torch.linalg.solve(core, XU.T).T @ U.T
-    UX = U.T @ X  # (r, n)
-    if r == 1:
-        return X - U @ (UX / core)
-    return X - U @ torch.linalg.solve(core, UX)
 
 
 class LowRankFamily(Family):
@@ -177,12 +172,53 @@ class LowRankFamily(Family):
         return torch.ones((), dtype=self.U.dtype, device=self.U.device)
 
     # --- action ------------------------------------------------------------------------
-    def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
+    def woodbury_factors(
+        self, blocks: list[Tensor], dtype: torch.dtype
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``L`` (out x 2r) and ``R_i`` (k_i x 2r) with ``B^{-1} G A^{-1} = G - L R^T``.
+
+        ``G = [blocks[0] | blocks[1] | ...]`` (column blocks, ``R = [R_0; R_1; ...]``).
+        With ``alpha = (I_r + U^T U)^{-1}``, ``beta = (I_r + V^T V)^{-1}`` (Woodbury),
+        ``p = G U``, ``q = V^T G`` and ``s = V^T p``::
+
+            (I - V beta V^T) G (I - U alpha U^T) = G - [(p - V beta s) alpha] U^T - (V beta) q
+
+        so ``L = [(p - V beta s) alpha | V beta]`` and ``R = [U | q^T]``. Only ``r x r``
+        systems are solved; the cost is ``O(r * out * in)``.
+        """
         U, V = self._p(self.U, dtype), self._p(self.V, dtype)
-        out = _woodbury_solve(_woodbury_solve(grad, U, right=True), V, right=False)
+        eye = torch.eye(self.rank, dtype=dtype, device=U.device)
+        alpha = torch.linalg.inv(eye + U.T @ U)  # r x r
+        beta = torch.linalg.inv(eye + V.T @ V)
+        U_parts = U.split([b.shape[1] for b in blocks], dim=0)
+        p = sum(b @ u for b, u in zip(blocks, U_parts, strict=True))  # out x r
+        q_parts = [V.T @ b for b in blocks]  # r x k_i
+        V_beta = V @ beta
+        L = torch.cat([(p - V_beta @ (V.T @ p)) @ alpha, V_beta], dim=1)
+        R = [torch.cat([u, q.T], dim=1) for u, q in zip(U_parts, q_parts, strict=True)]
+        return L, R
+
+    def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
+        L, (R,) = self.woodbury_factors([grad], dtype)
+        out = torch.addmm(grad, L, R.T, alpha=-1)
         if self.learn_scale:
             out = out * self._p(torch.exp(-self.log_scale), dtype)
         return out
+
+    @torch.no_grad()
+    def accumulate_(self, targets: list[Tensor], grads: list[Tensor], alpha: float) -> None:
+        dtype = torch.promote_types(grads[0].dtype, self.U.dtype)
+        L, R = self.woodbury_factors([g.to(dtype) for g in grads], dtype)
+        inv_c = None
+        if self.learn_scale:
+            inv_c = torch.exp(-self.log_scale)
+            L = L * inv_c
+        for target, g, r in zip(targets, grads, R, strict=True):
+            if inv_c is None:
+                target.add_(g, alpha=alpha)
+            else:
+                target.addcmul_(g, inv_c.to(g.dtype), value=alpha)
+            target.addmm_(L.to(target.dtype), r.T.to(target.dtype), alpha=-alpha)
 
     def forward_apply(self, X: Tensor) -> Tensor:
         """``M vec(X)`` reshaped: ``c B X A`` (no inverse)."""
@@ -256,6 +292,12 @@ class DiagFamily(Family):
     def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
         return self._p(self.log_scale.exp(), dtype) * grad
 
+    @torch.no_grad()
+    def accumulate_(self, targets: list[Tensor], grads: list[Tensor], alpha: float) -> None:
+        scales = self.log_scale.exp().split([g.shape[1] for g in grads], dim=1)
+        for target, g, sc in zip(targets, grads, scales, strict=True):
+            target.addcmul_(g, sc.to(g.dtype), value=alpha)
+
     def dense(self) -> Tensor:
         return torch.diag(self.log_scale.exp().reshape(-1))
 
@@ -280,6 +322,12 @@ class ScalarFamily(Family):
 
     def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
         return self._p(self.log_scale.exp(), dtype) * grad
+
+    @torch.no_grad()
+    def accumulate_(self, targets: list[Tensor], grads: list[Tensor], alpha: float) -> None:
+        scale = self.log_scale.exp()
+        for target, g in zip(targets, grads, strict=True):
+            target.addcmul_(g, scale.to(g.dtype), value=alpha)
 
     def dense(self) -> Tensor:
         n = self.shape[0] * self.shape[1]

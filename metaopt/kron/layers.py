@@ -64,15 +64,22 @@ class LayerView:
         return self.shape[0] * self.shape[1]
 
     # --- parameters / gradients <-> matrix -------------------------------------------
-    def to_matrix(self, tensors: Mapping[str, Tensor]) -> Tensor:
-        """Stack this block's tensors (grads or params) into its ``out x in`` matrix."""
+    def column_blocks(self, tensors: Mapping[str, Tensor]) -> list[Tensor]:
+        """The matrix as column blocks without copying: ``[W (out x k)]`` or
+        ``[W (out x k), b (out x 1)]`` (views of contiguous tensors, so in-place updates of
+        the blocks update the tensors)."""
         w = tensors[self.weight]
         if self.kind == "diag":
-            return w.reshape(1, -1)
-        mat = w.reshape(w.shape[0], -1)
+            return [w.reshape(1, -1)]
+        blocks = [w.reshape(w.shape[0], -1)]
         if self.bias is not None:
-            mat = torch.cat([mat, tensors[self.bias].reshape(-1, 1)], dim=1)
-        return mat
+            blocks.append(tensors[self.bias].reshape(-1, 1))
+        return blocks
+
+    def to_matrix(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """Stack this block's tensors (grads or params) into its ``out x in`` matrix."""
+        blocks = self.column_blocks(tensors)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
     def from_matrix(self, mat: Tensor) -> dict[str, Tensor]:
         """Split an ``out x in`` matrix back into this block's parameter-shaped tensors."""

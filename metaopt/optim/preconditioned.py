@@ -81,35 +81,63 @@ class Preconditioned(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update. Works in place, block by block (``Family.accumulate_``), so the
+        per-step cost is SGD-momentum's plus the family's small factor products."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        pre = self.preconditioner
         for group in self.param_groups:
-            wd, mom, lr = group["weight_decay"], group["momentum"], group["lr"]
+            wd, mom, lr, nesterov = (
+                group["weight_decay"],
+                group["momentum"],
+                group["lr"],
+                group["nesterov"],
+            )
             grads: dict[str, Tensor] = {}
             owners: dict[str, Tensor] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 name = self._names[p]
-                g = p.grad
-                if wd != 0:
-                    g = g.add(p, alpha=wd)
-                grads[name] = g
+                grads[name] = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
                 owners[name] = p
             if not grads:
                 continue
-            directions = self.preconditioner.apply(grads)
-            for name, p in owners.items():
-                d = directions[name]
-                if mom != 0:
+            bufs: dict[str, Tensor] = {}
+            if mom != 0:
+                for name, p in owners.items():
                     state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d.detach().clone()
-                    else:
-                        buf.mul_(mom).add_(d)
-                    d = d.add(buf, alpha=mom) if group["nesterov"] else buf
-                p.add_(d, alpha=-lr)
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    bufs[name] = state["momentum_buffer"]
+                torch._foreach_mul_(list(bufs.values()), mom)
+            # buf = mom * buf + P g   (or, without momentum, p -= lr * P g directly)
+            target, alpha = (bufs, 1.0) if mom != 0 else (owners, -lr)
+            covered: set[str] = set()
+            for view in pre.views:
+                if view.weight not in grads:
+                    continue
+                pre.block(view).accumulate_(
+                    view.column_blocks(target), view.column_blocks(grads), alpha
+                )
+                covered.update(view.params)
+            for name in grads.keys() - covered:  # skipped parameters: identity
+                target[name].add_(grads[name], alpha=alpha)
+            if mom != 0:
+                names = list(owners)
+                params = [owners[n] for n in names]
+                if nesterov:
+                    # p -= lr * (P g + mom * buf)
+                    for view in pre.views:
+                        if view.weight in grads:
+                            pre.block(view).accumulate_(
+                                view.column_blocks(owners), view.column_blocks(grads), -lr
+                            )
+                    for name in grads.keys() - covered:
+                        owners[name].add_(grads[name], alpha=-lr)
+                    torch._foreach_add_(params, [bufs[n] for n in names], alpha=-lr * mom)
+                else:
+                    torch._foreach_add_(params, [bufs[n] for n in names], alpha=-lr)
         return loss
