@@ -135,14 +135,14 @@ def get_optimizer(
         raise ValueError(
             f"name={name!r}: unknown optimizer; valid names: {', '.join(available_optimizers())}"
         )
+    if entry.needs_model and not isinstance(params_or_model, nn.Module):
+        raise ValueError(
+            f"params_or_model={type(params_or_model).__name__}: {key!r} needs the "
+            "nn.Module itself (it hooks into the layers), not bare parameters"
+        )
     factory = entry.resolve(key)
     kwargs = {**entry.defaults, **hparams}
     if entry.needs_model:
-        if not isinstance(params_or_model, nn.Module):
-            raise ValueError(
-                f"params_or_model={type(params_or_model).__name__}: {key!r} needs the "
-                "nn.Module itself (it hooks into the layers), not bare parameters"
-            )
         return factory(params_or_model, **kwargs)
     if isinstance(params_or_model, nn.Module):
         params_or_model = params_or_model.parameters()
