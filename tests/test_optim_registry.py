@@ -112,3 +112,21 @@ def test_register_optimizer_decorator(monkeypatch: pytest.MonkeyPatch) -> None:
         get_optimizer("hooked", list(_model().parameters()))
     with pytest.raises(ValueError, match="already registered"):
         register_optimizer("sgd")(torch.optim.SGD)
+
+
+@pytest.mark.parametrize("name", [n for n in available_optimizers() if n not in MODEL_ONLY])
+def test_first_order_names_train_a_bf16_model(name: str) -> None:
+    model = _model().to(torch.bfloat16)
+    opt = get_optimizer(name, model)
+    x = torch.randn(16, 5, dtype=torch.bfloat16)
+    y = torch.randn(16, 2, dtype=torch.bfloat16)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    losses = [float(opt.step(closure).detach()) for _ in range(20)]
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < losses[0], f"{name}: bf16 loss did not decrease: {losses}"

@@ -134,7 +134,7 @@ class SGDHD(_HypergradientBase):
             buf = state["momentum_buffer"] = g.detach().clone()
         else:
             buf.mul_(mu).add_(g)
-        return -(g + mu * buf) if group["nesterov"] else -buf.clone()
+        return -(g + mu * buf) if group["nesterov"] else -buf
 
 
 class AdamHD(_HypergradientBase):
