@@ -84,6 +84,17 @@ def test_sgdn_hd_matches_hand_computed_steps() -> None:
     assert theta.tolist() == pytest.approx([0.53165625, -0.30975], abs=1e-14)
 
 
+def test_sgd_heavy_ball_hd_matches_hand_computed_steps() -> None:
+    # Heavy-ball variant (nesterov=False): u_t = -v_t, v_t = mu v_{t-1} + g_t, mu = 0.5.
+    # t=1: v=(1,4), u=(-1,-4), theta=(0.9, 0.6)
+    # t=2: g=(0.9,2.4), h=-10.5, alpha=0.205, v=(1.4,4.4), theta=(0.9-0.287, 0.6-0.902)
+    theta = _quadratic_param()
+    opt = SGDHD([theta], lr=0.1, hypergrad_lr=0.01, momentum=0.5)
+    _run(opt, theta, 2)
+    assert _lr(opt) == pytest.approx(0.205, abs=1e-14)
+    assert theta.tolist() == pytest.approx([0.613, -0.302], abs=1e-14)
+
+
 def test_adam_hd_matches_hand_computed_steps() -> None:
     # Baydin et al. Alg. 3, b1=0.9, b2=0.999, eps=0, alpha_0=0.1, beta=0.01.
     # t=1: g=(1,4), m_hat=g, v_hat=g^2, u=-sign(g)=(-1,-1), alpha=0.1, theta=(0.9,0.9)
@@ -167,6 +178,26 @@ def test_l4_momentum_matches_hand_computed_steps() -> None:
     assert float(opt.state[theta]["l4_min_loss"]) == pytest.approx(lmin2 * 1.001, abs=1e-14)
 
 
+def test_l4_min_loss_tracks_the_minimum_and_forgets_slowly() -> None:
+    # Constant gradient g=(1,2) so g_hat = v = g and g_hat . v = 5; losses 2.0, 1.0, 1.2.
+    # t=1: L_min=0.75*2=1.5,  eta=0.15*(2.0-0.9*1.5)/5=0.0195,    L_min -> 1.5015
+    # t=2: L_min=min(1.5015,1.0)=1.0, eta=0.15*(1.0-0.9)/5=0.003,  L_min -> 1.001
+    # t=3: L_min=min(1.001,1.2)=1.001, eta=0.15*(1.2-0.9009)/5=0.008973, L_min -> 1.002001
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = L4([w], direction="momentum", epsilon=0.0)
+    expected = [(2.0, 0.0195, 1.5015), (1.0, 0.003, 1.001), (1.2, 0.008973, 1.002001)]
+    for loss, eta, min_loss in expected:
+
+        def closure(loss: float = loss) -> torch.Tensor:
+            w.grad = torch.tensor([1.0, 2.0], dtype=torch.float64)
+            return torch.tensor(loss, dtype=torch.float64)
+
+        opt.step(closure)
+        assert float(opt.state[w]["l4_step_size"]) == pytest.approx(eta, abs=1e-14)
+        assert float(opt.state[w]["l4_min_loss"]) == pytest.approx(min_loss, abs=1e-14)
+    assert w.tolist() == pytest.approx([-0.031473, -0.062946], abs=1e-14)
+
+
 def test_l4_adam_matches_hand_computed_step() -> None:
     theta = _quadratic_param()
     opt = L4([theta], direction="adam", epsilon=0.0, eps=1e-4)
@@ -183,6 +214,8 @@ def test_l4_needs_a_closure() -> None:
     _loss(theta).backward()
     with pytest.raises(ValueError, match="closure"):
         opt.step()
+    with pytest.raises(ValueError, match="alpha"):
+        L4([theta], lr=1e-3)
 
 
 def test_l4_load_keeps_min_loss_in_fp32_for_bf16_params() -> None:

@@ -55,7 +55,9 @@ class L4(torch.optim.Optimizer):
         eps: Adam's denominator term (default 1e-4, the authors' value).
         weight_decay: L2 coefficient added to the gradient (default 0).
 
-    There is no ``lr``: the step size is recomputed every step (read ``"l4_step_size"``).
+    There is no learning rate: the step size is recomputed every step (read
+    ``"l4_step_size"``), so passing ``lr`` raises ``ValueError`` and LR schedulers do not
+    apply.
     """
 
     def __init__(
@@ -70,7 +72,10 @@ class L4(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-4,
         weight_decay: float = 0.0,
+        lr: float | None = None,
     ) -> None:
+        if lr is not None:
+            raise ValueError(f"lr={lr!r}: L4 computes its own step size; tune alpha instead")
         if direction not in _DIRECTIONS:
             raise ValueError(f"direction={direction!r}: must be one of {_DIRECTIONS}")
         if not alpha > 0:
