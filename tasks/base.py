@@ -172,9 +172,7 @@ class Task:
     # --- data ----------------------------------------------------------------------------
     def train_batches(self, seed: int = 0, batch_size: int | None = None) -> BatchStream:
         """Infinite seeded stream of training batches on ``device``."""
-        return BatchStream(
-            self.train, batch_size or self.batch_size, seed, self.device, self.dtype
-        )
+        return BatchStream(self.train, batch_size or self.batch_size, seed, self.device, self.dtype)
 
     def batches(
         self, split: Split = "test", batch_size: int | None = None
@@ -185,7 +183,9 @@ class Task:
         if isinstance(data, TensorDataset):
             n = len(data)
             for start in range(0, n, bs):
-                yield _to(tuple(t[start : start + bs] for t in data.tensors), self.device, self.dtype)
+                yield _to(
+                    tuple(t[start : start + bs] for t in data.tensors), self.device, self.dtype
+                )
         else:
             for batch in DataLoader(data, batch_size=bs, shuffle=False):
                 yield _to(batch, self.device, self.dtype)
@@ -219,9 +219,7 @@ class Task:
             raise ValueError(f"split={split!r} of task {self.name!r} is empty")
         return {"loss": float(total_loss / count), self.metric: float(total_metric / count)}
 
-    def with_device(
-        self, device: torch.device | str, dtype: torch.dtype | None = None
-    ) -> Task:
+    def with_device(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Task:
         """A shallow copy of this task that lives on ``device`` (and ``dtype``)."""
         new = copy.copy(self)
         new.device = torch.device(device)

@@ -31,6 +31,7 @@ __all__ = [
     "model_factory",
     "resolve_data_root",
     "split_indices",
+    "stratified_split",
 ]
 
 DATA_ENV = "METAOPT_DATA"
@@ -187,6 +188,32 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     val = sorted(perm[:n_val].tolist())
     train = sorted(perm[n_val:].tolist())
     return train, val
+
+
+def stratified_split(
+    targets: Sequence[int], indices: Sequence[int], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """A fixed, seeded ``(kept, held_out)`` partition of ``indices``, class by class.
+
+    Of the ``n_c`` indices of class ``c`` (label ``targets[i]``), ``round(fraction * n_c)``
+    are held out, but at least one and at most ``n_c - 1`` when ``n_c >= 2`` (none when
+    ``n_c == 1``), so every class with two or more examples appears on both sides. Classes
+    are visited in increasing order with one ``torch.Generator`` seeded with ``seed``.
+    """
+    by_class: dict[int, list[int]] = {}
+    for i in indices:
+        by_class.setdefault(int(targets[i]), []).append(int(i))
+    generator = torch.Generator().manual_seed(int(seed))
+    kept: list[int] = []
+    held: list[int] = []
+    for c in sorted(by_class):
+        members = by_class[c]
+        n = len(members)
+        k = 0 if n < 2 else min(max(1, round(fraction * n)), n - 1)
+        perm = torch.randperm(n, generator=generator).tolist()
+        held += [members[p] for p in perm[:k]]
+        kept += [members[p] for p in perm[k:]]
+    return sorted(kept), sorted(held)
 
 
 class SplitView(Dataset):

@@ -6,11 +6,13 @@ Caltech, DTD, Flowers, Pubfig). A domain folder is either
 * ``<domain>/train/<class>/*.png`` and ``<domain>/test/<class>/*.png`` (an official split;
   both must list the same classes), or
 * ``<domain>/<class>/*.png`` (no official split: a seeded ``test_fraction``, default 0.2, of
-  the images becomes the test split).
+  each class's images becomes the test split).
 
-Validation is ``val_fraction`` (default 0.1) of the training images; both partitions use
-``split_seed``. Images are resized to ``image_size x image_size`` (default 224) and
-normalised with the ImageNet channel statistics. ``task(domain)`` trains on all classes of a
+Validation is ``val_fraction`` (default 0.1) of each class's training images. Both
+partitions are stratified (every class with two or more images lands on both sides, see
+``stratified_split``) and seeded by ``split_seed``. Images are resized to
+``image_size x image_size`` (default 224) and normalised with the ImageNet channel
+statistics. ``task(domain)`` trains on all classes of a
 domain; ``sample_task(generator, holdout)`` draws a domain other than ``holdout`` and
 ``num_classes`` (default 20) of its classes, relabelled ``0..k-1`` in increasing original
 order, as MetaMD does for each outer-loop iteration.
@@ -37,7 +39,7 @@ from tasks.vision_data import (
     ClassSubset,
     VisionConfig,
     model_factory,
-    split_indices,
+    stratified_split,
 )
 
 __all__ = ["IMAGENET_NORMALISATION", "ImageFolderSuite"]
@@ -145,15 +147,16 @@ class ImageFolderSuite(TaskSuite):
                     f"domain {domain!r}: train classes {train.classes} differ from test "
                     f"classes {test.classes}"
                 )
-            train_idx, val_idx = split_indices(len(train), cfg.val_fraction, cfg.split_seed)
+            rest = list(range(len(train)))
             test_idx = list(range(len(test)))
         else:
             train = test = _image_folder(path)
-            if len(train) < 3:
-                raise ValueError(f"domain {domain!r}: has {len(train)} images; need at least 3")
-            rest, test_idx = split_indices(len(train), self.test_fraction, cfg.split_seed)
-            tr, va = split_indices(len(rest), cfg.val_fraction, cfg.split_seed + 1)
-            train_idx, val_idx = [rest[i] for i in tr], [rest[i] for i in va]
+            rest, test_idx = stratified_split(
+                train.targets, range(len(train)), self.test_fraction, cfg.split_seed
+            )
+        train_idx, val_idx = stratified_split(
+            train.targets, rest, cfg.val_fraction, cfg.split_seed + 1
+        )
         self._domains[domain] = _Domain(
             classes=list(train.classes),
             train_base=train,
