@@ -306,8 +306,12 @@ class VisionConfig:
             )
         if not isinstance(self.model_options, Mapping):
             raise ValueError(f"model_options={self.model_options!r}: must be a dict")
-        self.root = resolve_data_root(self.data_root)
         self.device = torch.device(self.device)
+
+    @property
+    def root(self) -> Path:
+        """The resolved data root (see ``resolve_data_root``)."""
+        return resolve_data_root(self.data_root)
 
 
 def model_factory(

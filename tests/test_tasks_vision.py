@@ -473,11 +473,20 @@ def test_imagefolder_samples_k_relabelled_classes(tmp_path: Path) -> None:
         for xi, yi in zip(x, y, strict=True):  # label j holds images of original class chosen[j]
             assert decode_class(xi) == chosen[int(yi)]
     assert {int(t) for t in all_items(task.train)[1]} == {0, 1, 2}
+    # two generators, same single domain: different class subsets
+    only_a = get_suite("imagefolder", root=tmp_path, num_classes=3, domains=["a"], model=tiny_model)
+    first, second = (
+        only_a.sample_task(torch.Generator().manual_seed(s)).info["class_indices"] for s in (0, 1)
+    )
+    assert first != second
+    assert [only_a.sample_task(torch.Generator().manual_seed(s)).name for s in (0, 1)] == [
+        "imagefolder/a"
+    ] * 2
     draws = {
         (t.name, tuple(t.info["class_indices"]))
         for t in (suite.sample_task(torch.Generator().manual_seed(s)) for s in range(6))
     }
-    assert len(draws) > 1
+    assert len({name for name, _ in draws}) > 1
     again = suite.sample_task(torch.Generator().manual_seed(0), holdout="c")
     assert (again.name, again.info["class_indices"]) == (task.name, chosen)
     for s in range(10):
