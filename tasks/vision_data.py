@@ -18,7 +18,6 @@ import torch
 import torchvision
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision import transforms as T
 
 __all__ = [
     "DATA_ENV",
@@ -336,8 +335,3 @@ def model_factory(
         fn = model
         return lambda: fn(num_classes, **options)
     raise ValueError(f"model={model!r}: must be a model name or a callable")
-
-
-def to_tensor_normalised(mean: Sequence[float], std: Sequence[float]) -> list[Any]:
-    """``[ToTensor(), Normalize(mean, std)]``: pixels ``v`` in 0..255 become ``(v/255 - m)/s``."""
-    return [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
