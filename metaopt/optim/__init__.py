@@ -1,5 +1,20 @@
-"""Optimizers: the deployable ``Preconditioned`` optimizer and the baselines."""
+"""Optimizers: the deployable ``Preconditioned`` optimizer, the baselines and their registry."""
 
+from metaopt.optim.hypergradient_descent import AdamHD, SGDHD
+from metaopt.optim.l4 import L4
 from metaopt.optim.preconditioned import Preconditioned
+from metaopt.optim.registry import available_optimizers, get_optimizer, register_optimizer
+from metaopt.optim.sign import AddSign, PowerSign, sign_decay
 
-__all__ = ["Preconditioned"]
+__all__ = [
+    "SGDHD",
+    "AddSign",
+    "AdamHD",
+    "L4",
+    "PowerSign",
+    "Preconditioned",
+    "available_optimizers",
+    "get_optimizer",
+    "register_optimizer",
+    "sign_decay",
+]
