@@ -1,7 +1,7 @@
 """Task distributions, datasets and models for meta-training and meta-testing."""
 
-from tasks.base import BatchStream, Task, TaskFamily, TaskSuite
 import tasks.vision  # noqa: F401  (registers the torchvision-backed tasks and suites)
+from tasks.base import BatchStream, Task, TaskFamily, TaskSuite
 from tasks.registry import (
     available,
     get_family,

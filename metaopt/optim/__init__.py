@@ -1,6 +1,6 @@
 """Optimizers: the deployable ``Preconditioned`` optimizer, the baselines and their registry."""
 
-from metaopt.optim.hypergradient_descent import AdamHD, SGDHD
+from metaopt.optim.hypergradient_descent import SGDHD, AdamHD
 from metaopt.optim.l4 import L4
 from metaopt.optim.preconditioned import Preconditioned
 from metaopt.optim.registry import available_optimizers, get_optimizer, register_optimizer
