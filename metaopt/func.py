@@ -1,0 +1,73 @@
+"""Functional evaluation of a model: the one place that calls ``torch.func.functional_call``.
+
+Meta-learners differentiate through parameter updates, so they evaluate the model at
+parameters that are *not* its own (``theta'(phi)``, ``theta_T``). Everything that needs
+"the model's output / loss / gradient at these parameters" goes through these helpers::
+
+    forward = functional_forward(model)           # forward(params, x) -> output
+    loss, grads = loss_and_grads(forward, loss_fn, params, (x, y), create_graph=True)
+
+Buffers (BatchNorm running statistics) are taken from the model; the helpers never copy
+or modify the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["detached_params", "functional_forward", "loss_and_grads", "trainable_params"]
+
+Params = Mapping[str, Tensor]
+Forward = Callable[[Params, Tensor], Tensor]
+
+
+def trainable_params(model: nn.Module) -> dict[str, Tensor]:
+    """``{name: parameter}`` for every parameter with ``requires_grad`` (the model's own)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def detached_params(model: nn.Module, requires_grad: bool = True) -> dict[str, Tensor]:
+    """Detached copies-by-reference of the trainable parameters (leaves of a new graph)."""
+    return {n: p.detach().requires_grad_(requires_grad) for n, p in trainable_params(model).items()}
+
+
+def functional_forward(model: nn.Module) -> Forward:
+    """``forward(params, x) -> model output`` with ``params`` replacing the trainable ones.
+
+    Parameters absent from ``params`` (frozen ones) and all buffers come from the model.
+    """
+
+    def forward(params: Params, x: Tensor) -> Tensor:
+        return functional_call(model, dict(params), (x,), strict=False)
+
+    return forward
+
+
+def loss_and_grads(
+    forward: Forward,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    params: Params,
+    batch: tuple[Tensor, Tensor],
+    *,
+    create_graph: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss on ``batch`` at ``params`` and its gradient ``{name: dL/dparam}``.
+
+    With ``create_graph=True`` the gradients are differentiable (for unrolling through a
+    step); otherwise they are detached. ``params`` must require grad.
+    """
+    x, y = batch
+    loss = loss_fn(forward(params, x), y)
+    names = list(params)
+    grads = torch.autograd.grad(
+        loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True
+    )
+    out = {
+        n: (g if g is not None else torch.zeros_like(params[n]))
+        for n, g in zip(names, grads, strict=True)
+    }
+    return (loss if create_graph else loss.detach()), out
