@@ -49,6 +49,7 @@ __all__ = [
     "random_split",
     "split_three",
     "standardise",
+    "tensor_task",
 ]
 
 ROTATION_DOMAINS = ("0", "15", "30", "45", "60", "75")
@@ -109,7 +110,7 @@ def standardise(x: Tensor, train_idx: Sequence[int]) -> tuple[Tensor, Tensor, Te
     return (x - mean) / std, mean, std
 
 
-def _tensor_task(
+def tensor_task(
     name: str,
     x: Tensor,
     y: Tensor,
@@ -123,6 +124,8 @@ def _tensor_task(
     dtype: Any,
     info: dict[str, Any],
 ) -> Task:
+    """A ``Task`` over ``x[parts[k]], y[parts[k]]`` for train/val/test; ``classes=None`` is
+    regression (squared error, ``"mse"``), else cross-entropy and ``"accuracy"``."""
     train, val, test = (TensorDataset(x[list(p)], y[list(p)]) for p in parts)
     outputs = classes if classes is not None else y.shape[1]
     return Task(
@@ -137,7 +140,11 @@ def _tensor_task(
         device=device,
         dtype=dtype,
         num_classes=classes,
-        info={"sizes": tuple(len(p) for p in parts), **info},
+        info={
+            "sizes": tuple(len(p) for p in parts),
+            "indices": dict(zip(("train", "val", "test"), (list(p) for p in parts), strict=True)),
+            **info,
+        },
     )
 
 
@@ -181,7 +188,7 @@ def digits(
     labels = _digits_base()[1]
     parts = split_three(len(labels), val_fraction, test_fraction, split_seed, labels.tolist())
     x = digit_images(float(angle), image_size)
-    return _tensor_task(
+    return tensor_task(
         name,
         x,
         labels,
@@ -196,7 +203,6 @@ def digits(
             "angle": float(angle),
             "image_size": image_size,
             "split_seed": split_seed,
-            "indices": {"train": parts[0], "val": parts[1], "test": parts[2]},
         },
     )
 
@@ -268,7 +274,7 @@ def _tabular(
         y = y.float()
     else:
         y = y.long()
-    return _tensor_task(
+    return tensor_task(
         name,
         x.float(),
         y,

@@ -181,3 +181,89 @@ def test_tabular_bad_split_fractions():
         tasks.get_task("wine", val_fraction=0.5, test_fraction=0.6)
     with pytest.raises(ValueError, match="test_fraction=0"):
         tasks.get_task("diabetes", test_fraction=0)
+
+
+# --- UCI regression from CSV ----------------------------------------------------------------
+def write_csv(path, header, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ([",".join(header)] if header else []) + [",".join(f"{v!r}" for v in r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def linear_rows(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1]) + 5
+    y = x @ torch.tensor([2.0, -0.5, 30.0], dtype=torch.float64) + 100
+    return x, y
+
+
+def test_uci_csv_is_standardised_with_training_statistics(tmp_path):
+    x, y = linear_rows(200)
+    ids = torch.arange(200, dtype=torch.float64)
+    rows = torch.cat([ids[:, None], x, y[:, None]], 1).tolist()
+    write_csv(tmp_path / "uci" / "slice.csv", ["patientId", "a", "b", "c", "reference"], rows)
+    task = tasks.get_task("uci:slice", data_root=tmp_path)
+    assert task.name == "uci:slice" and task.metric == "mse"
+    assert task.info["columns"] == ["a", "b", "c"] and task.info["target"] == "reference"
+    assert [len(task._split(s)) for s in ("train", "val", "test")] == [160, 20, 20]
+    xt, yt = task.train.tensors
+    assert xt.shape == (160, 3) and yt.shape == (160, 1)
+    torch.testing.assert_close(
+        xt.double().mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        xt.double().std(0, unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    assert abs(float(yt.mean())) < 1e-5 and float(yt.std(unbiased=False)) == pytest.approx(1, 1e-5)
+    # the standardised data still satisfy the generating linear law on every split
+    w = torch.tensor([2.0, -0.5, 30.0], dtype=torch.float64)
+    for split in ("train", "val", "test"):
+        xs, ys = task._split(split).tensors
+        raw_x = xs.double() * task.info["feature_std"] + task.info["feature_mean"]
+        raw_y = ys.double().squeeze(1) * task.info["target_std"] + task.info["target_mean"]
+        torch.testing.assert_close(raw_y, raw_x @ w + 100, rtol=1e-5, atol=1e-3)
+    model = task.make_model(0)
+    assert [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)] == [
+        100,
+        100,
+        1,
+    ]
+    xb, yb = next(task.train_batches(0))
+    task.loss(model(xb), yb).backward()
+
+
+def test_uci_headerless_csv_target_last_and_environment(tmp_path, monkeypatch):
+    x, y = linear_rows(50, seed=1)
+    write_csv(tmp_path / "uci" / "toy.csv", None, torch.cat([x, y[:, None]], 1).tolist())
+    monkeypatch.setenv("METAOPT_DATA", str(tmp_path))
+    task = tasks.get_task("uci:toy", target_column=0)
+    assert task.info["target"] == 0 and task.info["columns"] == [1, 2, 3]
+    default = tasks.get_task("uci:toy")
+    assert default.info["target"] == 3
+    train = default.info["indices"]["train"]
+    assert default.info["target_mean"] == pytest.approx(float(y[train].mean()), rel=1e-12)
+    assert default.info["target_std"] == pytest.approx(float(y[train].std(unbiased=False)), 1e-12)
+    assert default.info["target_mean"] != pytest.approx(float(y.mean()), rel=1e-9)
+
+
+def test_uci_missing_file_names_dataset_path_and_source(tmp_path):
+    expected = str(tmp_path / "uci" / "protein.csv")
+    with pytest.raises(ValueError) as err:
+        tasks.get_task("uci:protein", data_root=tmp_path)
+    msg = str(err.value)
+    assert "dataset 'uci:protein'" in msg and expected in msg
+    assert "CASP.csv" in msg and "archive.ics.uci.edu" in msg and "METAOPT_DATA" in msg
+    with pytest.raises(ValueError, match=r"'uci:mine'.*numeric CSV"):
+        tasks.get_task("uci:mine", data_root=tmp_path)
+
+
+def test_uci_bad_files_and_columns(tmp_path):
+    (tmp_path / "uci").mkdir()
+    (tmp_path / "uci" / "bad.csv").write_text("a,b\n1,2\n3,4\nx,5\n")
+    with pytest.raises(ValueError, match=r"line 4: 'x' is not a number"):
+        tasks.get_task("uci:bad", data_root=tmp_path)
+    (tmp_path / "uci" / "ok.csv").write_text("a,b\n1,2\n3,4\n5,6\n7,9\n")
+    with pytest.raises(ValueError, match=r"target_column='z': no such column; columns are \['a'"):
+        tasks.get_task("uci:ok", data_root=tmp_path, target_column="z")
+    with pytest.raises(ValueError, match="includes the target column"):
+        tasks.get_task("uci:ok", data_root=tmp_path, drop_columns=["b"])
