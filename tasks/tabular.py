@@ -38,7 +38,7 @@ from torchvision.transforms import functional as TF
 
 from tasks.base import Task, TaskSuite
 from tasks.registry import register_suite, register_task
-from tasks.synthetic import squared_error, with_defaults
+from tasks.synthetic import squared_error, storage_dtype, with_defaults
 from tasks.vision_data import model_factory, stratified_split
 
 __all__ = [
@@ -271,12 +271,12 @@ def _tabular(
     if regression:
         y, t_mean, t_std = standardise(y.double().unsqueeze(1), parts[0])
         info.update(target_mean=float(t_mean), target_std=float(t_std))
-        y = y.float()
+        y = y.to(storage_dtype(dtype))
     else:
         y = y.long()
     return tensor_task(
         name,
-        x.float(),
+        x.to(storage_dtype(dtype)),
         y,
         parts,
         classes=None if regression else int(y.max()) + 1,

@@ -76,7 +76,8 @@ def test_ill_conditioned_regression_two_layer_linear_reaches_zero():
         model.fc1.weight.copy_(torch.eye(6, dtype=torch.float64))
         model.fc2.weight.copy_(task.info["A"])
     loss, grads = _loss_and_grad(task, model)
-    assert float(loss) < 1e-10
+    assert task.train.tensors[1].dtype == torch.float64  # float64 targets in a float64 task
+    assert float(loss) < 1e-20
     assert max(float(g.abs().max()) for g in grads) < 1e-6
 
 
@@ -181,3 +182,15 @@ def test_linear_regression_family_bad_options():
         tasks.get_family("linear-regression-family", condition=0)
     with pytest.raises(ValueError, match="dim=-1"):
         tasks.get_family("linear-regression-family", dim=-1)
+
+
+def test_every_synthetic_task_is_marked_for_the_harness():
+    g = torch.Generator().manual_seed(0)
+    made = [
+        tasks.get_task("rosenbrock"),
+        tasks.get_task("ill-conditioned-regression"),
+        tasks.get_family("meta-quadratics").sample(g),
+        tasks.get_family("linear-regression-family").sample(g),
+    ]
+    assert all(t.info["synthetic"] is True and t.metric == "mse" for t in made)
+    assert "synthetic" not in tasks.get_task("diabetes").info
