@@ -159,11 +159,15 @@ def _digits_base() -> tuple[Tensor, Tensor]:
     return images, torch.tensor(data.target, dtype=torch.int64)
 
 
-@functools.lru_cache(maxsize=16)
 def digit_images(angle: float = 0.0, image_size: int = 8) -> Tensor:
     """All 1,797 digits, ``(1797, 1, s, s)`` in [0, 1]: resized, then rotated by ``angle``."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size={image_size!r}: must be a positive integer")
+    return _digit_images(float(angle), image_size).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _digit_images(angle: float, image_size: int) -> Tensor:
     images = _digits_base()[0]
     if image_size != images.shape[-1]:
         images = TF.resize(images, [image_size, image_size], antialias=True)
