@@ -156,6 +156,8 @@ def colour_task_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         ("alexnet-small", {}),
         ("lenet", {"in_channels": 3, "input_size": 32}),
+        ("lenet", {}),  # geometry from the task's input_shape
+        ("mlp", {"widths": (8,)}),  # in_features 3 * 32 * 32 from the task
         ("resnet32", {}),
         ("resnet18", {"cifar_stem": True}),
         ("vgg16", {}),
