@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import TensorDataset
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from tasks.base import Task, TaskSuite
 from tasks.registry import register_suite, register_task
+from tasks.rotated import ROTATION_DOMAINS, check_angles, rotate_images
 from tasks.synthetic import squared_error, storage_dtype, with_defaults
 from tasks.vision_data import model_factory, stratified_split
 
@@ -53,7 +53,6 @@ __all__ = [
     "tensor_task",
 ]
 
-ROTATION_DOMAINS = ("0", "15", "30", "45", "60", "75")
 TABULAR_MODEL = {"mlp": {"widths": (100, 100)}}
 
 
@@ -171,7 +170,7 @@ def _digit_images(angle: float, image_size: int) -> Tensor:
     images = _digits_base()[0]
     if image_size != images.shape[-1]:
         images = TF.resize(images, [image_size, image_size], antialias=True)
-    images = TF.rotate(images, float(angle), interpolation=InterpolationMode.BILINEAR)
+    images = rotate_images(images, angle)
     return images.clamp(0.0, 1.0)
 
 
@@ -217,14 +216,7 @@ class RotatedDigits(TaskSuite):
     name = "rotated-digits"
 
     def __init__(self, domains: Sequence[str] = ROTATION_DOMAINS, **options: Any) -> None:
-        domains = tuple(str(d) for d in domains)
-        for d in domains:
-            try:
-                float(d)
-            except ValueError:
-                raise ValueError(f"domains: {d!r} is not an angle in degrees") from None
-        if not domains or len(set(domains)) != len(domains):
-            raise ValueError(f"domains={list(domains)!r}: must be distinct and non-empty")
+        domains = check_angles(domains)
         if "angle" in options:
             raise ValueError("angle=: set by the domain, not an option of the suite")
         allowed = set(inspect.signature(digits).parameters) - {"angle"}
