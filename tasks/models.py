@@ -17,8 +17,8 @@ Names (options in brackets, defaults after ``=``):
   ``channels=(64, 64)``, ``hidden=(384, 192)``].
 * ``"vgg16"``: torchvision's VGG-16 configuration ``"D"`` without batch norm
   (``torchvision.models.vgg.make_layers``), global average pooling and a 512-512-k
-  classifier for small images [``in_channels=3``, ``width=512``, ``dropout=0.0``];
-  torchvision's initialisation.
+  classifier for small images [``in_channels=3``, ``width=512``, ``dropout=0.0``,
+  ``input_size`` (checked to be >= 32)]; torchvision's initialisation.
 * ``"resnet18"``: ``torchvision.models.resnet18(num_classes=k)`` [``in_channels=3``,
   ``cifar_stem=False``: a 3x3 stride-1 first convolution and no max-pool].
 * ``"resnet32"``: the CIFAR ResNet of He et al. (2016): 3x3 conv 16, three stages of
@@ -248,9 +248,19 @@ def _init_like_torchvision(module: nn.Module) -> None:
 
 
 def vgg16(
-    num_classes: int = 10, *, in_channels: int = 3, width: int = 512, dropout: float = 0.0
+    num_classes: int = 10,
+    *,
+    in_channels: int = 3,
+    width: int = 512,
+    dropout: float = 0.0,
+    input_size: int | None = None,
 ) -> nn.Sequential:
-    """VGG-16 (config ``"D"``, no batch norm) with a small-image classifier."""
+    """VGG-16 (config ``"D"``, no batch norm) with a small-image classifier.
+
+    ``input_size`` (optional) is only checked: five 2x2 max-pools need at least 32 pixels.
+    """
+    if input_size is not None and _positive("input_size", input_size) < 32:
+        raise ValueError(f"input_size={input_size!r}: VGG-16's five max-pools need >= 32 pixels")
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout={dropout!r}: must lie in [0, 1)")
     features = torchvision.models.vgg.make_layers(

@@ -51,6 +51,8 @@ def test_names_and_errors():
         get_model("lenet", num_classes=10, input_size=2)
     with pytest.raises(ValueError, match="widths=.*exactly two hidden"):
         get_model("metamd-mlp", num_classes=10, widths=(5,))
+    with pytest.raises(ValueError, match="input_size=8: VGG-16's five max-pools"):
+        tasks.get_task("digits", model="vgg16").make_model(0)
     with pytest.raises(ValueError, match="input_shape=.*square"):
         get_model("lenet", num_classes=10, input_shape=(1, 8, 9))
 
