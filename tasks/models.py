@@ -34,9 +34,10 @@ Names (options in brackets, defaults after ``=``):
 * ``"two-layer-linear"``: ``W2 W1 x``, no biases (APO section 6.1) [``in_features=10``,
   ``hidden=in_features``]; the output has ``num_classes`` entries (default ``in_features``).
 
-The architectures live in ``tasks.nets``. Every model also accepts ``input_shape=(C, H, W)`` or ``(D,)``: it fills in whichever of
-``in_features`` / ``in_channels`` / ``input_size`` the model takes and were not given, so a
-task can describe its inputs once whatever model is chosen.
+The architectures live in ``tasks.nets``. Every model also accepts ``input_shape=(C, H, W)``
+or ``(D,)``: it fills in whichever of ``in_features`` / ``in_channels`` / ``input_size`` the
+model takes and were not given, so a task can describe its inputs once whatever model is
+chosen.
 """
 
 from __future__ import annotations
