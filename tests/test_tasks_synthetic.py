@@ -235,3 +235,23 @@ def test_float64_tasks_stay_float64():
 def test_tasks_run_on_cuda():
     for task in _in_memory_tasks(device="cuda"):
         _one_step(task, "cuda", torch.float32)
+
+
+def test_linear_regression_family_hessian_is_the_ill_conditioned_covariance():
+    family = tasks.get_family(
+        "linear-regression-family", dim=8, condition=1e3, n_train=4000, dtype=torch.float64
+    )
+    task = family.sample(torch.Generator().manual_seed(3))
+    x, y = task.train.tensors
+    model = task.make_model(0)
+
+    def loss_at(w: torch.Tensor) -> torch.Tensor:
+        return task.loss(x @ w, y.squeeze(1))
+
+    w0 = model.out.weight.detach().reshape(-1).clone()
+    hess = torch.autograd.functional.hessian(loss_at, w0)
+    torch.testing.assert_close(hess, 2 * x.T @ x / len(x))  # exact for least squares
+    ratio = float(torch.linalg.cond(hess)) / 1e3  # the family's covariance condition number
+    assert 0.7 < ratio < 1.4
+    sample = task.loss(model(x), y).detach()
+    assert float(sample) == pytest.approx(float(loss_at(w0)), rel=1e-12)  # model == x @ w
