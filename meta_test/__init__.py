@@ -4,6 +4,7 @@
 ``results.json`` dict; ``python -m meta_test`` is the command line.
 """
 
+from meta_test.comparison import run_comparison
 from meta_test.space import Dim, SearchSpace
 from meta_test.specs import (
     OptimizerTrainer,
@@ -22,5 +23,6 @@ __all__ = [
     "available_specs",
     "build_trainer",
     "register_spec",
+    "run_comparison",
     "search_space",
 ]
