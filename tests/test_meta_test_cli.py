@@ -42,7 +42,8 @@ def _stat(d: dict) -> None:
 def test_cli_writes_schema_valid_results_report_and_plots(tmp_path, capsys) -> None:
     out = tmp_path / "run"
     args = ["--task", TASK, "--optimizers", "sgdm,adam", "--steps", "20", "--seeds", "0,1",
-            "--hpo", "grid", "--out", str(out), "--target-loss", "0.5", "--no-progress"]  # fmt: skip
+            "--target-loss", "0.5",
+            "--hpo", "grid", "--out", str(out), "--no-progress"]  # fmt: skip
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["task"] == TASK and res["steps"] == 20 and res["seeds"] == [0, 1]
