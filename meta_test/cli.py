@@ -106,7 +106,7 @@ def _resolve_task(args: argparse.Namespace) -> Any:
         if args.domain is None:
             raise UsageError(f"--suite {args.suite!r} needs --domain")
         suite = tasks.get_suite(args.suite, **options)
-        return suite.meta_test_task(args.domain)
+        return suite.task(suite.check_domain(args.domain, "--domain"))
     except TypeError as err:
         raise UsageError(f"task options {sorted(options)}: {err}") from None
 

@@ -155,3 +155,32 @@ def test_overwrite_replaces_and_module_entry_point_exits_2(tmp_path) -> None:
     assert proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("meta_test: error: task='rosenbrock-x' is unknown")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("task", ["rosenbrock", "ill-conditioned-regression"])
+def test_real_synthetic_tasks_with_kfac_and_grid(tmp_path, task) -> None:
+    out = tmp_path / task
+    argv = ["--task", task, "--optimizers", "sgdm,adam,kfac", "--steps", "30", "--seeds", "0,1",
+            "--hpo", "grid", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["optimizers"]) == {"sgdm", "adam", "kfac"}
+    for spec, r in res["optimizers"].items():
+        assert set(r) >= set(REQUIRED_KEYS)
+        grid = ADAM_LR_GRID if spec == "adam" else LR_GRID
+        assert r["hparams"]["lr"] in grid and r["hparams"]["weight_decay"] in WD_GRID
+        assert r["final_train_loss"]["mean"] is not None  # the selected config did not diverge
+    assert {"results.json", "report.md", "train_loss.png", "test_metric.png"} <= {
+        p.name for p in out.iterdir()
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_records_event_timing_and_peak_memory() -> None:
+    from meta_test.runs import run_training
+
+    task = _tiny(width=2, device="cuda")
+    r = run_training(task, "adam", {"lr": 0.01}, seed=0, steps=20, log_every=5, eval_every=10)
+    assert r.peak_memory_mb is not None and r.peak_memory_mb > 0
+    assert r.sec_per_iter > 0 and not r.diverged and len(r.train_loss) == 20
