@@ -185,6 +185,15 @@ def run_comparison(
         report.check_out_dir(out, overwrite)
     key, maximize = selection_objective(task, select_on)
     spaces = {s: search_space(s).override(dict(grids or {})) for s in specs}
+    unused = set(grids or {}) - {n for sp in spaces.values() for n in sp.names}
+    if unused:
+        raise ValueError(f"grids: {sorted(unused)} are tuned by none of {specs}")
+    if hpo in ("botorch", "random"):
+        if not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations={iterations!r}: must be a positive integer")
+        for sp in spaces.values():
+            for d in sp.dims:
+                d.check_box()
     budget = _check_budget(spaces, hpo)
     for s, space in spaces.items():
         first = next(space.grid_points()) if space.dims else space.default_point()

@@ -109,6 +109,8 @@ def _bad_file(tmp_path: Path) -> str:
         ("learned", ["--optimizers", "LEARNED"], "does not fit this model"),
         ("hpo", ["--hpo", "bayes"], "hpo='bayes'"),
         ("flag", ["--bogus"], "unrecognized arguments"),
+        ("grid-name", ["--grid", "lrr=0.1"], "grids: ['lrr'] are tuned by none"),
+        ("grid-zero", ["--hpo", "botorch", "--grid", "weight_decay=0,0.1"], "needs low > 0"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_touches_nothing(
@@ -147,13 +149,13 @@ def test_overwrite_replaces_and_module_entry_point_exits_2(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs left behind
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "meta_test", "--task", "rosenbrock-x", "--optimizers", "sgd",
-         "--steps", "1", "--out", str(tmp_path / "new")],
+        [sys.executable, "-m", "meta_test", "--task", "rosenbrock", "--optimizers", "sgd",
+         "--steps", "0", "--out", str(tmp_path / "new")],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("meta_test: error: task='rosenbrock-x' is unknown")
+    assert proc.stderr.startswith("meta_test: error: --steps 0: must be a positive integer")
     assert not (tmp_path / "new").exists()
 
 
