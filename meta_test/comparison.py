@@ -107,9 +107,9 @@ def _summary(
             "steps": idx,
             "train_loss_mean": [_finite_or_none(mean[i]) if i < len(mean) else None for i in idx],
             "train_loss_std": std,
-            "eval_steps": runs[0].eval_steps,
+            "eval_steps": max((r.eval_steps for r in runs), key=len),
             "test_metric_mean": mean_curve([r.eval_metric for r in runs]),
-            "hparam_steps": runs[0].hparam_steps[:n_adapted],
+            "hparam_steps": max((r.hparam_steps for r in runs), key=len)[:n_adapted],
             "hparams": adapted,
         },
     }

@@ -2,6 +2,7 @@
 files touched)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -186,3 +187,36 @@ def test_cuda_run_records_event_timing_and_peak_memory() -> None:
     r = run_training(task, "adam", {"lr": 0.01}, seed=0, steps=20, log_every=5, eval_every=10)
     assert r.peak_memory_mb is not None and r.peak_memory_mb > 0
     assert r.sec_per_iter > 0 and not r.diverged and len(r.train_loss) == 20
+
+
+def test_a_diverging_seed_is_scored_worst_without_crashing_the_comparison(tmp_path) -> None:
+    from meta_test.specs import OptimizerTrainer, register_spec
+
+    class Exploding(OptimizerTrainer):
+        """SGD whose reported loss turns infinite after 3 steps when ``explode``."""
+
+        explode, calls = False, 0
+
+        def step(self, batch, draw_batch):
+            loss = super().step(batch, draw_batch)
+            self.calls += 1
+            return loss * math.inf if self.explode and self.calls > 3 else loss
+
+    def build(spec, model, task, hp):
+        t = Exploding(model, task, torch.optim.SGD(model.parameters(), lr=0.05))
+        t.explode = bool(model.weight.flatten()[0] > 0)  # depends on the seed
+        return t
+
+    register_spec("test-exploding", build, replace=True)
+    seeds = list(range(6))
+    signs = [bool(_tiny().make_model(s).weight.flatten()[0] > 0) for s in seeds]
+    assert 0 < sum(signs) < len(seeds)
+    res = run_comparison(TASK, ["test-exploding", "sgd"], steps=12, seeds=seeds, hpo="none",
+                         log_every=2, eval_every=4, out=tmp_path / "o")  # fmt: skip
+    r = res["optimizers"]["test-exploding"]
+    assert r["diverged_seeds"] == sum(signs)
+    assert r["final_train_loss"] == {"mean": None, "std": None}
+    assert res["optimizers"]["sgd"]["diverged_seeds"] == 0
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert saved["optimizers"]["test-exploding"]["diverged_seeds"] == sum(signs)
+    assert (tmp_path / "o" / "train_loss.png").exists()
