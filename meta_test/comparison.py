@@ -45,16 +45,19 @@ def selection_objective(task: Any, select_on: str = "auto") -> tuple[str, bool]:
     return select_on, select_on == "accuracy"
 
 
-def _check_budget(spaces: Mapping[str, Any], hpo: str) -> int:
+def _check_budget(spaces: Mapping[str, Any], hpo: str, allow_unequal: bool) -> dict[str, int]:
+    """Trials per spec under ``hpo="grid"`` (``{}`` otherwise); unequal sizes are refused
+    unless ``allow_unequal``."""
     if hpo != "grid":
-        return 0
+        return {}
     sizes = {spec: (s.grid_size() if s.dims else 1) for spec, s in spaces.items()}
-    if len(set(sizes.values())) > 1:
+    if len(set(sizes.values())) > 1 and not allow_unequal:
         raise ValueError(
             f"grid sizes differ between optimizers ({sizes}); the protocol gives every "
-            "optimizer the same budget: make the grids the same size"
+            "optimizer the same budget: make the grids the same size (or pass "
+            "allow_unequal_budget=True / --allow-unequal-budget, which the report states)"
         )
-    return next(iter(sizes.values()))
+    return sizes
 
 
 def _validate(task: Any, spec: str, configs: list[dict[str, Any]]) -> None:
@@ -133,6 +136,7 @@ def run_comparison(
     select_on: str = "auto",
     device: str | None = None,
     progress: bool = False,
+    allow_unequal_budget: bool = False,
     task_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tune, train and summarise every spec on ``task``; returns the ``results.json`` dict.
@@ -156,6 +160,8 @@ def run_comparison(
         select_on: ``"auto"``, ``"loss"`` or the task's metric (see ``selection_objective``).
         device: move the task there (``"cpu"``, ``"cuda"``, ...).
         progress: show a tqdm bar (stderr) over all training steps.
+        allow_unequal_budget: accept grids of different sizes (``protocol.equal_budget``
+            and the report then say so); refused by default.
     """
     from meta_test import report
 
@@ -194,14 +200,15 @@ def run_comparison(
         for sp in spaces.values():
             for d in sp.dims:
                 d.check_box()
-    budget = _check_budget(spaces, hpo)
+    sizes = _check_budget(spaces, hpo, allow_unequal_budget)
     for s, space in spaces.items():
         first = next(space.grid_points()) if space.dims else space.default_point()
         _validate(task, s, [space.default_point()] if hpo == "none" else [first])
     search_seed = seeds[0] if search_seed is None else int(search_seed)
 
-    n_trials = {"none": 0, "grid": budget, "botorch": iterations, "random": iterations}[hpo]
-    total = steps * (len(seeds) + n_trials) * len(specs)
+    n_trials = {"none": 0, "botorch": iterations, "random": iterations}
+    trials = [sizes[s] if hpo == "grid" else n_trials[hpo] for s in specs]
+    total = steps * (len(seeds) * len(specs) + sum(trials))
     bar = _bar(total, progress)
     results: dict[str, Any] = {
         "task": task.name,
@@ -219,6 +226,7 @@ def run_comparison(
             "eval_every": eval_every,
             "target_loss": target_loss,
             "device": str(task.device),
+            "equal_budget": len(set(trials)) == 1,
         },
     }
     try:

@@ -90,6 +90,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         "- AUC: trapezoidal area under the per-step training-loss curve divided by the "
         "number of steps (mean training loss over the run)",
         f"- target loss: {proto.get('target_loss')}, device: {proto.get('device', '?')}",
+        *(
+            []
+            if proto.get("equal_budget", True)
+            else ["- **unequal search budgets** (see the budget column): not a fair comparison"]
+        ),
         "",
         f"| optimizer | selected | final train loss | AUC train loss | test {metric} "
         "| steps to target | sec/iter | peak MiB | meta-params | budget | diverged |",

@@ -220,3 +220,12 @@ def test_a_diverging_seed_is_scored_worst_without_crashing_the_comparison(tmp_pa
     saved = json.loads((tmp_path / "o" / "results.json").read_text())
     assert saved["optimizers"]["test-exploding"]["diverged_seeds"] == sum(signs)
     assert (tmp_path / "o" / "train_loss.png").exists()
+
+
+def test_unequal_grid_budgets_are_refused_unless_allowed() -> None:
+    with pytest.raises(ValueError, match="grid sizes differ"):
+        run_comparison(TASK, ["sgd", "l4-adam"], steps=2, seeds=[0], grids={"lr": [0.1]})
+    res = run_comparison(TASK, ["sgd", "l4-adam"], steps=2, seeds=[0], grids={"lr": [0.1]},
+                         allow_unequal_budget=True)  # fmt: skip
+    assert res["protocol"]["equal_budget"] is False
+    assert [r["search"]["budget"] for r in res["optimizers"].values()] == [3, 15]
