@@ -90,7 +90,7 @@ def _summary(
     return {
         "hparams": dict(search.best),
         "final_train_loss": mean_std([r.final["train_loss"] for r in runs]),
-        "auc_train_loss": mean_std([auc(c) if c else math.inf for c in curves]),
+        "auc_train_loss": mean_std([math.inf if r.diverged else auc(r.train_loss) for r in runs]),
         "test_metric": mean_std([r.final[f"test_{metric}"] for r in runs]),
         "test_metric_name": metric,
         "sec_per_iter": mean_std([r.sec_per_iter for r in runs]),

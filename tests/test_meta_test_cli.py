@@ -215,7 +215,7 @@ def test_a_diverging_seed_is_scored_worst_without_crashing_the_comparison(tmp_pa
                          log_every=2, eval_every=4, out=tmp_path / "o")  # fmt: skip
     r = res["optimizers"]["test-exploding"]
     assert r["diverged_seeds"] == sum(signs)
-    assert r["final_train_loss"] == {"mean": None, "std": None}
+    assert r["final_train_loss"] == r["auc_train_loss"] == {"mean": None, "std": None}
     assert res["optimizers"]["sgd"]["diverged_seeds"] == 0
     saved = json.loads((tmp_path / "o" / "results.json").read_text())
     assert saved["optimizers"]["test-exploding"]["diverged_seeds"] == sum(signs)
