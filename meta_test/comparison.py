@@ -94,6 +94,7 @@ def _summary(
         "test_metric": mean_std([r.final[f"test_{metric}"] for r in runs]),
         "test_metric_name": metric,
         "sec_per_iter": mean_std([r.sec_per_iter for r in runs]),
+        "mean_sec_per_iter": mean_std([r.mean_sec_per_iter for r in runs]),
         "steps_to_target": steps_to_target(mean, target_loss) if mean else None,
         "num_meta_parameters": runs[0].num_meta_parameters,
         "peak_memory_mb": None if None in mem else mean_std(mem),  # type: ignore[arg-type]

@@ -51,7 +51,13 @@ def test_cli_writes_schema_valid_results_report_and_plots(tmp_path, capsys) -> N
     assert res["hpo"] == "grid" and set(res["optimizers"]) == {"sgdm", "adam"}
     for spec, r in res["optimizers"].items():
         assert set(r) >= set(REQUIRED_KEYS)
-        for key in ("final_train_loss", "auc_train_loss", "test_metric", "sec_per_iter"):
+        for key in (
+            "final_train_loss",
+            "auc_train_loss",
+            "test_metric",
+            "sec_per_iter",
+            "mean_sec_per_iter",
+        ):
             _stat(r[key])
         assert r["test_metric_name"] == "mse"
         assert r["steps_to_target"] is None or isinstance(r["steps_to_target"], int)
