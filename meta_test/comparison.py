@@ -208,7 +208,10 @@ def run_comparison(
     search_seed = seeds[0] if search_seed is None else int(search_seed)
 
     n_trials = {"none": 0, "botorch": iterations, "random": iterations}
-    trials = [sizes[s] if hpo == "grid" else n_trials[hpo] for s in specs]
+    trials = [
+        sizes[s] if hpo == "grid" else n_trials[hpo] if spaces[s].dims else min(n_trials[hpo], 1)
+        for s in specs
+    ]
     total = steps * (len(seeds) * len(specs) + sum(trials))
     bar = _bar(total, progress)
     results: dict[str, Any] = {
