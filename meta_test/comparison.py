@@ -192,7 +192,8 @@ def run_comparison(
         report.check_out_dir(out, overwrite)
     key, maximize = selection_objective(task, select_on)
     spaces = {s: search_space(s).override(dict(grids or {})) for s in specs}
-    unused = set(grids or {}) - {n for sp in spaces.values() for n in sp.names}
+    known = {n for sp in spaces.values() for n in [*sp.names, *sp.fixed]}
+    unused = set(grids or {}) - known  # a typo must not silently leave the default grid
     if unused:
         raise ValueError(f"grids: {sorted(unused)} are tuned by none of {specs}")
     if hpo in ("botorch", "random"):
