@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from metaopt.hypergrad._common import Vec, as_leaves, positive_int
-from metaopt.hypergrad.errors import check_finite
+from metaopt.hypergrad._common import Vec, as_leaves, hparam_inputs, positive_int, zeros_for_none
+from metaopt.hypergrad.errors import FiniteGuard, check_finite
 
 __all__ = ["unrolled_grad"]
 
@@ -72,11 +72,10 @@ def unrolled_grad(
     if mode not in ("reverse", "forward"):
         raise ValueError(f"mode={mode!r}: allowed 'reverse', 'forward'")
     theta = as_leaves(params, "params")
-    lam = as_leaves(hparams, "hparams")
     keep = steps if truncate is None else truncate
     if mode == "reverse":
-        return _reverse(step, outer_objective, theta, lam, steps, keep)
-    return _forward(step, outer_objective, theta, lam, steps, keep)
+        return _reverse(step, outer_objective, theta, hparam_inputs(hparams), steps, keep)
+    return _forward(step, outer_objective, theta, as_leaves(hparams, "hparams"), steps, keep)
 
 
 def _apply(step: Step, theta: Vec, lam: Vec) -> Vec:
@@ -87,15 +86,15 @@ def _apply(step: Step, theta: Vec, lam: Vec) -> Vec:
 
 
 def _reverse(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, keep: int) -> Vec:
-    lam = tuple(h.requires_grad_(True) for h in lam)
     theta = tuple(t.requires_grad_(True) for t in theta)
     for t in range(steps):
-        theta = _apply(step, theta, lam)
+        with torch.enable_grad():
+            theta = _apply(step, theta, lam)
         if t < steps - keep:  # outside the differentiated window: cut the graph
             theta = tuple(p.detach().requires_grad_(True) for p in theta)
-    value = outer(theta, lam)
-    grads = torch.autograd.grad(value, lam, allow_unused=True)
-    out = tuple(torch.zeros_like(h) if g is None else g for g, h in zip(grads, lam, strict=True))
+    with torch.enable_grad():
+        value = outer(theta, lam)
+        out = zeros_for_none(torch.autograd.grad(value, lam, allow_unused=True), lam)
     check_finite(out, "hypergradient")
     return out
 
@@ -119,28 +118,33 @@ def _forward(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, kee
             out, t_out = jvp(lambda a, b: _apply(step, a, b), (th, lam), (t_th, t_lam))
             return out, t_out
 
+        def start(th: Vec, t_lam: Vec) -> tuple[Vec, Vec]:
+            # first differentiated step: d theta / d lambda is exactly zero there, so only
+            # lambda carries a tangent (the gradient at theta needs no forward-mode pass)
+            out, t_out = jvp(lambda b: _apply(step, th, b), (lam,), (t_lam,))
+            return out, t_out
+
         def total(th: Vec, t_th: Vec, t_lam: Vec) -> Tensor:
             return jvp(outer, (th, lam), (t_th, t_lam))[1]
 
         if n == 1:  # one scalar: no vmap, a plain jvp per step
             t_lam = tuple(b[0] for b in basis)
-            t_theta = tuple(torch.zeros_like(p) for p in theta)
-            for _ in range(keep):
+            theta, t_theta = start(theta, t_lam)
+            for _ in range(keep - 1):
                 theta, t_theta = push(theta, t_theta, t_lam)
-            check_finite(t_theta, "tangent")
             derivs = total(theta, t_theta, t_lam).reshape(1)
         else:
-            t_theta = tuple(
-                torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) for p in theta
-            )
+            theta, t_theta = vmap(start, in_dims=(None, 0), out_dims=(None, 0))(theta, basis)
             batched = vmap(push, in_dims=(None, 0, 0), out_dims=(None, 0))
-            for _ in range(keep):
+            for _ in range(keep - 1):
                 theta, t_theta = batched(theta, t_theta, basis)
-            check_finite(t_theta, "tangent")
             derivs = vmap(total, in_dims=(None, 0, 0))(theta, t_theta, basis)
     sizes = [h.numel() for h in lam]
     out = tuple(
         d.reshape(h.shape).to(h.dtype) for d, h in zip(derivs.split(sizes), lam, strict=True)
     )
-    check_finite(out, "hypergradient")
+    guard = FiniteGuard()
+    guard.add(t_theta, "tangent")
+    guard.add(out, "hypergradient")
+    guard.check()
     return out
