@@ -75,7 +75,18 @@ def unrolled_grad(
     keep = steps if truncate is None else truncate
     if mode == "reverse":
         return _reverse(step, outer_objective, theta, hparam_inputs(hparams), steps, keep)
-    return _forward(step, outer_objective, theta, as_leaves(hparams, "hparams"), steps, keep)
+    try:
+        return _forward(step, outer_objective, theta, as_leaves(hparams, "hparams"), steps, keep)
+    except RuntimeError as err:
+        # what torch says when a step calls torch.autograd.grad inside the transform
+        hints = ("functorch", "torch.func", "does not require grad")
+        if not any(h in str(err) for h in hints):
+            raise
+        raise ValueError(
+            "mode='forward': step/outer_objective must be pure for torch.func.jvp (take "
+            "gradients with torch.func.grad, not torch.autograd.grad or requires_grad_); "
+            f"torch said: {str(err).splitlines()[0]}"
+        ) from err
 
 
 def _apply(step: Step, theta: Vec, lam: Vec) -> Vec:
