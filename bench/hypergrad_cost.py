@@ -8,6 +8,8 @@ MLP 784-256-256-10, batch 128, cross-entropy. One training step = ``zero_grad`` 
 * ``forward``: the same one-step lookahead in forward mode (one scalar hparam).
 * ``neumann`` / ``cg`` (J = 20): implicit hypergradient of the validation loss w.r.t. a log
   weight decay, inner objective = training loss + weight decay on the same batch.
+* ``outer_grad_only``: just ``d_theta outer`` (forward + backward, no update): the floor
+  under every implicit engine; ``closed_form`` minus it is the mixed product's cost.
 * ``closed_form``: MetaMD's lowrank Bregman potential ``inner = <g, theta> +
   B_M(theta, theta_1)`` with ``B_M = 1/2 (theta - theta_1)^T M (theta - theta_1)``, whose
   Hessian in ``theta`` is ``M``, so ``H^{-1} v = M^{-1} v`` is one
@@ -119,8 +121,13 @@ def build(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], ob
         out = pre.apply(as_dict(v))  # M^{-1} v through Woodbury, O(r out in) per layer
         return tuple(out[n] for n in names)
 
+    def outer_grad_only():  # d_theta outer alone: the floor under every implicit engine
+        theta = tuple(t.detach().requires_grad_(True) for t in theta_star)
+        return torch.autograd.grad(outer(theta, ()), theta)
+
     return {
         "train_step": train_step,
+        "outer_grad_only": outer_grad_only,
         "unroll": lambda: unrolled_grad(step, outer, params, (log_lr,), steps=1),
         "unroll_lowrank": lambda: unrolled_grad(lowrank_step, outer, params, meta, steps=1),
         "forward": lambda: unrolled_grad(
