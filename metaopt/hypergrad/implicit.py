@@ -43,15 +43,15 @@ __all__ = ["IMPLICIT_METHODS", "implicit_grad"]
 Objective = Callable[[Vec, Vec], Tensor]
 IMPLICIT_METHODS = ("exact", "neumann", "cg", "closed_form")
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "exact": {},
-    "neumann": {"iterations": 20, "alpha": 1.0},
-    "cg": {"iterations": 20, "tol": 1e-10},
-    "closed_form": {"inverse_hvp": None},
+    "exact": {"inner_grad": None},
+    "neumann": {"iterations": 20, "alpha": 1.0, "inner_grad": None},
+    "cg": {"iterations": 20, "tol": 1e-10, "inner_grad": None},
+    "closed_form": {"inverse_hvp": None, "inner_grad": None},
 }
 
 
 def implicit_grad(
-    inner_objective: Objective,
+    inner_objective: Objective | None,
     outer_objective: Objective,
     params: Sequence[Tensor],
     hparams: Sequence[Tensor],
@@ -80,6 +80,12 @@ def implicit_grad(
             SPD), ``"closed_form"`` (``inverse_hvp=callable`` mapping a tuple shaped like
             ``params`` to ``H^{-1}`` of it, e.g. MetaMD's ``M^{-1} v`` through the lowrank
             family's ``apply``: no Hessian product at all; called under ``no_grad``).
+        **options: also, for every method, ``inner_grad=callable(params, hparams) ->
+            tuple`` giving ``d_theta inner`` in closed form (differentiable in ``params``
+            and ``hparams``); products then backpropagate through it once instead of
+            through the gradient graph of ``inner`` (double backward), and
+            ``inner_objective`` may be ``None``. E.g. for MetaMD's ``<g, theta> +
+            B_M(theta, theta_1)`` it is ``g + M (theta - theta_1)``.
 
     Returns:
         one tensor per hparam, same shape/dtype/device, detached (no graph is kept).
@@ -94,6 +100,8 @@ def implicit_grad(
     opts = take_options(method, options, _DEFAULTS[method])
     if method in ("neumann", "cg"):
         positive_int("iterations", opts["iterations"])
+    if inner_objective is None and opts["inner_grad"] is None:
+        raise ValueError("inner_objective=None: give inner_grad= then")
     if method == "closed_form" and not callable(opts["inverse_hvp"]):
         raise ValueError(
             f"inverse_hvp={opts['inverse_hvp']!r}: method='closed_form' needs a callable "
@@ -114,7 +122,15 @@ def implicit_grad(
         guard.add(direct, "direct")
 
         # the graph of g = d_theta inner, built once and reused by every product
-        g = torch.autograd.grad(inner_objective(theta, lam), theta, create_graph=True)
+        if opts["inner_grad"] is not None:
+            g = tuple(opts["inner_grad"](theta, lam))
+            if len(g) != n_theta or any(a.shape != b.shape for a, b in zip(g, theta, strict=False)):
+                raise ValueError(
+                    f"inner_grad returned shapes {[tuple(a.shape) for a in g]}, "
+                    f"expected those of params {[tuple(b.shape) for b in theta]}"
+                )
+        else:
+            g = torch.autograd.grad(inner_objective(theta, lam), theta, create_graph=True)
         # (an inner linear in theta has a constant g: tie it to theta so products are 0)
         g = tuple(gi if gi.requires_grad else gi + 0 * ti for gi, ti in zip(g, theta, strict=True))
 
