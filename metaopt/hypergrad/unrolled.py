@@ -46,7 +46,10 @@ def unrolled_grad(
         step: ``step(params, hparams) -> params`` (tuples of tensors, same shapes). In
             reverse mode it must keep the graph (e.g. ``metaopt.func.loss_and_grads(...,
             create_graph=True)`` then a ``metaopt.optim.functional`` step); ``params`` it
-            receives require grad. In forward mode it is transformed by ``torch.func.jvp``
+            receives require grad. It may use the ``hparams`` given or, when the hparams
+            passed in require grad, capture those same tensors (e.g. call
+            ``preconditioner.apply`` with ``hparams = tuple(preconditioner.parameters())``;
+            ``.grad`` is never written). In forward mode it is transformed by ``torch.func.jvp``
             and must be pure: take gradients with ``torch.func.grad`` (not
             ``torch.autograd.grad``) and use the ``hparams`` passed in.
         outer_objective: ``outer(params, hparams) -> 0-dim tensor`` at ``theta_T``.
