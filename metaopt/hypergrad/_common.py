@@ -53,10 +53,11 @@ def hparam_inputs(hparams: Sequence[Tensor] | Iterable[Tensor]) -> Vec:
     a module's own meta-parameters; ``torch.autograd.grad`` never writes ``.grad``); one
     that does not becomes a detached leaf that requires grad.
     """
-    checked = as_leaves(hparams, "hparams")
+    given = hparams if isinstance(hparams, Tensor) else tuple(hparams)
+    checked = as_leaves(given, "hparams")
     return tuple(
         h if h.requires_grad else c.requires_grad_(True)
-        for h, c in zip(tuple(hparams), checked, strict=True)
+        for h, c in zip(given, checked, strict=True)
     )
 
 
