@@ -132,25 +132,23 @@ def _forward(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, kee
             out, t_out = jvp(lambda a, b: _apply(step, a, b), (th, lam), (t_th, t_lam))
             return out, t_out
 
-        def start(th: Vec, t_lam: Vec) -> tuple[Vec, Vec]:
-            # first differentiated step: d theta / d lambda is exactly zero there, so only
-            # lambda carries a tangent (the gradient at theta needs no forward-mode pass)
-            out, t_out = jvp(lambda b: _apply(step, th, b), (lam,), (t_lam,))
-            return out, t_out
-
         def total(th: Vec, t_th: Vec, t_lam: Vec) -> Tensor:
             return jvp(outer, (th, lam), (t_th, t_lam))[1]
 
         if n == 1:  # one scalar: no vmap, a plain jvp per step
             t_lam = tuple(b[0] for b in basis)
-            theta, t_theta = start(theta, t_lam)
-            for _ in range(keep - 1):
+            # materialised zero tangents (not ZeroTensors: some forward-over-reverse
+            # formulas write into their inputs' tangents)
+            t_theta = tuple(torch.zeros_like(p) for p in theta)
+            for _ in range(keep):
                 theta, t_theta = push(theta, t_theta, t_lam)
             derivs = total(theta, t_theta, t_lam).reshape(1)
         else:
-            theta, t_theta = vmap(start, in_dims=(None, 0), out_dims=(None, 0))(theta, basis)
+            t_theta = tuple(
+                torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) for p in theta
+            )
             batched = vmap(push, in_dims=(None, 0, 0), out_dims=(None, 0))
-            for _ in range(keep - 1):
+            for _ in range(keep):
                 theta, t_theta = batched(theta, t_theta, basis)
             derivs = vmap(total, in_dims=(None, 0, 0))(theta, t_theta, basis)
     sizes = [h.numel() for h in lam]
