@@ -147,6 +147,10 @@ def test_precondition_is_differentiable_in_damping_and_grads() -> None:
     ref = (sol * probe).sum()
     ref_grads = torch.autograd.grad(ref, (d2, gw2, gb2))
     torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10)
+    # a float damping takes the cached-inverse path (two products): same direction
+    fast = opt.precondition({"weight": gw.detach(), "bias": gb.detach()}, damping=0.02)
+    torch.testing.assert_close(fast["weight"], out["weight"].detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fast["bias"], out["bias"].detach(), rtol=1e-9, atol=1e-12)
     for x, r in zip(got_grads, ref_grads, strict=True):
         torch.testing.assert_close(x, r, rtol=1e-6, atol=1e-9)
 
