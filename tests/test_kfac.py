@@ -312,6 +312,13 @@ def test_step_with_given_grads_and_identity_fallback_for_norm_layers() -> None:
     opt.step(grads=given)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[n] - 0.1 * expected[n])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step(directions={"2.bias": given["2.bias"]})
+    for n, p in model.named_parameters():
+        moved = before[n] - 0.1 * given[n] if n == "2.bias" else before[n]
+        torch.testing.assert_close(p.detach(), moved)
+    with pytest.raises(ValueError, match="directions"):
+        opt.step(directions={"nope": given["2.bias"]})
 
 
 def _bf16_models():

@@ -50,7 +50,8 @@ For APO and other callers that form their own steps:
 * :meth:`KFAC.update_curvature`: fold the statistics of the last ``loss.backward()`` and
   refresh decompositions as scheduled (``step`` calls it if the caller has not);
 * ``step(grads=..., damping=...)``: a full step from the caller's gradients (instead of
-  ``p.grad``) and/or with a damping override.
+  ``p.grad``) and/or with a damping override; ``step(directions=...)`` applies directions
+  the caller preconditioned itself (weight decay and momentum still apply).
 """
 
 from __future__ import annotations
@@ -288,15 +289,21 @@ class KFAC(torch.optim.Optimizer):
         *,
         grads: Mapping[str, Tensor] | None = None,
         damping: float | Tensor | None = None,
+        directions: Mapping[str, Tensor] | None = None,
     ) -> Tensor | None:
-        """One KFAC step.
+        """One KFAC step (statistics of this step's ``backward()`` are folded in first).
 
         Args:
             closure: re-evaluates the loss and calls ``backward()`` (optional).
             grads: ``{name: gradient}`` to use instead of ``p.grad`` (missing names:
                 ``p.grad``, and parameters with neither are not updated).
             damping: damping override for this step.
+            directions: ``{name: direction}`` already preconditioned by the caller (e.g.
+                :meth:`precondition` with a learned damping): used as they are, without
+                KL clipping; weight decay and momentum still apply, only these names move.
         """
+        if directions is not None and (grads is not None or damping is not None):
+            raise ValueError("directions: give either directions or grads/damping, not both")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -305,16 +312,22 @@ class KFAC(torch.optim.Optimizer):
         group = self.param_groups[0]
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         params = {self._name_of[id(p)]: p for g in self.param_groups for p in g["params"]}
-        given = dict(grads or {})
-        current = {}
-        for n, p in params.items():
-            g = given.get(n, p.grad)
-            if g is not None:
-                current[n] = g.detach()
-        directions = self.precondition(current, damping)
-        if self.kl_clip is not None:
-            self._kl_clip(directions, current, lr)
-        for n, d in directions.items():
+        if directions is not None:
+            unknown = set(directions) - set(params)
+            if unknown:
+                raise ValueError(f"directions: unknown parameter names {sorted(unknown)}")
+            update = {n: d.detach() for n, d in directions.items()}
+        else:
+            given = dict(grads or {})
+            current = {}
+            for n, p in params.items():
+                g = given.get(n, p.grad)
+                if g is not None:
+                    current[n] = g.detach()
+            update = self.precondition(current, damping)
+            if self.kl_clip is not None:
+                self._kl_clip(update, current, lr)
+        for n, d in update.items():
             p = params[n]
             d = d.to(p.dtype)
             if wd != 0:
