@@ -209,6 +209,16 @@ def test_conv_factors_match_a_patch_loop() -> None:
                                atol=1e-6)  # fmt: skip
     torch.testing.assert_close(opt.stats.G["0"].double(), ds.T @ ds / x.shape[0], rtol=1e-5,
                                atol=1e-7)  # fmt: skip
+    # end to end: the conv direction equals the dense split-damped inverse of the oracle
+    gen = torch.Generator().manual_seed(5)
+    gw = torch.randn(3, 2, 3, 3, generator=gen, dtype=D64)
+    gb = torch.randn(3, generator=gen, dtype=D64)
+    out = opt.precondition({"0.weight": gw, "0.bias": gb}, damping=0.05)
+    dense = _dense_split(a.T @ a / a.shape[0], ds.T @ ds / x.shape[0], 0.05)
+    gmat = torch.cat([gw.reshape(3, 18), gb[:, None]], 1)
+    expected = unvec(torch.linalg.solve(dense, vec(gmat)), gmat.shape)
+    got = torch.cat([out["0.weight"].reshape(3, 18), out["0.bias"][:, None]], 1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def _per_example_grad_matrices(model, x, y, layer):
