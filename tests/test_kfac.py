@@ -302,6 +302,13 @@ def test_statistics_paused_and_eval_mode_record_nothing() -> None:
     torch.testing.assert_close(opt.stats.A["<root>"], a, rtol=0, atol=0)
     opt.step()
     assert opt.steps == 2
+    # advance(): a step without a parameter update that still folds its statistics
+    before = model.weight.detach().clone()
+    F.mse_loss(model(x2), y2).backward()
+    opt.advance()
+    assert opt.steps == 3 and torch.equal(model.weight.detach(), before)
+    expected = 0.95 * a.double() + 0.05 * _linear_oracle_factors(model, x2, y2)[0]
+    torch.testing.assert_close(opt.stats.A["<root>"].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_step_with_given_grads_and_identity_fallback_for_norm_layers() -> None:

@@ -51,7 +51,9 @@ For APO and other callers that form their own steps:
   refresh decompositions as scheduled (``step`` calls it if the caller has not);
 * ``step(grads=..., damping=...)``: a full step from the caller's gradients (instead of
   ``p.grad``) and/or with a damping override; ``step(directions=...)`` applies directions
-  the caller preconditioned itself (weight decay and momentum still apply).
+  the caller preconditioned itself (weight decay and momentum still apply);
+* :meth:`KFAC.advance`: end a step without a parameter update (the caller applied its
+  own), keeping the statistics/decomposition schedule.
 """
 
 from __future__ import annotations
@@ -196,6 +198,14 @@ class KFAC(torch.optim.Optimizer):
                 self._inverses.pop(name, None)
             self._after_curvature(view, refreshed, name in folded)
         self.stats.clear()
+
+    def advance(self) -> None:
+        """End the current step without touching the parameters: fold statistics, refresh
+        decompositions on schedule and advance the step counter (for callers that apply
+        their own updates from :meth:`precondition`)."""
+        self.update_curvature()
+        self.steps += 1
+        self._sync_collecting()
 
     def _after_curvature(self, view: LayerView, refreshed: bool, folded: bool) -> None:
         """Hook for EKFAC's re-scaling; KFAC needs nothing more."""
@@ -405,6 +415,14 @@ class EKFAC(KFAC):
         if "damping_form" in kwargs:
             raise ValueError("damping_form: EKFAC's damping is always additive (S + damping)")
         super().__init__(model, **kwargs)
+
+    def advance(self) -> None:
+        """End the current step without touching the parameters: fold statistics, refresh
+        decompositions on schedule and advance the step counter (for callers that apply
+        their own updates from :meth:`precondition`)."""
+        self.update_curvature()
+        self.steps += 1
+        self._sync_collecting()
 
     def _after_curvature(self, view: LayerView, refreshed: bool, folded: bool) -> None:
         e = self.eigen[view.name]
