@@ -61,7 +61,8 @@ def bench(arch: str, rounds: int, cycle: int, device: torch.device) -> dict:
         run_cycle(*runs[name], x, y, cycle, device)  # warm-up cycle
     amortised: dict[str, list[float]] = {n: [] for n in NAMES}
     singles: dict[str, list[float]] = {n: [] for n in NAMES}
-    for _ in range(rounds):
+    for r in range(rounds):
+        print(f"{arch}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
         for name in NAMES:
             times = run_cycle(*runs[name], x, y, cycle, device)
             amortised[name].append(sum(times) / len(times))
