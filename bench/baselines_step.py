@@ -8,10 +8,13 @@ steps (default 100, so the amortised cost includes one full schedule cycle) of e
 optimizer in turn; rounds are interleaved so machine load hits all alike. Reported per
 optimizer: the amortised step time over a cycle and its median per-round ratio to
 ``sgdm``, and the median single step (a step with no statistics or decomposition).
-The first cycle (which holds step 0 and the Shampoo warm-up) is discarded as warm-up.
+The first ``--warmup`` steps (default 20: step 0's decompositions and Shampoo's graft-only
+steps before its first roots) are not timed, so each timed cycle of 100 steps holds
+exactly one KFAC/EKFAC decomposition, ten statistics steps and five Shampoo root updates.
 Prints one JSON object as its last line.
 
-    python bench/baselines_step.py [--rounds 3] [--cycle 100] [--threads 2] [--device cpu]
+    python bench/baselines_step.py [--rounds 3] [--cycle 100] [--warmup 20] [--threads 2]
+                                   [--device cpu] [--arch both|mlp|cnn]
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def run_cycle(model, opt, x, y, steps: int, device: torch.device) -> list[float]
     return times
 
 
-def bench(arch: str, rounds: int, cycle: int, device: torch.device) -> dict:
+def bench(arch: str, rounds: int, cycle: int, warmup: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     build = mlp if arch == "mlp" else cnn
     x = torch.randn(128, 1, 28, 28, device=device)
@@ -58,7 +61,7 @@ def bench(arch: str, rounds: int, cycle: int, device: torch.device) -> dict:
         torch.manual_seed(0)
         model = build().to(device)
         runs[name] = (model, get_optimizer(name, model))
-        run_cycle(*runs[name], x, y, cycle, device)  # warm-up cycle
+        run_cycle(*runs[name], x, y, warmup, device)
     amortised: dict[str, list[float]] = {n: [] for n in NAMES}
     singles: dict[str, list[float]] = {n: [] for n in NAMES}
     for r in range(rounds):
@@ -84,12 +87,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cycle", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--arch", choices=["both", "mlp", "cnn"], default="both")
     args = ap.parse_args()
-    if args.rounds < 1 or args.cycle < 1:
-        print(f"--rounds={args.rounds} --cycle={args.cycle}: both must be >= 1", file=sys.stderr)
+    if args.rounds < 1 or args.cycle < 1 or args.warmup < 0:
+        print(
+            f"--rounds={args.rounds} --cycle={args.cycle} --warmup={args.warmup}: rounds and "
+            "cycle must be >= 1, warmup >= 0",
+            file=sys.stderr,
+        )
         sys.exit(2)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -99,12 +107,13 @@ def main() -> None:
         "threads": args.threads,
         "batch": 128,
         "cycle": args.cycle,
+        "warmup": args.warmup,
         "rounds": args.rounds,
     }
     if args.arch in ("both", "mlp"):
-        result["mlp_784_1000_1000_10"] = bench("mlp", args.rounds, args.cycle, device)
+        result["mlp_784_1000_1000_10"] = bench("mlp", args.rounds, args.cycle, args.warmup, device)
     if args.arch in ("both", "cnn"):
-        result["small_cnn"] = bench("cnn", args.rounds, args.cycle, device)
+        result["small_cnn"] = bench("cnn", args.rounds, args.cycle, args.warmup, device)
     print(json.dumps(result))
 
 
