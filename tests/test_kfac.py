@@ -147,6 +147,10 @@ def test_precondition_is_differentiable_in_damping_and_grads() -> None:
     ref = (sol * probe).sum()
     ref_grads = torch.autograd.grad(ref, (d2, gw2, gb2))
     torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10)
+    # a float damping takes the cached-inverse path (two products): same direction
+    fast = opt.precondition({"weight": gw.detach(), "bias": gb.detach()}, damping=0.02)
+    torch.testing.assert_close(fast["weight"], out["weight"].detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fast["bias"], out["bias"].detach(), rtol=1e-9, atol=1e-12)
     for x, r in zip(got_grads, ref_grads, strict=True):
         torch.testing.assert_close(x, r, rtol=1e-6, atol=1e-9)
 
@@ -205,6 +209,16 @@ def test_conv_factors_match_a_patch_loop() -> None:
                                atol=1e-6)  # fmt: skip
     torch.testing.assert_close(opt.stats.G["0"].double(), ds.T @ ds / x.shape[0], rtol=1e-5,
                                atol=1e-7)  # fmt: skip
+    # end to end: the conv direction equals the dense split-damped inverse of the oracle
+    gen = torch.Generator().manual_seed(5)
+    gw = torch.randn(3, 2, 3, 3, generator=gen, dtype=D64)
+    gb = torch.randn(3, generator=gen, dtype=D64)
+    out = opt.precondition({"0.weight": gw, "0.bias": gb}, damping=0.05)
+    dense = _dense_split(a.T @ a / a.shape[0], ds.T @ ds / x.shape[0], 0.05)
+    gmat = torch.cat([gw.reshape(3, 18), gb[:, None]], 1)
+    expected = unvec(torch.linalg.solve(dense, vec(gmat)), gmat.shape)
+    got = torch.cat([out["0.weight"].reshape(3, 18), out["0.bias"][:, None]], 1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def _per_example_grad_matrices(model, x, y, layer):
@@ -288,6 +302,13 @@ def test_statistics_paused_and_eval_mode_record_nothing() -> None:
     torch.testing.assert_close(opt.stats.A["<root>"], a, rtol=0, atol=0)
     opt.step()
     assert opt.steps == 2
+    # advance(): a step without a parameter update that still folds its statistics
+    before = model.weight.detach().clone()
+    F.mse_loss(model(x2), y2).backward()
+    opt.advance()
+    assert opt.steps == 3 and torch.equal(model.weight.detach(), before)
+    expected = 0.95 * a.double() + 0.05 * _linear_oracle_factors(model, x2, y2)[0]
+    torch.testing.assert_close(opt.stats.A["<root>"].double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_step_with_given_grads_and_identity_fallback_for_norm_layers() -> None:
@@ -308,6 +329,13 @@ def test_step_with_given_grads_and_identity_fallback_for_norm_layers() -> None:
     opt.step(grads=given)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[n] - 0.1 * expected[n])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step(directions={"2.bias": given["2.bias"]})
+    for n, p in model.named_parameters():
+        moved = before[n] - 0.1 * given[n] if n == "2.bias" else before[n]
+        torch.testing.assert_close(p.detach(), moved)
+    with pytest.raises(ValueError, match="directions"):
+        opt.step(directions={"nope": given["2.bias"]})
 
 
 def _bf16_models():

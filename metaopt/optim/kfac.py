@@ -14,7 +14,9 @@ layer's curvature is ``A ⊗ G``):
   with the pi trace-norm rule, ``gamma = sqrt(d)``,
   ``pi = sqrt((tr(A) / dim A) / (tr(G) / dim G))``; the direction is
   ``(A + pi gamma I)^-1 ⊗ (G + gamma / pi I)^-1 vec(V)``, i.e.
-  ``D = (g + gamma / pi) (a + pi gamma)^T``.
+  ``D = (g + gamma / pi) (a + pi gamma)^T``. For a float damping the two damped
+  inverses are cached per layer (refreshed with the eigenbasis or a new damping value),
+  so a step costs two products per layer instead of four.
 * KFAC, ``damping_form="exact"``: ``(A ⊗ G + d I)^-1 vec(V)``, ``D = g a^T + d``.
 * EKFAC: ``D = S + d`` where ``S = mean_n (Q_G^T dW_n Q_A)^2`` is re-estimated in the
   KFAC eigenbasis from per-example gradients ``dW_n`` (for conv layers the sum over
@@ -48,7 +50,10 @@ For APO and other callers that form their own steps:
 * :meth:`KFAC.update_curvature`: fold the statistics of the last ``loss.backward()`` and
   refresh decompositions as scheduled (``step`` calls it if the caller has not);
 * ``step(grads=..., damping=...)``: a full step from the caller's gradients (instead of
-  ``p.grad``) and/or with a damping override.
+  ``p.grad``) and/or with a damping override; ``step(directions=...)`` applies directions
+  the caller preconditioned itself (weight decay and momentum still apply);
+* :meth:`KFAC.advance`: end a step without a parameter update (the caller applied its
+  own), keeping the statistics/decomposition schedule.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class KFAC(torch.optim.Optimizer):
     """
 
     _keep_rows = False
+    _factored = True  # the split form factors into two damped inverses
 
     def __init__(
         self,
@@ -152,6 +158,7 @@ class KFAC(torch.optim.Optimizer):
             keep_rows=self._keep_rows,
         )
         self.eigen: dict[str, dict[str, Tensor]] = {}
+        self._inverses: dict[str, tuple[float, Tensor, Tensor]] = {}  # derived, not saved
         self.steps = 0
         self._curvature_done_at = -1
         self._sync_collecting()
@@ -188,8 +195,17 @@ class KFAC(torch.optim.Optimizer):
                 d_a, q_a = symmetric_eigh(self.stats.A[name], self.eigh_dtype)
                 d_g, q_g = symmetric_eigh(self.stats.G[name], self.eigh_dtype)
                 self.eigen[name] = {"QA": q_a, "dA": d_a, "QG": q_g, "dG": d_g}
+                self._inverses.pop(name, None)
             self._after_curvature(view, refreshed, name in folded)
         self.stats.clear()
+
+    def advance(self) -> None:
+        """End the current step without touching the parameters: fold statistics, refresh
+        decompositions on schedule and advance the step counter (for callers that apply
+        their own updates from :meth:`precondition`)."""
+        self.update_curvature()
+        self.steps += 1
+        self._sync_collecting()
 
     def _after_curvature(self, view: LayerView, refreshed: bool, folded: bool) -> None:
         """Hook for EKFAC's re-scaling; KFAC needs nothing more."""
@@ -201,10 +217,32 @@ class KFAC(torch.optim.Optimizer):
         if self.damping_form == "exact":
             return torch.outer(d_g, d_a) + damping
         gamma = damping.sqrt() if isinstance(damping, Tensor) else math.sqrt(damping)
-        pi = torch.sqrt(
-            (d_a.mean().clamp_min(_TINY)) / (d_g.mean().clamp_min(_TINY))
-        )  # pi trace-norm rule: tr(A)/dim A over tr(G)/dim G
+        pi = self._pi(e)
         return torch.outer(d_g + gamma / pi, d_a + pi * gamma)
+
+    def _split_inverses(self, name: str, damping: float | Tensor) -> tuple[Tensor, Tensor] | None:
+        """``((G + gamma/pi I)^-1, (A + pi gamma I)^-1)`` for a float damping (split form).
+
+        Cached per layer until the eigenbasis or the damping changes; ``None`` where the
+        eigenbasis path is needed (tensor damping, exact form, EKFAC).
+        """
+        if not self._factored or self.damping_form != "split" or isinstance(damping, Tensor):
+            return None
+        cached = self._inverses.get(name)
+        if cached is not None and cached[0] == damping:
+            return cached[1], cached[2]
+        e = self.eigen[name]
+        gamma = math.sqrt(damping)
+        pi = self._pi(e)
+        g_inv = (e["QG"] / (e["dG"] + gamma / pi)) @ e["QG"].T
+        a_inv = (e["QA"] / (e["dA"] + pi * gamma)) @ e["QA"].T
+        self._inverses[name] = (damping, g_inv, a_inv)
+        return g_inv, a_inv
+
+    @staticmethod
+    def _pi(e: dict[str, Tensor]) -> Tensor:
+        """pi trace-norm rule: ``sqrt((tr(A) / dim A) / (tr(G) / dim G))``."""
+        return torch.sqrt(e["dA"].mean().clamp_min(_TINY) / e["dG"].mean().clamp_min(_TINY))
 
     def precondition(
         self, grads: Mapping[str, Tensor], damping: float | Tensor | None = None
@@ -240,10 +278,14 @@ class KFAC(torch.optim.Optimizer):
                 continue
             e = self.eigen[view.name]
             mat = view.to_matrix(grads)
-            rot = e["QG"].T @ mat.to(e["QA"].dtype) @ e["QA"]
-            rot = rot / self._denominator(view.name, damping)
-            direction = (e["QG"] @ rot @ e["QA"].T).to(mat.dtype)
-            out.update(view.from_matrix(direction))
+            work = mat.to(e["QA"].dtype)
+            inverses = self._split_inverses(view.name, damping)
+            if inverses is not None:  # two products with the cached damped inverses
+                direction = inverses[0] @ work @ inverses[1]
+            else:  # four products through the eigenbasis
+                rot = (e["QG"].T @ work @ e["QA"]) / self._denominator(view.name, damping)
+                direction = e["QG"] @ rot @ e["QA"].T
+            out.update(view.from_matrix(direction.to(mat.dtype)))
         unknown = set(grads) - covered
         if unknown:
             raise ValueError(f"grads: unknown parameter names {sorted(unknown)}")
@@ -257,15 +299,21 @@ class KFAC(torch.optim.Optimizer):
         *,
         grads: Mapping[str, Tensor] | None = None,
         damping: float | Tensor | None = None,
+        directions: Mapping[str, Tensor] | None = None,
     ) -> Tensor | None:
-        """One KFAC step.
+        """One KFAC step (statistics of this step's ``backward()`` are folded in first).
 
         Args:
             closure: re-evaluates the loss and calls ``backward()`` (optional).
             grads: ``{name: gradient}`` to use instead of ``p.grad`` (missing names:
                 ``p.grad``, and parameters with neither are not updated).
             damping: damping override for this step.
+            directions: ``{name: direction}`` already preconditioned by the caller (e.g.
+                :meth:`precondition` with a learned damping): used as they are, without
+                KL clipping; weight decay and momentum still apply, only these names move.
         """
+        if directions is not None and (grads is not None or damping is not None):
+            raise ValueError("directions: give either directions or grads/damping, not both")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -274,16 +322,22 @@ class KFAC(torch.optim.Optimizer):
         group = self.param_groups[0]
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
         params = {self._name_of[id(p)]: p for g in self.param_groups for p in g["params"]}
-        given = dict(grads or {})
-        current = {}
-        for n, p in params.items():
-            g = given.get(n, p.grad)
-            if g is not None:
-                current[n] = g.detach()
-        directions = self.precondition(current, damping)
-        if self.kl_clip is not None:
-            self._kl_clip(directions, current, lr)
-        for n, d in directions.items():
+        if directions is not None:
+            unknown = set(directions) - set(params)
+            if unknown:
+                raise ValueError(f"directions: unknown parameter names {sorted(unknown)}")
+            update = {n: d.detach() for n, d in directions.items()}
+        else:
+            given = dict(grads or {})
+            current = {}
+            for n, p in params.items():
+                g = given.get(n, p.grad)
+                if g is not None:
+                    current[n] = g.detach()
+            update = self.precondition(current, damping)
+            if self.kl_clip is not None:
+                self._kl_clip(update, current, lr)
+        for n, d in update.items():
             p = params[n]
             d = d.to(p.dtype)
             if wd != 0:
@@ -340,6 +394,7 @@ class KFAC(torch.optim.Optimizer):
             k: {kk: vv.to(device=device, dtype=self.eigh_dtype) for kk, vv in v.items()}
             for k, v in curv["eigen"].items()
         }
+        self._inverses.clear()
         self._sync_collecting()
 
 
@@ -354,11 +409,20 @@ class EKFAC(KFAC):
     """
 
     _keep_rows = True
+    _factored = False
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
         if "damping_form" in kwargs:
             raise ValueError("damping_form: EKFAC's damping is always additive (S + damping)")
         super().__init__(model, **kwargs)
+
+    def advance(self) -> None:
+        """End the current step without touching the parameters: fold statistics, refresh
+        decompositions on schedule and advance the step counter (for callers that apply
+        their own updates from :meth:`precondition`)."""
+        self.update_curvature()
+        self.steps += 1
+        self._sync_collecting()
 
     def _after_curvature(self, view: LayerView, refreshed: bool, folded: bool) -> None:
         e = self.eigen[view.name]

@@ -214,7 +214,7 @@ class Shampoo(torch.optim.Optimizer):
             ps = {n: self._named[n] for n in view.params}
             if any(p.grad is None for p in ps.values()):
                 continue
-            work = torch.promote_types(view_dtype(ps), torch.float32)
+            work = torch.promote_types(_view_dtype(ps), torch.float32)
             g = {n: p.grad.to(work) + wd * p.to(work) if wd else p.grad.to(work)
                  for n, p in ps.items()}  # fmt: skip
             v = view.to_matrix(g)
@@ -264,7 +264,7 @@ class Shampoo(torch.optim.Optimizer):
         }
 
 
-def view_dtype(params: dict[str, Tensor]) -> torch.dtype:
+def _view_dtype(params: dict[str, Tensor]) -> torch.dtype:
     """The widest floating dtype among a layer's parameters."""
     dtype = torch.float16
     for p in params.values():
