@@ -291,6 +291,7 @@ def _stream(x, y, seed):
         dict(adapt="layer-lr", base="rmsprop", lr=1e-2),
         dict(adapt="rmsprop-eps-rho", lr=1e-2),
         dict(adapt="precond", warmup=4, meta_lr=1e-3, precond_momentum=0.5),
+        dict(adapt="kfac-damping", lr=0.05, kfac_options={"factor_update_freq": 2}),
     ],
 )
 def test_resume_from_state_dict_is_exact(options):
@@ -465,3 +466,56 @@ def test_missing_fsd_batch_on_a_meta_step_is_a_clear_error():
     apo = APO(_mlp(), F.cross_entropy, lambda_fsd=0.1)
     with pytest.raises(ValueError, match="fsd_batch=None"):
         apo.step((x, y))
+
+
+def test_kfac_damping_meta_gradient_matches_finite_differences():
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    model = model.double()
+    x, xf = torch.randn(12, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    lr, damping, lam_f, lam_w = 0.3, 0.05, 0.4, 0.2
+    apo = APO(
+        model,
+        F.cross_entropy,
+        adapt="kfac-damping",
+        lr=lr,
+        damping=damping,
+        meta_interval=1,
+        meta_optimizer="sgd",
+        meta_lr=1.0,
+        lambda_fsd=lam_f,
+        lambda_wsd=lam_w,
+        kfac_options={"eigh_dtype": torch.float64},
+    )
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    apo.step((x, y), (xf, y))  # step 0 collects the factors and meta-updates
+    kfac = apo.rule.kfac
+    got = [
+        -(math.log(apo.hparam_log()[k]) - math.log(v))
+        for k, v in (("lr", lr), ("damping", damping))
+    ]
+
+    def q(log_lr, log_d):
+        theta = {n: v.clone().requires_grad_(True) for n, v in w0.items()}
+        with kfac.statistics_paused():
+            out = torch.func.functional_call(model, theta, (x,))
+            grads = torch.autograd.grad(F.cross_entropy(out, y), list(theta.values()))
+            with torch.no_grad():
+                d = kfac.precondition(dict(zip(theta, grads, strict=True)), math.exp(log_d))
+                w1 = {n: w0[n] - math.exp(log_lr) * d[n] for n in w0}
+                new_f = torch.func.functional_call(model, w1, (xf,))
+                old_f = torch.func.functional_call(model, w0, (xf,))
+                p_old = F.softmax(old_f, -1)
+                kl = (p_old * (F.log_softmax(old_f, -1) - F.log_softmax(new_f, -1))).sum(-1)
+                wsd = sum(((w1[n] - w0[n]) ** 2).sum() for n in w0)
+                val = F.cross_entropy(torch.func.functional_call(model, w1, (x,)), y)
+        return (val + lam_f * kl.mean() + lam_w / 2 * wsd).item()
+
+    h = 1e-6
+    fd = [
+        (q(math.log(lr) + h, math.log(damping)) - q(math.log(lr) - h, math.log(damping))) / (2 * h),
+        (q(math.log(lr), math.log(damping) + h) - q(math.log(lr), math.log(damping) - h)) / (2 * h),
+    ]
+    np.testing.assert_allclose(got, fd, rtol=1e-5)
+    assert kfac.eigen  # the factors came from APO's own gradient evaluation

@@ -149,6 +149,7 @@ class APO:
             for n, p in params.items():
                 p.copy_(new[n])
         self.state = {k: v.detach() for k, v in self.state.items()}
+        self.rule.after_step()
         self.step_count += 1
         return {
             "loss": loss,
@@ -211,9 +212,10 @@ class APO:
 
         hparams = tuple(meta_params.values())
         try:
-            meta_grads = unrolled_grad(
-                step_fn, outer, tuple(before[n] for n in names), hparams, steps=1
-            )
+            with self.rule.paused():
+                meta_grads = unrolled_grad(
+                    step_fn, outer, tuple(before[n] for n in names), hparams, steps=1
+                )
         except NonFiniteHypergradient:
             self.skipped_meta_steps += 1
             return values[-1] if values else None

@@ -59,6 +59,8 @@ class APOConfig:
         alpha: RMSprop's decay of the squared-gradient average (default 0.99).
         power: RMSprop's initial power rho (default 0.5).
         damping: K-FAC's initial damping (default 1e-3).
+        kfac_options: extra :class:`~metaopt.optim.kfac.KFAC` options for
+            ``"kfac-damping"`` (``factor_update_freq``, ``inv_update_freq``, ...).
         lambda_fsd: weight of the output-space term (default 0.1).
         lambda_wsd: weight of the weight-space term; ``None``: 0 for learning-rate
             adaptation, 1.0 for ``"precond"``.
@@ -92,6 +94,7 @@ class APOConfig:
     alpha: float = 0.99
     power: float = 0.5
     damping: float = 1e-3
+    kfac_options: dict[str, Any] = field(default_factory=dict)
     lambda_fsd: float = 0.1
     lambda_wsd: float | None = None
     fsd: str = "kl"
@@ -143,6 +146,11 @@ class APOConfig:
             raise ValueError(f"meta_interval={self.meta_interval!r}: must be an integer >= 1")
         if not isinstance(self.meta_objective, str) or not self.meta_objective:
             raise ValueError(f"meta_objective={self.meta_objective!r}: must be a registered name")
+        if not isinstance(self.kfac_options, dict):
+            raise ValueError(f"kfac_options={self.kfac_options!r}: must be a dict")
+        fixed = {"lr", "momentum", "kl_clip", "damping"} & set(self.kfac_options)
+        if fixed:
+            raise ValueError(f"kfac_options: {sorted(fixed)} are set by APO, not K-FAC options")
         if not isinstance(self.objective_options, dict):
             raise ValueError(f"objective_options={self.objective_options!r}: must be a dict")
         lr_adapt = self.adapt in _LR_ADAPTS

@@ -11,6 +11,7 @@ tensors) and the real update (``lookahead=False``, ``meta`` detached): the looka
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -122,6 +123,13 @@ class Rule:
     def current(self, meta: Params) -> dict[str, Tensor]:
         """Adapted hyperparameters as 0-dim tensors (no host sync)."""
         raise NotImplementedError
+
+    def paused(self) -> contextlib.AbstractContextManager[None]:
+        """Context for the meta-objective's extra forward/backward passes."""
+        return contextlib.nullcontext()
+
+    def after_step(self) -> None:
+        """Called after every real update."""
 
     def extra_state(self) -> dict[str, Any]:
         return {}
