@@ -64,7 +64,8 @@ def _grid(task, spec, configs, steps, seed=0) -> dict[str, Any]:
 def rosenbrock() -> dict[str, Any]:
     task = get_task("rosenbrock", dtype=torch.float64)
     steps = 20_000
-    sgd = _grid(task, "sgd", [{"lr": lr} for lr in (2e-3, 1e-3, 7e-4, 5e-4, 3e-4, 1e-4)], steps)
+    lrs = (2e-3, 1.5e-3, 1.2e-3, 1e-3, 7e-4, 5e-4, 3e-4, 1e-4)
+    sgd = _grid(task, "sgd", [{"lr": lr} for lr in lrs], steps)
     common = dict(
         lambda_fsd=0.0,
         lambda_wsd=0.0,
@@ -88,21 +89,18 @@ def rosenbrock() -> dict[str, Any]:
 def ill_conditioned() -> dict[str, Any]:
     task = get_task("ill-conditioned-regression")
     steps = 3000
-    sgdm = _grid(task, "sgdm", [{"lr": lr} for lr in (0.1, 0.03, 0.01, 0.003, 0.001)], steps)
+    sgdm = _grid(task, "sgdm", [{"lr": lr} for lr in (0.3, 0.1, 0.03, 0.01, 0.003)], steps)
     kfac = _grid(
         task,
         "kfac",
         [{"lr": lr, "damping": d} for lr in (0.3, 0.1, 0.03, 0.01) for d in (1e-2, 1e-3, 1e-4)],
         steps,
     )
+    common = {"lr": 0.1, "precond_momentum": 0.9, "warmup": 0, "meta_lr": 1e-2}
     apo = _grid(
         task,
         "apo-precond",
-        [
-            {"lr": lr, "lambda_fsd": 0.0, "lambda_wsd": w, "warmup": 300, "meta_lr": 1e-3}
-            for lr in (0.1, 0.03, 0.01)
-            for w in (1.0, 0.1, 0.01)
-        ],
+        [dict(common, lambda_fsd=f, lambda_wsd=w) for f in (0.3, 0.1, 0.03) for w in (0.01, 0.001)],
         steps,
     )
     f = {
