@@ -76,7 +76,10 @@ class Dim:
     def from_unit(self, u: float) -> float:
         """Inverse of :meth:`to_unit`."""
         lo, hi = self._box()
-        v = lo + min(max(u, 0.0), 1.0) * (hi - lo)
+        u = min(max(u, 0.0), 1.0)
+        if u in (0.0, 1.0):  # the box's own ends, exactly (no 10**log10 round-off)
+            return self.low if u == 0.0 else self.high
+        v = lo + u * (hi - lo)
         return 10.0**v if self.log else v
 
     def _box(self) -> tuple[float, float]:

@@ -22,8 +22,10 @@ proximal) view of APO is the natural one:
 * family ``"linear-regression-family"``: least squares ``y = X w + noise`` with one shared
   ill-conditioned input covariance and ``w ~ N(0, I)`` drawn per task; linear model.
 
-All data are ``TensorDataset``s (batches are index gathers, no ``DataLoader``), so the
-harness can run tens of thousands of steps cheaply. ``task.info`` holds the closed forms
+Every synthetic task sets ``task.info["synthetic"] = True`` (the harness then selects
+hyperparameters on the validation loss, i.e. the objective). All data are
+``TensorDataset``s (batches are index gathers, no ``DataLoader``), so the harness can run
+tens of thousands of steps cheaply. ``task.info`` holds the closed forms
 (``"minimiser"``, ``"minimum"``, ``"A"``, ``"Q"``, ``"b"``, ``"w_true"``, ``"covariance"``).
 """
 
@@ -52,14 +54,15 @@ __all__ = [
     "random_orthogonal",
     "rosenbrock",
     "squared_error",
+    "storage_dtype",
     "with_defaults",
 ]
 
 
 def squared_error(output: Tensor, target: Tensor) -> Tensor:
-    """``sum_j (output - target)_j^2`` per row, averaged over rows (shape ``(N, d)``)."""
-    diff = (output - target).reshape(output.shape[0], -1) if output.dim() else output - target
-    return diff.pow(2).sum(-1).mean()
+    """``sum_j (output - target)_j^2`` per row, averaged over the ``N`` rows (``(N, ...)``);
+    for one output per row this is the mean squared error."""
+    return (output - target).pow(2).reshape(output.shape[0], -1).sum(1).mean()
 
 
 def _dummy(targets: Tensor) -> TensorDataset:
@@ -68,7 +71,7 @@ def _dummy(targets: Tensor) -> TensorDataset:
 
 
 def _variables_task(name: str, model_fn: Any, loss_fn: Any, target: Tensor, **kw: Any) -> Task:
-    data = _dummy(target)
+    data = _dummy(target.to(storage_dtype(kw.get("dtype"))))
     return Task(
         name=name,
         model_fn=model_fn,
@@ -114,7 +117,12 @@ def rosenbrock(
         torch.zeros(2),
         device=device,
         dtype=dtype,
-        info={"minimiser": torch.tensor([1.0, 1.0]), "minimum": 0.0, "start": start},
+        info={
+            "minimiser": torch.tensor([1.0, 1.0]),
+            "minimum": 0.0,
+            "start": start,
+            "synthetic": True,
+        },
     )
 
 
@@ -131,9 +139,17 @@ def ill_conditioned_matrix(n: int, condition: float, generator: torch.Generator)
     return random_orthogonal(n, generator) @ torch.diag(s) @ random_orthogonal(n, generator).T
 
 
-def _check(name: str, value: Any, low: float = 0.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
-        raise ValueError(f"{name}={value!r}: must be a number > {low:g}")
+def _check(name: str, value: Any, low: float = 0.0, inclusive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= low if inclusive else value > low)
+    if not ok:
+        raise ValueError(f"{name}={value!r}: must be a number {'>=' if inclusive else '>'} {low:g}")
+
+
+def storage_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype to store a task's floating data in: ``dtype`` if floating, else float32, so
+    a float64 task keeps float64 targets (``BatchStream`` casts inputs only)."""
+    return dtype if dtype is not None and dtype.is_floating_point else torch.float32
 
 
 def with_defaults(
@@ -161,18 +177,20 @@ def ill_conditioned_regression(
     """t = A x, ``x ~ N(0, I_dim)``, ``kappa(A) = condition`` (APO section 6.1).
 
     The paper gives neither the dimension nor the sample size; ``dim=10`` and 4096 training
-    points are our choice. ``A`` (float64) is in ``task.info["A"]``; the data are float32
-    unless ``dtype`` says otherwise.
+    points are our choice. ``A`` (float64) is in ``task.info["A"]``; the data are stored in
+    ``dtype`` (default float32; at float32 the targets' rounding error, ~1e-7 relative,
+    exceeds the smallest singular directions of ``A`` -- use ``dtype=torch.float64`` to
+    resolve them).
     """
     for key, value in (("dim", dim), ("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key}={value!r}: must be a positive integer")
-    _check("condition", condition, 1.0 - 1e-12)
+    _check("condition", condition, 1.0, inclusive=True)
     g = torch.Generator().manual_seed(int(data_seed))
     a = ill_conditioned_matrix(dim, float(condition), g)
     x = torch.randn(n_train + n_val + n_test, dim, generator=g, dtype=torch.float64)
     t = x @ a.T
-    x, t = x.float(), t.float()
+    x, t = x.to(storage_dtype(dtype)), t.to(storage_dtype(dtype))
     cut = (n_train, n_train + n_val)
     split = [TensorDataset(x[i:j], t[i:j]) for i, j in ((0, cut[0]), cut, (cut[1], None))]
     return Task(
@@ -186,7 +204,7 @@ def ill_conditioned_regression(
         batch_size=batch_size,
         device=device,
         dtype=dtype,
-        info={"A": a, "condition": float(condition), "dim": dim, "minimum": 0.0},
+        info={"A": a, "condition": float(condition), "dim": dim, "minimum": 0.0, "synthetic": True},
     )
 
 
@@ -236,7 +254,7 @@ class MetaQuadratics(TaskFamily):
     ) -> None:
         if variant not in QUADRATIC_VARIANTS:
             raise ValueError(f"variant={variant!r}: must be one of {sorted(QUADRATIC_VARIANTS)}")
-        _check("q_std_ratio", q_std_ratio, -1e-300)
+        _check("q_std_ratio", q_std_ratio, 0.0, inclusive=True)
         _check("init_std", init_std)
         self.variant = variant
         self.means = torch.tensor(QUADRATIC_VARIANTS[variant], dtype=torch.float64)
@@ -279,6 +297,7 @@ class MetaQuadratics(TaskFamily):
                 "minimiser": b / (2 * q),
                 "minimum": minimum,
                 "variant": self.variant,
+                "synthetic": True,
             },
         )
 
@@ -318,8 +337,8 @@ class LinearRegressionFamily(TaskFamily):
         for key, v in (("dim", dim), ("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{key}={v!r}: must be a positive integer")
-        _check("condition", condition, 1.0 - 1e-12)
-        _check("noise_std", noise_std, -1e-300)
+        _check("condition", condition, 1.0, inclusive=True)
+        _check("noise_std", noise_std, 0.0, inclusive=True)
         self.dim, self.sizes = dim, (n_train, n_val, n_test)
         self.noise_std, self.batch_size = float(noise_std), batch_size
         u = random_orthogonal(dim, torch.Generator().manual_seed(int(covariance_seed)))
@@ -337,7 +356,7 @@ class LinearRegressionFamily(TaskFamily):
         x = x @ self.sqrt_covariance
         eps = torch.randn(n, generator=generator, dtype=torch.float64)
         y = (x @ w + self.noise_std * eps).unsqueeze(1)
-        x, y = x.float(), y.float()
+        x, y = x.to(storage_dtype(self.dtype)), y.to(storage_dtype(self.dtype))
         a, b = self.sizes[0], self.sizes[0] + self.sizes[1]
         return Task(
             name="linear-regression-family",
@@ -350,7 +369,12 @@ class LinearRegressionFamily(TaskFamily):
             batch_size=self.batch_size,
             device=self.device,
             dtype=self.dtype,
-            info={"w_true": w, "covariance": self.covariance, "noise_std": self.noise_std},
+            info={
+                "w_true": w,
+                "covariance": self.covariance,
+                "noise_std": self.noise_std,
+                "synthetic": True,
+            },
         )
 
 

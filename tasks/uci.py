@@ -31,7 +31,7 @@ import torch
 
 from tasks.base import Task
 from tasks.registry import register_task
-from tasks.synthetic import with_defaults
+from tasks.synthetic import storage_dtype, with_defaults
 from tasks.tabular import TABULAR_MODEL, split_three, standardise, tensor_task
 from tasks.vision_data import DATA_ENV, DEFAULT_DATA_ROOT, resolve_data_root
 
@@ -174,8 +174,8 @@ def uci(
     }
     return tensor_task(
         f"uci:{name}",
-        x.float(),
-        y.float(),
+        x.to(storage_dtype(dtype)),
+        y.to(storage_dtype(dtype)),
         parts,
         classes=None,
         batch_size=batch_size,
