@@ -184,7 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if world > 1 and not spec.distributed:
             raise UsageError(f"learner={config.learner!r}: runs online in one process only")
         source = resolve_source(config)
-        learner = spec.builder()(config, source, _local_device(config.device))
+        build = spec.builder()
+        try:
+            learner = build(config, source, _local_device(config.device))
+        except TypeError as err:  # an option the learner does not take
+            raise UsageError(f"learner={config.learner!r} options: {_one_line(err)}") from None
     except (ValueError, CheckpointError, KeyError) as err:
         print(f"meta_train: error: {_one_line(err)}", file=sys.stderr)
         return 2
