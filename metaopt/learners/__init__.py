@@ -1,0 +1,8 @@
+"""Meta-learners: MetaMD and its competitors (offline, multi-task)."""
+
+from metaopt.learners.config import OuterConfig
+from metaopt.learners.meta_competitors import MetaCurvature, MetaSGD
+from metaopt.learners.metamd import MetaMD, MetaMDConfig
+from metaopt.learners.outer import OuterLearner
+
+__all__ = ["MetaCurvature", "MetaMD", "MetaMDConfig", "MetaSGD", "OuterConfig", "OuterLearner"]
