@@ -183,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not spec.distributed:
             raise UsageError(f"learner={config.learner!r}: runs online in one process only")
+        seed_everything(config.seed)  # factor initialisations etc. drawn from global RNGs
         source = resolve_source(config)
         build = spec.builder()
         try:
@@ -210,6 +211,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dist.is_main:
         print(f"meta_train: wrote {out / 'preconditioner.safetensors'}", file=sys.stderr)
     return 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python's ``random`` and NumPy's global generators."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def _local_device(device: str) -> str:

@@ -41,16 +41,18 @@ class Dist:
         return self._all_reduce if self.world_size > 1 else None
 
     def _all_reduce(self, tensors: list[Tensor]) -> None:
-        if not tensors:
-            return
-        # one collective for the whole list: flatten, reduce, copy back
-        flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        pos = 0
+        # one collective per dtype: flatten, reduce, copy back (no precision is lost)
+        groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
         for t in tensors:
-            n = t.numel()
-            t.copy_(flat[pos : pos + n].view_as(t))
-            pos += n
+            groups.setdefault((t.dtype, t.device), []).append(t)
+        for group in groups.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            pos = 0
+            for t in group:
+                n = t.numel()
+                t.copy_(flat[pos : pos + n].view_as(t))
+                pos += n
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (e.g. a stop signal)."""

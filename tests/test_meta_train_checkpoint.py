@@ -24,8 +24,8 @@ from meta_train.cli import main
 from meta_train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-LSQ = ["--learner", "lsq-diag", "--family", "lsq-test", "--no-progress"]
-LSQ += ["--inner-steps", "10", "--inner-lr", "0.02", "--meta-lr", "0.05"]
+MD = ["--learner", "metamd", "--family", "lsq-test", "--no-progress"]
+MD += ["--inner-steps", "10", "--inner-lr", "0.02", "--meta-lr", "0.05"]
 
 
 def _env() -> dict[str, str]:
@@ -160,7 +160,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch)
 
 # --- resume ---------------------------------------------------------------------------------
 def _cli(out: Path, steps: int, *extra: str) -> list[str]:
-    return [*LSQ, "--out", str(out), "--outer-steps", str(steps), *extra]
+    return [*MD, "--out", str(out), "--outer-steps", str(steps), *extra]
 
 
 def test_sigkill_at_a_random_step_then_resume_is_identical(tmp_path: Path) -> None:
@@ -200,47 +200,61 @@ def test_sigkill_at_a_random_step_then_resume_is_identical(tmp_path: Path) -> No
     assert [r["meta_objective"] for r in a] == [r["meta_objective"] for r in b]
 
 
-class _TermAt(meta_train_lsq.DiagLSQ):
-    """Sends itself SIGTERM during outer step ``term_at`` (as a scheduler would)."""
+class _TermAt:
+    """Wraps a learner; sends the process SIGTERM during outer step ``term_at``."""
 
-    def __init__(self, source, *, term_at: int, **kw) -> None:
-        super().__init__(source, **kw)
-        self.term_at = term_at
+    def __init__(self, inner, term_at: int) -> None:
+        self.inner, self.term_at = inner, term_at
+        self.preconditioner = inner.preconditioner
+
+    @property
+    def step(self) -> int:
+        return self.inner.step
 
     def outer_step(self, **kw):
-        if self.step + 1 == self.term_at:
+        if self.inner.step + 1 == self.term_at:
             os.kill(os.getpid(), signal.SIGTERM)
-        return super().outer_step(**kw)
+        return self.inner.outer_step(**kw)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.inner.load_state_dict(state)
 
 
 def _build_term(config, source, device):
+    import dataclasses
+
+    from meta_train.learners import get_learner_spec
+
     opts = dict(config.options)
-    return _TermAt(
-        source,
-        term_at=int(opts.pop("term_at", 0)),
-        seed=config.seed,
-        tasks_per_step=config.tasks_per_step,
-        inner_steps=config.inner_steps,
-        inner_lr=config.inner_lr,
-        meta_lr=config.meta_lr,
-    )
+    term_at = int(opts.pop("term_at"))
+    inner_name = opts.pop("inner")
+    inner_cfg = dataclasses.replace(config, learner=inner_name, options=opts)
+    return _TermAt(get_learner_spec(inner_name).builder()(inner_cfg, source, device), term_at)
 
 
-meta_train.register_learner("lsq-diag-term", _build_term)
+meta_train.register_learner("term-at", _build_term)
 
 
-def test_sigterm_checkpoints_the_finished_step_and_resume_is_identical(tmp_path, capsys) -> None:
-    steps = 17
+@pytest.mark.parametrize("learner", ["lsq-diag", "metamd"])
+def test_sigterm_checkpoints_the_finished_step_and_resume_is_identical(
+    tmp_path, capsys, learner
+) -> None:
+    steps = 13
     args = ["--checkpoint-every", "5", "--family", "lsq-test", "--no-progress"]
     args += ["--inner-steps", "10", "--inner-lr", "0.02", "--meta-lr", "0.05"]
     args += ["--outer-steps", str(steps)]
-    assert main(["--learner", "lsq-diag", "--out", str(tmp_path / "full"), *args]) == 0
-    stopped = ["--learner", "lsq-diag-term", "--out", str(tmp_path / "t"), *args]
-    assert main([*stopped, "--option", "term_at=8"]) == 128 + signal.SIGTERM
+    assert main(["--learner", learner, "--out", str(tmp_path / "full"), *args]) == 0
+    stopped = ["--learner", "term-at", "--out", str(tmp_path / "t"), *args]
+    stopped += ["--option", "term_at=7", "--option", f'inner="{learner}"']
+    assert main(stopped) == 128 + signal.SIGTERM
     assert "continue with --resume" in capsys.readouterr().err
-    assert load_checkpoint(tmp_path / "t" / "checkpoint.safetensors")["step"] == 8
+    assert load_checkpoint(tmp_path / "t" / "checkpoint.safetensors")["step"] == 7
+    assert not (tmp_path / "t" / "preconditioner.safetensors").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-    assert main([*stopped, "--option", "term_at=8", "--resume"]) == 0
+    assert main([*stopped, "--resume"]) == 0
     _assert_identical(
         tmp_path / "full" / "preconditioner.safetensors",
         tmp_path / "t" / "preconditioner.safetensors",
