@@ -130,6 +130,9 @@ class Task:
         dtype: floating dtype for models and inputs (``None`` keeps the defaults).
         num_classes: classes for classification tasks, else ``None``.
         info: free-form description (source, split sizes, options).
+        prediction_fn: maps the model output to the prediction the ``"mse"`` metric compares
+            with the target (``None``: the output itself; e.g. ``torch.sigmoid`` when the
+            model returns logits of pixel intensities).
     """
 
     name: str
@@ -144,6 +147,7 @@ class Task:
     dtype: torch.dtype | None = None
     num_classes: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    prediction_fn: Callable[[Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -211,7 +215,8 @@ class Task:
             if self.metric == "accuracy":
                 total_metric += (out.argmax(dim=-1) == y).double().sum()
             else:
-                total_metric += (out.double() - y.double()).pow(2).reshape(n, -1).mean(1).sum()
+                pred = out if self.prediction_fn is None else self.prediction_fn(out)
+                total_metric += (pred.double() - y.double()).pow(2).reshape(n, -1).mean(1).sum()
             count += n
         model.train(was_training)
         if count == 0:
