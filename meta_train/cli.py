@@ -140,9 +140,13 @@ def resolve_source(config: TrainConfig) -> Any:
         opts["data_root"] = config.data_root
     if config.device != "cpu":
         opts.setdefault("device", config.device)
-    if config.family is not None:
-        return tasks.get_family(config.family, **opts)
-    suite = tasks.get_suite(config.suite, **opts)
+    try:
+        if config.family is not None:
+            return tasks.get_family(config.family, **opts)
+        suite = tasks.get_suite(config.suite, **opts)
+    except TypeError as err:  # an option the suite/family does not take
+        name = config.family or config.suite
+        raise UsageError(f"source options {sorted(opts)} for {name!r}: {_one_line(err)}") from None
     if config.holdout is None:
         return [suite.task(d) for d in suite.domains]
     return suite.meta_train_tasks(config.holdout)

@@ -4,8 +4,9 @@
    30, 45 and 60 degrees) holding out the 75-degree domain, with ``python -m meta_train``
    -> ``OUT/meta_train/`` (preconditioner, metrics, checkpoint, plot, config).
 2. Meta-tests the learned preconditioner (``learned:<path>``) on the held-out 75-degree
-   domain against SGD, SGD-momentum, Adam and APO-Precond, every one tuned by the same grid
-   search on validation accuracy and re-run on the same seeds, with the evaluation harness
+   domain against SGD, SGD-momentum, Adam and APO-Precond, every one tuned by a grid search
+   of the same size (``GRIDS``) on validation accuracy and re-run on the same seeds, with the
+   evaluation harness
    (``meta_test.run_comparison``) -> ``OUT/meta_test/`` (results.json, report.md, plots).
 3. Prints the results table.
 
@@ -33,6 +34,11 @@ META_TRAIN = {
 }
 QUICK = {"outer-steps": 2, "inner-steps": 5}
 COMPETITORS = ("sgd", "sgdm", "adam", "apo-precond")
+#: one lr x weight-decay grid for sgd, sgdm, adam and the learned preconditioner, spanning
+#: the MetaMD appendix A.7 grids of SGD (0.1 .. 0.001) and Adam (0.3 .. 0.001); 4 x 2 = 8
+#: points, the size of APO-Precond's own lambda_fsd x lambda_wsd grid (the harness gives
+#: every optimizer the same budget)
+GRIDS = {"lr": (0.3, 0.1, 0.01, 0.001), "weight_decay": (0.0005, 0.0001)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=steps,
         seeds=seeds,
         hpo="none" if args.quick else args.hpo,
+        grids=GRIDS,
         out=out / "meta_test",
         progress=True,
     )

@@ -99,6 +99,8 @@ BASE = ["--family", "lsq-test", *FAST]
         (["--learner", "metamd", *BASE, "--option", "bogus=1"], "bogus"),
         (["--learner", "metamd", *BASE, "--engine", "magic"], "engine='magic'"),
         (["--learner", "lsq-diag", *BASE, "--frobnicate"], "unrecognized arguments"),
+        (["--learner", "lsq-diag", *BASE, "--source-option", "colour=1"], "source options"),
+        (["--learner", "apo", *BASE, "--option", "bogus=1"], "bogus"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_creates_nothing(tmp_path, capsys, argv, needle):
