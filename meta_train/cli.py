@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             learner = build(config, source, _local_device(config.device))
         except TypeError as err:  # an option the learner does not take
             raise UsageError(f"learner={config.learner!r} options: {_one_line(err)}") from None
-    except (ValueError, CheckpointError, KeyError) as err:
+    except (ValueError, CheckpointError) as err:
         print(f"meta_train: error: {_one_line(err)}", file=sys.stderr)
         return 2
     dist = setup(config.device)
