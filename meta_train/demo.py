@@ -32,8 +32,6 @@ META_TRAIN = {
     "meta-lr": 0.01,
     "checkpoint-every": 10,
 }
-#: MetaMD options (``--option``): a learned per-layer scale lets P = M^-1 grow beyond I
-META_OPTIONS = ("learn_scale=true",)
 QUICK = {"outer-steps": 2, "inner-steps": 5}
 COMPETITORS = ("sgd", "sgdm", "adam", "apo-precond")
 #: one lr x weight-decay grid for sgd, sgdm, adam and the learned preconditioner, spanning
@@ -76,7 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     settings = {**META_TRAIN, **(QUICK if args.quick else {})}
     flags = [f"--{k}={v}" for k, v in settings.items()]
-    flags += [f"--option={opt}" for opt in META_OPTIONS]
     train_dir = out / "meta_train"
     rc = meta_train_main(
         ["--learner", "metamd", "--suite", "rotated-digits", "--holdout", args.holdout,
