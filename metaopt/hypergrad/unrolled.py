@@ -1,0 +1,146 @@
+"""Hypergradients through an unrolled inner loop ``theta_{t+1} = step(theta_t, lambda)``.
+
+``d outer(theta_T(lambda), lambda) / d lambda`` for ``T = steps`` applications of ``step``:
+
+* ``mode="reverse"``: backpropagation through the unroll (``steps=1`` is APO's one-step
+  lookahead). Memory grows with the number of steps kept; ``truncate=k`` backpropagates
+  through the last ``k`` steps only (the first ``T - k`` are run and detached).
+* ``mode="forward"``: forward-mode differentiation (MetaMD appendix A.6, Franceschi et al.
+  2017) with ``torch.func.jvp``: tangents ``d theta_t / d lambda`` are carried along with
+  ``theta_t``, so memory does not grow with ``T``, and the cost is proportional to the
+  number of hyperparameter scalars ``n`` (one tangent per scalar, vectorised with
+  ``torch.func.vmap`` when ``n > 1``). ``truncate=k`` starts the tangents at zero ``k``
+  steps before the end, matching reverse mode's truncation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vmap
+
+from metaopt.hypergrad._common import Vec, as_leaves, positive_int
+from metaopt.hypergrad.errors import check_finite
+
+__all__ = ["unrolled_grad"]
+
+Step = Callable[[Vec, Vec], Sequence[Tensor]]
+Objective = Callable[[Vec, Vec], Tensor]
+
+
+def unrolled_grad(
+    step: Step,
+    outer_objective: Objective,
+    params: Sequence[Tensor],
+    hparams: Sequence[Tensor],
+    *,
+    steps: int,
+    mode: str = "reverse",
+    truncate: int | None = None,
+) -> tuple[Tensor, ...]:
+    """``d outer(theta_T, lambda) / d lambda`` with ``theta_{t+1} = step(theta_t, lambda)``.
+
+    Args:
+        step: ``step(params, hparams) -> params`` (tuples of tensors, same shapes). In
+            reverse mode it must keep the graph (e.g. ``metaopt.func.loss_and_grads(...,
+            create_graph=True)`` then a ``metaopt.optim.functional`` step); ``params`` it
+            receives require grad. In forward mode it is transformed by ``torch.func.jvp``
+            and must be pure: take gradients with ``torch.func.grad`` (not
+            ``torch.autograd.grad``) and use the ``hparams`` passed in.
+        outer_objective: ``outer(params, hparams) -> 0-dim tensor`` at ``theta_T``.
+        params: initial ``theta_0``; hparams: ``lambda`` (floating point tensors).
+        steps: ``T >= 1``.
+        mode: ``"reverse"`` or ``"forward"``.
+        truncate: ``None`` (all steps) or ``k`` in ``[1, steps]``: differentiate through
+            the last ``k`` steps only (``theta_{T-k}`` treated as a constant).
+
+    Returns:
+        one detached tensor per hparam (same shape, dtype, device); the total derivative,
+        direct term ``d_lambda outer`` included.
+
+    Raises:
+        NonFiniteHypergradient: ``.term`` is ``"hypergradient"`` (reverse) or
+            ``"tangent"`` / ``"hypergradient"`` (forward).
+    """
+    positive_int("steps", steps)
+    if truncate is not None:
+        positive_int("truncate", truncate)
+        if truncate > steps:
+            raise ValueError(f"truncate={truncate}: must be at most steps={steps}")
+    if mode not in ("reverse", "forward"):
+        raise ValueError(f"mode={mode!r}: allowed 'reverse', 'forward'")
+    theta = as_leaves(params, "params")
+    lam = as_leaves(hparams, "hparams")
+    keep = steps if truncate is None else truncate
+    if mode == "reverse":
+        return _reverse(step, outer_objective, theta, lam, steps, keep)
+    return _forward(step, outer_objective, theta, lam, steps, keep)
+
+
+def _apply(step: Step, theta: Vec, lam: Vec) -> Vec:
+    out = tuple(step(theta, lam))
+    if len(out) != len(theta):
+        raise ValueError(f"step returned {len(out)} tensors for {len(theta)} params")
+    return out
+
+
+def _reverse(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, keep: int) -> Vec:
+    lam = tuple(h.requires_grad_(True) for h in lam)
+    theta = tuple(t.requires_grad_(True) for t in theta)
+    for t in range(steps):
+        theta = _apply(step, theta, lam)
+        if t < steps - keep:  # outside the differentiated window: cut the graph
+            theta = tuple(p.detach().requires_grad_(True) for p in theta)
+    value = outer(theta, lam)
+    grads = torch.autograd.grad(value, lam, allow_unused=True)
+    out = tuple(torch.zeros_like(h) if g is None else g for g, h in zip(grads, lam, strict=True))
+    check_finite(out, "hypergradient")
+    return out
+
+
+def _basis(lam: Vec) -> tuple[int, Vec]:
+    """``n`` and, per hparam, a ``(n, *shape)`` slice of the ``n x n`` identity."""
+    sizes = [h.numel() for h in lam]
+    n = sum(sizes)
+    eye = torch.eye(n, device=lam[0].device, dtype=lam[0].dtype)
+    cols = eye.split(sizes, dim=1)
+    return n, tuple(c.to(h.dtype).reshape(n, *h.shape) for c, h in zip(cols, lam, strict=True))
+
+
+def _forward(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, keep: int) -> Vec:
+    n, basis = _basis(lam)
+    with torch.no_grad():  # the torch.func transforms still differentiate
+        for _ in range(steps - keep):
+            theta = _apply(step, theta, lam)
+
+        def push(th: Vec, t_th: Vec, t_lam: Vec) -> tuple[Vec, Vec]:
+            out, t_out = jvp(lambda a, b: _apply(step, a, b), (th, lam), (t_th, t_lam))
+            return out, t_out
+
+        def total(th: Vec, t_th: Vec, t_lam: Vec) -> Tensor:
+            return jvp(outer, (th, lam), (t_th, t_lam))[1]
+
+        if n == 1:  # one scalar: no vmap, a plain jvp per step
+            t_lam = tuple(b[0] for b in basis)
+            t_theta = tuple(torch.zeros_like(p) for p in theta)
+            for _ in range(keep):
+                theta, t_theta = push(theta, t_theta, t_lam)
+            check_finite(t_theta, "tangent")
+            derivs = total(theta, t_theta, t_lam).reshape(1)
+        else:
+            t_theta = tuple(
+                torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) for p in theta
+            )
+            batched = vmap(push, in_dims=(None, 0, 0), out_dims=(None, 0))
+            for _ in range(keep):
+                theta, t_theta = batched(theta, t_theta, basis)
+            check_finite(t_theta, "tangent")
+            derivs = vmap(total, in_dims=(None, 0, 0))(theta, t_theta, basis)
+    sizes = [h.numel() for h in lam]
+    out = tuple(
+        d.reshape(h.shape).to(h.dtype) for d, h in zip(derivs.split(sizes), lam, strict=True)
+    )
+    check_finite(out, "hypergradient")
+    return out
