@@ -1,1 +1,28 @@
-"""meta_test package."""
+"""meta_test: the evaluation harness (specs, runs, fair tuning, metrics, reports, plots).
+
+``meta_test.run_comparison(task, specs, steps=..., seeds=..., hpo=...)`` returns the
+``results.json`` dict; ``python -m meta_test`` is the command line.
+"""
+
+from meta_test.comparison import run_comparison
+from meta_test.space import Dim, SearchSpace
+from meta_test.specs import (
+    OptimizerTrainer,
+    Trainer,
+    available_specs,
+    build_trainer,
+    register_spec,
+    search_space,
+)
+
+__all__ = [
+    "Dim",
+    "OptimizerTrainer",
+    "SearchSpace",
+    "Trainer",
+    "available_specs",
+    "build_trainer",
+    "register_spec",
+    "run_comparison",
+    "search_space",
+]

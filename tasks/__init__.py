@@ -1,5 +1,8 @@
 """Task distributions, datasets and models for meta-training and meta-testing."""
 
+import tasks.synthetic  # noqa: F401  (registers rosenbrock, regression and quadratic families)
+import tasks.tabular  # noqa: F401  (registers digits, rotated-digits and sklearn tabular tasks)
+import tasks.uci  # noqa: F401  (registers "uci:<name>")
 import tasks.vision  # noqa: F401  (registers the torchvision-backed tasks and suites)
 from tasks.base import BatchStream, Task, TaskFamily, TaskSuite
 from tasks.registry import (

@@ -314,21 +314,26 @@ class VisionConfig:
 
 
 def model_factory(
-    model: ModelSpec, num_classes: int, model_options: Mapping[str, Any] | None = None
+    model: ModelSpec,
+    num_classes: int,
+    model_options: Mapping[str, Any] | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> Callable[[], nn.Module]:
     """A zero-argument model builder for ``Task.model_fn``.
 
     A string is looked up in ``tasks.models`` only when the model is built, so the data
-    side never depends on which models exist.
+    side never depends on which models exist. ``input_shape`` (one input's shape) is passed
+    to ``get_model`` for named models, which fills in their geometry options from it.
     """
     options = dict(model_options or {})
     if isinstance(model, str):
         name = model
+        geometry = {} if input_shape is None else {"input_shape": tuple(input_shape)}
 
         def build() -> nn.Module:
             from tasks.models import get_model
 
-            return get_model(name, num_classes=num_classes, **options)
+            return get_model(name, num_classes=num_classes, **geometry, **options)
 
         return build
     if callable(model):

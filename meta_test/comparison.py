@@ -1,0 +1,255 @@
+"""``run_comparison``: the whole protocol for several specs on one task.
+
+For every spec, with the same budget:
+
+1. search its :class:`~meta_test.space.SearchSpace` (``hpo``) on the validation split: each
+   trial trains ``steps`` steps from seed ``search_seed`` (default: the first seed) and is
+   scored by the validation metric (accuracy maximised; MSE minimised; the validation
+   loss for synthetic tasks, ``task.info["synthetic"]``); a diverged trial scores worst;
+2. re-run the selected configuration on every seed, recording curves;
+3. summarise (:mod:`meta_test.metrics`) into the ``results.json`` dict.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from meta_test.metrics import auc, mean_curve, mean_std, steps_to_target
+from meta_test.runs import RunResult, run_training
+from meta_test.search import HPO_METHODS, SearchResult, run_search
+from meta_test.specs import build_trainer, check_spec, search_space
+
+__all__ = ["run_comparison", "selection_objective"]
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def selection_objective(task: Any, select_on: str = "auto") -> tuple[str, bool]:
+    """``(key, maximize)``: the validation quantity the search optimises.
+
+    ``"auto"``: ``"accuracy"`` (maximised) for classification, ``"loss"`` for synthetic
+    tasks (``task.info["synthetic"]``), else ``"mse"`` (minimised). ``"loss"`` or the task's
+    metric name choose explicitly.
+    """
+    if select_on == "auto":
+        if task.metric == "accuracy":
+            return "accuracy", True
+        return ("loss" if task.info.get("synthetic") else task.metric), False
+    if select_on not in ("loss", task.metric):
+        raise ValueError(f"select_on={select_on!r}: must be 'auto', 'loss' or {task.metric!r}")
+    return select_on, select_on == "accuracy"
+
+
+def _check_budget(spaces: Mapping[str, Any], hpo: str) -> int:
+    if hpo != "grid":
+        return 0
+    sizes = {spec: (s.grid_size() if s.dims else 1) for spec, s in spaces.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"grid sizes differ between optimizers ({sizes}); the protocol gives every "
+            "optimizer the same budget: make the grids the same size"
+        )
+    return next(iter(sizes.values()))
+
+
+def _validate(task: Any, spec: str, configs: list[dict[str, Any]]) -> None:
+    """Build ``spec`` on a throwaway model for each config so bad input fails before any
+    training (e.g. ``learned:<path>`` for another architecture, unknown hyperparameters)."""
+    for config in configs:
+        try:
+            build_trainer(spec, task.make_model(0), task, config)
+        except TypeError as err:
+            raise ValueError(f"optimizer {spec!r} with hparams {config}: {err}") from None
+
+
+def _summary(
+    runs: list[RunResult], search: SearchResult, target_loss: float | None, log_every: int
+) -> dict[str, Any]:
+    curves = [r.train_loss for r in runs]
+    mean = mean_curve(curves)
+    n = runs[0].steps
+    idx = sorted(set(range(0, n, log_every)) | {n - 1})
+    std = [mean_std([c[i] if i < len(c) else math.inf for c in curves])["std"] for i in idx]
+    metric = runs[0].metric
+    mem = [r.peak_memory_mb for r in runs]
+    hp_keys = sorted({k for r in runs for k in r.hparams_adapted})
+    adapted = {}
+    for k in hp_keys:
+        series = [r.hparams_adapted.get(k, []) for r in runs]
+        m = min(len(s) for s in series)
+        adapted[k] = [sum(s[i] for s in series) / len(series) for i in range(m)]
+    n_adapted = min((len(v) for v in adapted.values()), default=0)
+    return {
+        "hparams": dict(search.best),
+        "final_train_loss": mean_std([r.final["train_loss"] for r in runs]),
+        "auc_train_loss": mean_std([auc(c) if c else math.inf for c in curves]),
+        "test_metric": mean_std([r.final[f"test_{metric}"] for r in runs]),
+        "test_metric_name": metric,
+        "sec_per_iter": mean_std([r.sec_per_iter for r in runs]),
+        "steps_to_target": steps_to_target(mean, target_loss) if mean else None,
+        "num_meta_parameters": runs[0].num_meta_parameters,
+        "peak_memory_mb": None if None in mem else mean_std(mem),  # type: ignore[arg-type]
+        "diverged_seeds": sum(r.diverged for r in runs),
+        "search": {
+            "method": search.method,
+            "budget": len(search.trials),
+            "best_value": _finite_or_none(search.best_value),
+            "trials": [
+                {"config": t.config, "value": _finite_or_none(t.value)} for t in search.trials
+            ],
+        },
+        "curves": {
+            "steps": idx,
+            "train_loss_mean": [_finite_or_none(mean[i]) if i < len(mean) else None for i in idx],
+            "train_loss_std": std,
+            "eval_steps": runs[0].eval_steps,
+            "test_metric_mean": mean_curve([r.eval_metric for r in runs]),
+            "hparam_steps": runs[0].hparam_steps[:n_adapted],
+            "hparams": adapted,
+        },
+    }
+
+
+def run_comparison(
+    task: Any,
+    specs: Sequence[str],
+    *,
+    steps: int,
+    seeds: Sequence[int] = (0, 1, 2),
+    hpo: str = "grid",
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    iterations: int = 25,
+    grids: Mapping[str, Sequence[float]] | None = None,
+    log_every: int | None = None,
+    eval_every: int | None = None,
+    target_loss: float | None = None,
+    search_seed: int | None = None,
+    select_on: str = "auto",
+    device: str | None = None,
+    progress: bool = False,
+    task_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Tune, train and summarise every spec on ``task``; returns the ``results.json`` dict.
+
+    Args:
+        task: a ``tasks.Task`` or a registered task name (built with ``task_options``).
+        specs: optimizer specs (``meta_test.specs``), e.g. ``["sgdm", "adam", "kfac"]``.
+        steps: training steps per run (>= 1).
+        seeds: seeds of the reported runs (default ``(0, 1, 2)``).
+        hpo: ``"none"``, ``"grid"``, ``"botorch"`` (or ``"random"``).
+        out: directory for ``results.json``, ``report.md`` and plots (``None``: no files).
+            Refused if non-empty unless ``overwrite``; written to a temporary directory
+            and moved into place only when everything succeeded.
+        iterations: evaluations per spec for ``"botorch"`` / ``"random"`` (default 25).
+        grids: ``{hparam: values}`` overriding the grids (and search boxes) of every spec
+            that tunes ``hparam``.
+        log_every: curve resolution in steps (default ``max(1, steps // 100)``).
+        eval_every: test-metric curve resolution (default ``max(1, steps // 10)``).
+        target_loss: loss for ``steps_to_target`` (``None``: reported as ``null``).
+        search_seed: seed of the search trials (default ``seeds[0]``).
+        select_on: ``"auto"``, ``"loss"`` or the task's metric (see ``selection_objective``).
+        device: move the task there (``"cpu"``, ``"cuda"``, ...).
+        progress: show a tqdm bar (stderr) over all training steps.
+    """
+    from meta_test import report
+
+    if isinstance(task, str):
+        from tasks import get_task
+
+        task = get_task(task, **dict(task_options or {}))
+    if device is not None:
+        task = task.with_device(device)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps={steps!r}: must be a positive integer")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"seeds={seeds!r}: must be distinct non-negative integers (at least one)")
+    if hpo not in HPO_METHODS:
+        raise ValueError(f"hpo={hpo!r}: must be one of {list(HPO_METHODS)}")
+    if target_loss is not None and not math.isfinite(target_loss):
+        raise ValueError(f"target_loss={target_loss!r}: must be a finite number")
+    specs = [check_spec(s) for s in specs]
+    if not specs or len(set(specs)) != len(specs):
+        raise ValueError(f"specs={specs!r}: give at least one optimizer, each once")
+    log_every = log_every or max(1, steps // 100)
+    eval_every = eval_every or max(1, steps // 10)
+    if log_every < 1 or eval_every < 1:
+        raise ValueError(f"log_every={log_every!r}, eval_every={eval_every!r}: must be >= 1")
+    if out is not None:
+        report.check_out_dir(out, overwrite)
+    key, maximize = selection_objective(task, select_on)
+    spaces = {s: search_space(s).override(dict(grids or {})) for s in specs}
+    budget = _check_budget(spaces, hpo)
+    for s, space in spaces.items():
+        first = next(space.grid_points()) if space.dims else space.default_point()
+        _validate(task, s, [space.default_point()] if hpo == "none" else [first])
+    search_seed = seeds[0] if search_seed is None else int(search_seed)
+
+    n_trials = {"none": 0, "grid": budget, "botorch": iterations, "random": iterations}[hpo]
+    total = steps * (len(seeds) + n_trials) * len(specs)
+    bar = _bar(total, progress)
+    results: dict[str, Any] = {
+        "task": task.name,
+        "steps": steps,
+        "seeds": seeds,
+        "hpo": hpo,
+        "optimizers": {},
+        "protocol": {
+            "select_on": f"val_{key}",
+            "maximize": maximize,
+            "search_seed": search_seed,
+            "iterations": iterations if hpo in ("botorch", "random") else None,
+            "grids": {s: {d.name: list(d.grid) for d in sp.dims} for s, sp in spaces.items()},
+            "log_every": log_every,
+            "eval_every": eval_every,
+            "target_loss": target_loss,
+            "device": str(task.device),
+        },
+    }
+    try:
+        for spec in specs:
+            bar.set_postfix_str(f"{spec}: search")
+
+            def objective(config: dict[str, Any], spec: str = spec) -> float:
+                r = run_training(
+                    task, spec, config, seed=search_seed, steps=steps, log_every=log_every,
+                    final_splits=("val",), progress=bar.update,
+                )  # fmt: skip
+                return r.final[f"val_{key}"]
+
+            found = run_search(
+                spaces[spec], objective, method=hpo, iterations=iterations,
+                maximize=maximize, seed=search_seed,
+            )  # fmt: skip
+            bar.set_postfix_str(f"{spec}: seeds")
+            runs = [
+                run_training(
+                    task,
+                    spec,
+                    found.best,
+                    seed=seed,
+                    steps=steps,
+                    log_every=log_every,
+                    eval_every=eval_every,
+                    progress=bar.update,
+                )  # fmt: skip
+                for seed in seeds
+            ]
+            results["optimizers"][spec] = _summary(runs, found, target_loss, log_every)
+    finally:
+        bar.close()
+    if out is not None:
+        report.write_outputs(results, out, overwrite=overwrite)
+    return results
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="step", dynamic_ncols=True)

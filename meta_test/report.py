@@ -1,0 +1,203 @@
+"""Outputs of a comparison: ``results.json``, ``report.md`` and PNG plots.
+
+Files are written into a fresh temporary directory beside ``out`` and moved into place
+only once all of them are written, so a failure never leaves a half-written ``out`` and
+never touches an existing one. ``overwrite=True`` replaces the whole directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "REQUIRED_KEYS",
+    "check_out_dir",
+    "render_markdown",
+    "to_json",
+    "write_outputs",
+    "write_plots",
+]
+
+#: Keys every optimizer entry of ``results.json`` has (the issue-6 schema).
+REQUIRED_KEYS = (
+    "hparams",
+    "final_train_loss",
+    "auc_train_loss",
+    "test_metric",
+    "test_metric_name",
+    "sec_per_iter",
+    "steps_to_target",
+    "num_meta_parameters",
+)
+
+
+def check_out_dir(out: str | os.PathLike[str], overwrite: bool) -> Path:
+    """``ValueError`` if ``out`` is a file, or a non-empty directory without ``overwrite``."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"out={str(path)!r} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"out={str(path)!r} is not empty; pass --overwrite to replace it")
+    return path
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: non-finite floats become ``None``, tuples lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, bool | int | str) or obj is None:
+        return obj
+    return str(obj)
+
+
+def to_json(results: dict[str, Any]) -> str:
+    return json.dumps(_clean(results), indent=2, allow_nan=False) + "\n"
+
+
+def _fmt(stat: dict[str, Any] | None, digits: int = 4) -> str:
+    if not stat or stat.get("mean") is None:
+        return "diverged"
+    return f"{stat['mean']:.{digits}g} ± {stat['std']:.2g}"
+
+
+def _fmt_hparams(hp: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hp.items())
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The report: the protocol and one table row per optimizer."""
+    proto = results.get("protocol", {})
+    metric = next(iter(results["optimizers"].values()), {}).get("test_metric_name", "metric")
+    lines = [
+        f"# meta_test: {results['task']}",
+        "",
+        f"- steps: {results['steps']}, seeds: {results['seeds']}, hpo: {results['hpo']}"
+        + (f" ({proto['iterations']} evaluations)" if proto.get("iterations") else ""),
+        f"- selection: {proto.get('select_on', '?')} "
+        f"({'maximised' if proto.get('maximize') else 'minimised'}) after {results['steps']} "
+        f"steps from seed {proto.get('search_seed', '?')}; the selected configuration "
+        "re-run on every seed",
+        "- AUC: trapezoidal area under the per-step training-loss curve divided by the "
+        "number of steps (mean training loss over the run)",
+        f"- target loss: {proto.get('target_loss')}, device: {proto.get('device', '?')}",
+        "",
+        f"| optimizer | selected | final train loss | AUC train loss | test {metric} "
+        "| steps to target | sec/iter | peak MiB | meta-params | budget | diverged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for spec, r in results["optimizers"].items():
+        sec = r["sec_per_iter"]
+        sec_s = "n/a" if sec.get("mean") is None else f"{sec['mean'] * 1e3:.3g} ms"
+        mem = r.get("peak_memory_mb")
+        lines.append(
+            f"| {spec} | {_fmt_hparams(r['hparams']) or 'defaults'} | "
+            f"{_fmt(r['final_train_loss'])} | {_fmt(r['auc_train_loss'])} | "
+            f"{_fmt(r['test_metric'])} | {r['steps_to_target']} | {sec_s} | "
+            f"{'n/a' if not mem else _fmt(mem, 3)} | {r['num_meta_parameters']} | "
+            f"{r.get('search', {}).get('budget', '?')} | "
+            f"{r.get('diverged_seeds', 0)}/{len(results['seeds'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(results: dict[str, Any], out: Path) -> list[str]:
+    """``train_loss.png``, ``test_metric.png`` and, when some optimizer reports a
+    hyperparameter that changes during training, ``hparams.png``. Returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    opts = results["optimizers"]
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    positive = True
+    for spec, r in opts.items():
+        c = r["curves"]
+        pts = [
+            (s, v) for s, v in zip(c["steps"], c["train_loss_mean"], strict=True) if v is not None
+        ]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=spec)
+            positive &= all(v > 0 for _, v in pts)
+    if positive:
+        ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="training loss (mean over seeds)", title=results["task"])
+    ax.legend()
+    save(fig, "train_loss.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    metric = "metric"
+    for spec, r in opts.items():
+        c = r["curves"]
+        metric = r["test_metric_name"]
+        pts = [(s, v) for s, v in zip(c["eval_steps"], c["test_metric_mean"], strict=True)
+               if v is not None and math.isfinite(v)]  # fmt: skip
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=spec)
+    ax.set(xlabel="step", ylabel=f"test {metric} (mean over seeds)", title=results["task"])
+    ax.legend()
+    save(fig, "test_metric.png")
+
+    series = [
+        (spec, k, r["curves"]["hparam_steps"], v)
+        for spec, r in opts.items()
+        for k, v in r["curves"]["hparams"].items()
+        if len(v) > 1 and max(v) > min(v)
+    ]
+    if series:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for spec, k, steps, v in series:
+            ax.plot(steps[: len(v)], v, label=f"{spec}: {k}")
+        if all(x > 0 for *_, v in series for x in v):
+            ax.set_yscale("log")
+        ax.set(xlabel="step", ylabel="adapted hyperparameter", title=results["task"])
+        ax.legend()
+        save(fig, "hparams.png")
+    return written
+
+
+def write_outputs(
+    results: dict[str, Any], out: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Write ``results.json``, ``report.md`` and the plots into ``out`` (all or nothing)."""
+    path = check_out_dir(out, overwrite).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        (tmp / "results.json").write_text(to_json(results))
+        (tmp / "report.md").write_text(render_markdown(results))
+        write_plots(results, tmp)
+        check_out_dir(path, overwrite)
+        if not path.exists():
+            os.replace(tmp, path)
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / path.name, path)  # put the old directory back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,294 @@
+"""Optimizer specs: strings that name a way of training a task's model.
+
+A spec resolves to a *builder* ``builder(spec, model, task, hparams) -> Trainer`` and a
+:class:`~meta_test.space.SearchSpace` (what the hyperparameter search tunes for it).
+
+Built-in specs:
+
+- every name of :func:`metaopt.optim.available_optimizers` (``sgdm``, ``adam``, ``kfac``,
+  ...), trained as an ordinary ``torch.optim`` loop; they tune learning rate x weight decay
+  on the MetaMD appendix A.7 grids (L4 tunes ``alpha`` instead of ``lr``);
+- ``learned:<path>``: a saved preconditioner (``metaopt.save_preconditioner``) loaded onto
+  the task's model and deployed with :class:`metaopt.optim.Preconditioned`; tunes lr x wd;
+- ``apo-lr:<base>``, ``apo-layer-lr:<base>``, ``apo-rmsprop-eps-rho``, ``apo-kfac-damping``,
+  ``apo-precond``: built by the lazy target ``meta_test.apo_specs:build`` (written by the APO
+  work). Their search space is ``meta_test.apo_specs.search_space(spec)`` when that module
+  defines it, else learning rate x weight decay.
+
+Register your own with :func:`register_spec`; a name ending in ``:`` (or written
+``"name:<arg>"``) is a prefix that matches every ``name:...`` spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from meta_test.space import ADAM_LR_GRID, LR_GRID, WD_GRID, SearchSpace, lr_wd_space
+
+__all__ = [
+    "APO_SPECS",
+    "L4_ALPHA_GRID",
+    "OptimizerTrainer",
+    "Trainer",
+    "available_specs",
+    "build_trainer",
+    "check_spec",
+    "register_spec",
+    "search_space",
+]
+
+#: L4's step-size fraction grid (the L4 paper recommends 0.1-0.3; default 0.15).
+L4_ALPHA_GRID = (0.05, 0.1, 0.15, 0.25, 0.5)
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """One optimizer driving one model (the harness's only view of an optimizer)."""
+
+    num_meta_parameters: int
+
+    def step(
+        self, batch: tuple[Tensor, Tensor], draw_batch: Callable[[], tuple[Tensor, Tensor]]
+    ) -> Tensor:
+        """One training step on ``batch``; returns the training loss on ``batch`` BEFORE the
+        update (a 0-dim tensor). ``draw_batch()`` yields a fresh training batch on demand."""
+        ...
+
+    def hparam_log(self) -> dict[str, float]:
+        """Adapted hyperparameters now (e.g. ``{"lr": 0.01}``); ``{}`` if none."""
+        ...
+
+
+Builder = Callable[[str, nn.Module, Any, dict[str, Any]], Trainer]
+SpaceLike = SearchSpace | Callable[[str], SearchSpace] | str | None
+
+
+class OptimizerTrainer:
+    """A ``torch.optim.Optimizer`` as a :class:`Trainer`.
+
+    ``step`` zeroes the gradients, computes ``task.loss(model(x), y)``, back-propagates and
+    calls ``optimizer.step()`` (through a closure for optimizers that need the loss, L4
+    and LBFGS). ``hparam_log`` reports the first group's ``lr`` (adapted by the
+    hypergradient-descent optimizers) or L4's ``l4_step_size``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Any,
+        optimizer: torch.optim.Optimizer,
+        num_meta_parameters: int = 0,
+    ) -> None:
+        from metaopt.optim.l4 import L4
+
+        self.model = model
+        self.task = task
+        self.optimizer = optimizer
+        self.num_meta_parameters = int(num_meta_parameters)
+        self._closure = isinstance(optimizer, L4 | torch.optim.LBFGS)
+
+    def step(
+        self, batch: tuple[Tensor, Tensor], draw_batch: Callable[[], tuple[Tensor, Tensor]]
+    ) -> Tensor:
+        x, y = batch
+        if not self._closure:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.task.loss(self.model(x), y)
+            loss.backward()
+            self.optimizer.step()
+            return loss.detach()
+        first: list[Tensor] = []
+
+        def closure() -> Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.task.loss(self.model(x), y)
+            loss.backward()
+            if not first:
+                first.append(loss.detach())
+            return loss
+
+        self.optimizer.step(closure)
+        return first[0]
+
+    def hparam_log(self) -> dict[str, float]:
+        group = self.optimizer.param_groups[0]
+        if group["params"]:
+            step = self.optimizer.state.get(group["params"][0], {}).get("l4_step_size")
+            if step is not None:
+                return {"l4_step_size": float(step)}
+        lr = group.get("lr")
+        if lr is None:
+            return {}
+        return {"lr": float(lr)}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    display: str
+    target: Builder | str
+    space: SpaceLike
+    prefix: bool
+
+    def builder(self) -> Builder:
+        if not isinstance(self.target, str):
+            return self.target
+        return _import(self.target, self.display)
+
+    def search_space(self, spec: str) -> SearchSpace:
+        space = self.space
+        if isinstance(space, str):
+            space = _import(space, self.display)
+        if space is None:
+            return SearchSpace()
+        if isinstance(space, SearchSpace):
+            return space
+        return space(spec)
+
+
+def _import(target: str, spec: str) -> Any:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ValueError(
+            f"spec={spec!r}: its builder lives in {module_name!r}, which is not available ({err})"
+        ) from None
+    return getattr(module, attr)
+
+
+_SPECS: dict[str, _Entry] = {}
+
+
+def _normalise(name_or_prefix: str) -> tuple[str, bool]:
+    if not isinstance(name_or_prefix, str) or not name_or_prefix.strip():
+        raise ValueError(f"name_or_prefix={name_or_prefix!r}: must be a non-empty string")
+    key = name_or_prefix.strip().lower()
+    if "<" in key:
+        key = key.split("<", 1)[0]
+        if not key.endswith(":"):
+            raise ValueError(f"name_or_prefix={name_or_prefix!r}: write a prefix as 'name:<arg>'")
+    return key, key.endswith(":")
+
+
+def register_spec(
+    name_or_prefix: str,
+    builder: Builder | str,
+    *,
+    search_space: SpaceLike = None,
+    replace: bool = False,
+) -> None:
+    """Make ``name_or_prefix`` a valid optimizer spec.
+
+    Args:
+        name_or_prefix: an exact name (``"my-opt"``) or a prefix (``"my-opt:"`` or
+            ``"my-opt:<arg>"``) that matches every ``"my-opt:..."`` spec.
+        builder: ``builder(spec, model, task, hparams) -> Trainer``, or a lazy
+            ``"module:attr"`` path imported on first use.
+        search_space: a :class:`SearchSpace`, ``callable(spec) -> SearchSpace``, a lazy
+            ``"module:attr"`` path to either, or ``None`` (nothing to tune).
+        replace: allow re-registering an existing name.
+    """
+    key, prefix = _normalise(name_or_prefix)
+    if key in _SPECS and not replace:
+        raise ValueError(f"name_or_prefix={name_or_prefix!r}: already registered")
+    if not (callable(builder) or isinstance(builder, str)):
+        raise ValueError(f"builder={builder!r}: must be callable or a 'module:attr' string")
+    display = f"{key}<arg>" if prefix else key
+    _SPECS[key] = _Entry(display, builder, search_space, prefix)
+
+
+def _optimizer_names() -> list[str]:
+    from metaopt.optim import available_optimizers
+
+    return available_optimizers()
+
+
+def _lookup(spec: str) -> _Entry:
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"optimizer spec={spec!r}: must be a non-empty string")
+    key = spec.strip()
+    low = key.lower()
+    if low in _SPECS and not _SPECS[low].prefix:
+        return _SPECS[low]
+    if ":" in key:
+        head = low.split(":", 1)[0] + ":"
+        if head in _SPECS and key.split(":", 1)[1]:
+            return _SPECS[head]
+    if low in _optimizer_names():
+        return _Entry(low, _optimizer_builder, _optimizer_space, False)
+    raise ValueError(
+        f"optimizer spec={spec!r} is unknown; valid specs: {', '.join(available_specs())}"
+    )
+
+
+def available_specs() -> list[str]:
+    """Every valid spec: the optimizer names, then registered names and prefixes."""
+    names = list(_optimizer_names())
+    return names + [e.display for k, e in _SPECS.items() if k not in names]
+
+
+def check_spec(spec: str) -> str:
+    """``spec`` stripped, or ``ValueError`` listing the valid specs."""
+    _lookup(spec)
+    return spec.strip()
+
+
+def search_space(spec: str) -> SearchSpace:
+    """The search space that ``spec`` declares."""
+    return _lookup(spec).search_space(spec.strip())
+
+
+def build_trainer(spec: str, model: nn.Module, task: Any, hparams: Mapping[str, Any]) -> Trainer:
+    """Build the :class:`Trainer` that ``spec`` names for ``model`` on ``task``."""
+    entry = _lookup(spec)
+    trainer = entry.builder()(spec.strip(), model, task, dict(hparams))
+    for attr in ("step", "hparam_log", "num_meta_parameters"):
+        if not hasattr(trainer, attr):
+            raise TypeError(f"spec={spec!r}: its builder returned {trainer!r} without {attr!r}")
+    return trainer
+
+
+# --- built-ins ---------------------------------------------------------------------------
+def _optimizer_builder(spec: str, model: nn.Module, task: Any, hp: dict[str, Any]) -> Trainer:
+    from metaopt.optim import get_optimizer
+
+    return OptimizerTrainer(model, task, get_optimizer(spec.lower(), model, **hp))
+
+
+def _optimizer_space(spec: str) -> SearchSpace:
+    name = spec.lower()
+    if name.startswith("l4-"):
+        return lr_wd_space(L4_ALPHA_GRID, WD_GRID, lr_name="alpha")
+    if name in ("adam", "adamw"):
+        return lr_wd_space(ADAM_LR_GRID, WD_GRID)
+    return lr_wd_space(LR_GRID, WD_GRID)
+
+
+def _learned_builder(spec: str, model: nn.Module, task: Any, hp: dict[str, Any]) -> Trainer:
+    from metaopt.io import load_preconditioner
+    from metaopt.optim import Preconditioned
+
+    path = spec.split(":", 1)[1]
+    pre = load_preconditioner(path, model)
+    opt = Preconditioned(model.named_parameters(), pre, **hp)
+    return OptimizerTrainer(model, task, opt, num_meta_parameters=pre.num_meta_parameters())
+
+
+APO_SPECS = ("apo-lr:", "apo-layer-lr:", "apo-rmsprop-eps-rho", "apo-kfac-damping", "apo-precond")
+
+
+def _apo_space(spec: str) -> SearchSpace:
+    module = importlib.import_module("meta_test.apo_specs")
+    custom = getattr(module, "search_space", None)
+    return custom(spec) if custom is not None else lr_wd_space(LR_GRID, WD_GRID)
+
+
+register_spec("learned:<path>", _learned_builder, search_space=lr_wd_space(LR_GRID, WD_GRID))
+for _name in APO_SPECS:
+    register_spec(_name, "meta_test.apo_specs:build", search_space=_apo_space)
