@@ -20,6 +20,7 @@ mode (dual tensors) and reverse mode both differentiate the same code.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,8 @@ class TaskResult:
     meta_objective: float
     final_loss: float
     reason: str = ""
+    #: wall time of the engine call alone (CPU clock; on CUDA it includes queued work)
+    engine_seconds: float = 0.0
 
 
 def _finite(tensors: Mapping[str, Tensor] | tuple[Tensor, ...]) -> bool:
@@ -137,6 +140,7 @@ def task_hypergradient(
                 return tuple(out[n] for n in names)
 
             engine_opts["inverse_hvp"] = inverse_hvp
+        clock = time.perf_counter()
         try:
             grads = hypergrad.implicit_grad(
                 inner, objective, params, hparams, method=config.engine, **engine_opts
@@ -182,6 +186,7 @@ def task_hypergradient(
             start += tuple(
                 state_k.get(f"{n}:momentum", torch.zeros_like(theta_k[n])) for n in names
             )
+        clock = time.perf_counter()
         try:
             grads = hypergrad.unrolled_grad(
                 step_fn,
@@ -197,13 +202,14 @@ def task_hypergradient(
         params = tuple(theta_t[n] for n in names)
         if not _finite(theta_t):
             return TaskResult(None, float("nan"), float("nan"), "non-finite inner run")
+    engine_seconds = time.perf_counter() - clock
     grads = tuple(g.detach() for g in grads)
     if not _finite(grads):
         return TaskResult(None, float("nan"), float("nan"), "non-finite hypergradient")
     with torch.no_grad():
         value = objective(params, tuple(p.detach() for p in pre.parameters()))
         final = task.loss(forward(theta_t, meta_batch[0]), meta_batch[1])
-    return TaskResult(grads, float(value), float(final))
+    return TaskResult(grads, float(value), float(final), engine_seconds=engine_seconds)
 
 
 def _inner_run(
