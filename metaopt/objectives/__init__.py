@@ -1,5 +1,6 @@
 """Meta-objectives registered by name (``proximal`` for APO, ``bregman-rate`` for MetaMD)."""
 
+from metaopt.objectives import proximal  # noqa: F401  (registers "proximal")
 from metaopt.objectives.base import (
     MetaContext,
     available_meta_objectives,

@@ -95,11 +95,14 @@ def rmsprop_step(
     eps_root: Scalar = 0.0,
     momentum: Scalar = 0.0,
     weight_decay: Scalar = 0.0,
+    power: Scalar = 0.5,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """RMSprop: ``v = alpha v + (1 - alpha) g^2``; ``theta -= lr g / (sqrt(v + eps_root) + eps)``.
+    """RMSprop: ``v = alpha v + (1 - alpha) g^2``; ``theta -= lr g / ((v + eps_root)^power + eps)``.
 
-    ``alpha`` is the decay (the "power" rho of APO's earlier version); ``v`` starts at 0 as
-    in ``torch.optim.RMSprop``.
+    ``alpha`` is the decay (gamma of APO's earlier version, ``001_`` Eq. 20); ``power`` is
+    the exponent rho of its Eq. 21 (default 1/2, computed as ``sqrt``, as in
+    ``torch.optim.RMSprop``). A tensor ``power`` needs ``eps_root > 0`` for a finite
+    derivative where ``v = 0``. ``v`` starts at 0 as in ``torch.optim.RMSprop``.
     """
     state = state or {}
     g = _decayed(grads, params, weight_decay)
@@ -110,7 +113,11 @@ def rmsprop_step(
         prev = state[key] if key in state else torch.zeros_like(gn)
         v = alpha * prev + (1 - alpha) * gn * gn
         new_state[key] = v
-        direction[n] = gn / (torch.sqrt(v + eps_root) + eps)
+        if isinstance(power, float | int) and power == 0.5:
+            denom = torch.sqrt(v + eps_root)
+        else:
+            denom = (v + eps_root) ** power
+        direction[n] = gn / (denom + eps)
     step, mom_state = _momentum(direction, state, momentum, False)
     new_state.update(mom_state)
     return {n: params[n] - lr * step[n] for n in step}, new_state

@@ -1,0 +1,272 @@
+"""APO: Amortized Proximal Optimization (``002_`` Algorithm 1), an online meta-learner.
+
+Every ``K = meta_interval`` steps APO forms the one-step lookahead ``theta'(phi) =
+u(theta, phi, B)``, evaluates a meta-objective on it (default ``"proximal"``:
+``J_B(theta') + lambda_fsd * mean_{B'} D_F(theta', theta) + lambda_wsd/2 ||theta' - theta||^2``),
+differentiates it with the one-step unroll engine
+(:func:`metaopt.hypergrad.unrolled_grad`), updates ``phi`` with the meta-optimizer, and
+then takes the real step ``theta <- u(theta, phi, B)``. Other steps are plain base steps
+without host synchronisation. A plain training loop::
+
+    apo = metaopt.APO(model, torch.nn.functional.cross_entropy, base="sgdm", adapt="lr")
+    for x, y in loader:
+        stats = apo.step((x, y), fsd_batch=draw_batch)   # draw_batch() -> (x', y')
+    print(apo.hparam_log(), apo.history[-1])
+
+Meta-objectives see a :class:`~metaopt.objectives.MetaContext` with ``params_before`` =
+theta, ``params_after`` = theta', ``batch`` = B, ``fsd_batch`` = B', ``preconditioner``
+(layer-lr / precond, else ``None``), ``step`` and ``extras``: ``"hparams"`` (the
+meta-parameters by name, differentiable) and, with ``fresh_loss_batch``, ``"loss_batch"``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metaopt.func import functional_forward, loss_and_grads, trainable_params
+from metaopt.kron.preconditioner import KroneckerPreconditioner
+from metaopt.learners.apo_config import APOConfig
+from metaopt.learners.apo_rules import make_rule
+from metaopt.objectives import MetaContext, evaluate_meta_objective
+from metaopt.objectives import proximal as _proximal  # noqa: F401  (registers "proximal")
+
+__all__ = ["APO", "APOConfig"]
+
+Batch = tuple[Tensor, Tensor]
+BatchSource = Batch | Callable[[], Batch] | None
+
+
+class APO:
+    """Online meta-learning of ``phi`` (learning rates, RMSprop/K-FAC constants, or a
+    Kronecker preconditioner) during one training run.
+
+    Args:
+        model: the network; its trainable parameters are updated in place.
+        loss_fn: ``loss_fn(output, target) -> scalar`` (mean over the batch).
+        config: an :class:`APOConfig`, or pass its fields as keyword arguments.
+
+    Attributes:
+        history: ``[(step, {name: value}), ...]`` adapted hyperparameters after each
+            meta-update (values as floats; recorded at meta steps only).
+        step_count, meta_steps, skipped_meta_steps: counters (skipped: non-finite
+            meta-gradient, meta-update not applied).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        config: APOConfig | None = None,
+        **options: Any,
+    ) -> None:
+        if config is not None and options:
+            raise ValueError(f"pass either config or keyword options, not both: {sorted(options)}")
+        self.config = config if config is not None else APOConfig(**options)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.forward = functional_forward(model)
+        self.rule = make_rule(self.config, model)
+        meta = list(self.rule.meta_parameters().values())
+        cfg = self.config
+        opt_cls = {
+            "rmsprop": torch.optim.RMSprop,
+            "adam": torch.optim.Adam,
+            "sgd": torch.optim.SGD,
+        }[cfg.meta_optimizer]
+        self.meta_optimizer = opt_cls(meta, lr=cfg.meta_lr)
+        self.state: dict[str, Tensor] = {}
+        self.step_count = 0
+        self.meta_steps = 0
+        self.skipped_meta_steps = 0
+        self.history: list[tuple[int, dict[str, float]]] = []
+        ref = next(model.parameters())
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=ref.device)
+
+    # --- public ------------------------------------------------------------------------
+    @property
+    def preconditioner(self) -> KroneckerPreconditioner | None:
+        """The learned preconditioner (``"scalar"`` for layer-lr, ``"ekfac"`` for precond)."""
+        return self.rule.preconditioner
+
+    @property
+    def num_meta_parameters(self) -> int:
+        return sum(p.numel() for p in self.rule.meta_parameters().values())
+
+    def hparam_log(self) -> dict[str, float]:
+        """Adapted hyperparameters now, as floats (one host sync)."""
+        return {k: float(v) for k, v in self.rule.current(self.rule.meta_parameters()).items()}
+
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the first step whose loss was non-finite."""
+        bad = int(self._first_bad)
+        if bad >= 0:
+            raise FloatingPointError(
+                f"APO: the training loss at step {bad} is not finite (the base update of step "
+                f"{bad - 1} or the batch of step {bad} produced inf/nan); lower lr or check data"
+            )
+
+    def step(self, batch: Batch, fsd_batch: BatchSource = None) -> dict[str, Any]:
+        """One training step on ``batch``; a meta-update first when ``step % K == 0``.
+
+        Args:
+            batch: ``(x, y)``, the batch B for the gradient (and the loss term).
+            fsd_batch: B' for the FSD term: a batch, or a callable drawing one (called only
+                on meta steps), or ``None`` (allowed when ``lambda_fsd == 0`` and the loss
+                term uses B).
+
+        Returns:
+            ``{"loss": 0-dim tensor (on B, before the update), "meta_step": bool,
+            "meta_objective": tensor or None, "skipped_meta_steps": int, **hparams}`` where
+            the hyperparameters are 0-dim tensors (nothing here syncs the host).
+        """
+        cfg, t = self.config, self.step_count
+        meta_now = t % cfg.meta_interval == 0
+        if meta_now or cfg.check_every_step:
+            self.check_finite()
+        params = trainable_params(self.model)
+        theta = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        loss, grads = loss_and_grads(self.forward, self.loss_fn, theta, batch)
+        self._first_bad = torch.where(
+            (self._first_bad < 0) & ~torch.isfinite(loss).reshape(()),
+            torch.full_like(self._first_bad, t),
+            self._first_bad,
+        )
+        if cfg.check_every_step:
+            self.check_finite()
+        meta_value = self._meta_update(theta, grads, batch, fsd_batch) if meta_now else None
+        meta = {k: v.detach() for k, v in self.rule.meta_parameters().items()}
+        with torch.no_grad():
+            theta0 = {n: v.detach() for n, v in theta.items()}
+            new, self.state = self.rule.update(
+                theta0, grads, self.state, meta, lookahead=False, step=t
+            )
+            for n, p in params.items():
+                p.copy_(new[n])
+        self.state = {k: v.detach() for k, v in self.state.items()}
+        self.rule.after_step()
+        self.step_count += 1
+        return {
+            "loss": loss,
+            "meta_step": meta_now,
+            "meta_objective": meta_value,
+            "skipped_meta_steps": self.skipped_meta_steps,
+            **self.rule.current(meta),
+        }
+
+    # --- meta-update -------------------------------------------------------------------
+    def _draw(self, source: BatchSource) -> Batch | None:
+        return source() if callable(source) else source
+
+    def _meta_update(self, theta, grads, batch, fsd_source) -> Tensor | None:
+        from metaopt.hypergrad import NonFiniteHypergradient, unrolled_grad
+
+        cfg, t = self.config, self.step_count
+        fsd_batch = self._draw(fsd_source)
+        if fsd_batch is None and (cfg.lambda_fsd > 0 or cfg.fresh_loss_batch):
+            raise ValueError(
+                "fsd_batch=None: needed on meta steps when lambda_fsd > 0 or fresh_loss_batch "
+                "(pass a batch or a callable drawing one)"
+            )
+        names = list(theta)
+        meta_params = self.rule.meta_parameters()
+        meta_names = list(meta_params)
+        before = {n: v.detach() for n, v in theta.items()}
+        state = dict(self.state)
+        options: dict[str, Any] = {}
+        if cfg.meta_objective == "proximal":
+            options = {"lambda_fsd": cfg.lambda_fsd, "lambda_wsd": cfg.lambda_wsd, "fsd": cfg.fsd}
+        options.update(cfg.objective_options)
+        extras: dict[str, Any] = {}
+        if cfg.fresh_loss_batch:
+            extras["loss_batch"] = fsd_batch
+        values: list[Tensor] = []
+
+        # g = grad J_B(theta) does not depend on phi at a one-step unroll from theta
+        def step_fn(params: tuple[Tensor, ...], hparams: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            p = dict(zip(names, params, strict=True))
+            m = dict(zip(meta_names, hparams, strict=True))
+            new, _ = self.rule.update(p, grads, state, m, lookahead=True, step=t)
+            return tuple(new[n] for n in names)
+
+        def outer(params: tuple[Tensor, ...], hparams: tuple[Tensor, ...]) -> Tensor:
+            ctx = MetaContext(
+                params_before=before,
+                params_after=dict(zip(names, params, strict=True)),
+                forward=self.forward,
+                loss=self.loss_fn,
+                batch=batch,
+                fsd_batch=fsd_batch,
+                preconditioner=self.rule.preconditioner,
+                step=t,
+                extras={**extras, "hparams": dict(zip(meta_names, hparams, strict=True))},
+            )
+            value = evaluate_meta_objective(cfg.meta_objective, ctx, **options)
+            values.append(value.detach())
+            return value
+
+        hparams = tuple(meta_params.values())
+        try:
+            with self.rule.paused():
+                meta_grads = unrolled_grad(
+                    step_fn, outer, tuple(before[n] for n in names), hparams, steps=1
+                )
+        except NonFiniteHypergradient:
+            self.skipped_meta_steps += 1
+            return values[-1] if values else None
+        for p, g in zip(hparams, meta_grads, strict=True):
+            p.grad = g.detach().to(p.dtype)
+        self.meta_optimizer.step()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        self.meta_steps += 1
+        self.history.append((t, self.hparam_log()))
+        return values[-1] if values else None
+
+    # --- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Meta-parameters, meta-optimizer and base-optimizer state, counters, history.
+
+        The model's own parameters are not included (save ``model.state_dict()`` too).
+        """
+        return {
+            "config": asdict(self.config),
+            "meta": {k: v.detach().clone() for k, v in self.rule.meta_parameters().items()},
+            "meta_optimizer": copy.deepcopy(self.meta_optimizer.state_dict()),
+            "base_state": {k: v.clone() for k, v in self.state.items()},
+            "step_count": self.step_count,
+            "meta_steps": self.meta_steps,
+            "skipped_meta_steps": self.skipped_meta_steps,
+            "history": [(s, dict(h)) for s, h in self.history],
+            "first_bad": self._first_bad.clone(),
+            "rule": self.rule.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (same ``adapt``/``base`` and model)."""
+        saved = state["config"]
+        for key in ("adapt", "base"):
+            if saved[key] != getattr(self.config, key):
+                raise ValueError(
+                    f"state_dict: {key}={saved[key]!r} but this APO has "
+                    f"{key}={getattr(self.config, key)!r}"
+                )
+        meta = self.rule.meta_parameters()
+        if set(state["meta"]) != set(meta):
+            raise ValueError("state_dict: meta-parameters do not match this model/adapt")
+        with torch.no_grad():
+            for k, v in state["meta"].items():
+                meta[k].copy_(v)
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        ref = next(self.model.parameters())
+        self.state = {k: v.to(ref.device) for k, v in state["base_state"].items()}
+        self.step_count = int(state["step_count"])
+        self.meta_steps = int(state["meta_steps"])
+        self.skipped_meta_steps = int(state["skipped_meta_steps"])
+        self.history = [(int(s), dict(h)) for s, h in state["history"]]
+        self._first_bad = state["first_bad"].to(ref.device).clone()
+        self.rule.load_extra_state(state["rule"])

@@ -1,0 +1,177 @@
+"""APO's configuration: one dataclass, validated at construction (``__post_init__``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ADAPTS", "BASES", "FSDS", "APOConfig"]
+
+#: what APO adapts -> the base optimizers it accepts
+ADAPTS: dict[str, tuple[str, ...]] = {
+    "lr": ("sgd", "sgdm", "rmsprop", "adam"),
+    "layer-lr": ("sgd", "sgdm", "rmsprop", "adam"),
+    "rmsprop-eps-rho": ("rmsprop",),
+    "kfac-damping": ("kfac",),
+    "precond": ("sgdm", "adam"),  # the warm-up optimizer
+}
+BASES = ("sgd", "sgdm", "rmsprop", "adam", "kfac")
+FSDS = ("kl", "mse", "bregman")
+_LR_ADAPTS = ("lr", "layer-lr", "rmsprop-eps-rho", "kfac-damping")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name}={value!r}: must be a positive number")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: must be finite")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"{name}={value!r}: must be a non-negative number")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: must be finite")
+
+
+@dataclass
+class APOConfig:
+    """Everything that parameterises :class:`metaopt.APO` (``002_`` Algorithm 1).
+
+    Attributes:
+        base: base optimizer ``"sgd" | "sgdm" | "rmsprop" | "adam"`` (``"kfac"`` for
+            ``adapt="kfac-damping"``; for ``adapt="precond"`` the warm-up optimizer,
+            ``"sgdm"`` or ``"adam"``). ``None``: ``"rmsprop"`` / ``"kfac"`` / ``"sgdm"``
+            for the adapts that need one, else ``"sgdm"``.
+        adapt: ``"lr"`` (global lr, stored as its log), ``"layer-lr"`` (one lr per layer,
+            the ``"scalar"`` family), ``"rmsprop-eps-rho"`` (lr, eps and the power rho of
+            RMSprop, ``001_`` Eq. 21), ``"kfac-damping"`` (lr and damping of K-FAC),
+            ``"precond"`` (APO-Precond, the ``"ekfac"`` family of Eq. 9-10).
+        lr: initial learning rate (fixed ``eta`` for ``"precond"``). Default 0.1.
+        momentum: heavy-ball momentum of ``sgdm``, of the K-FAC step and of the sgdm
+            warm-up (default 0.9); applied on top of the adapted step (``001_`` Eq. 18-19).
+        nesterov: Nesterov momentum for ``sgdm``.
+        weight_decay: L2 added to the gradient.
+        betas, eps, eps_root: Adam / RMSprop constants (``eps`` is also RMSprop's initial
+            eps for ``"rmsprop-eps-rho"``). ``eps_root=None``: ``1e-30`` for
+            ``"rmsprop-eps-rho"`` (the derivative in rho needs ``v + eps_root > 0``), else 0.
+        alpha: RMSprop's decay of the squared-gradient average (default 0.99).
+        power: RMSprop's initial power rho (default 0.5).
+        damping: K-FAC's initial damping (default 1e-3).
+        kfac_options: extra :class:`~metaopt.optim.kfac.KFAC` options for
+            ``"kfac-damping"`` (``factor_update_freq``, ``inv_update_freq``, ...).
+        lambda_fsd: weight of the output-space term (default 0.1).
+        lambda_wsd: weight of the weight-space term; ``None``: 0 for learning-rate
+            adaptation, 1.0 for ``"precond"``.
+        fsd: output divergence ``"kl" | "mse" | "bregman"`` (default ``"kl"``).
+        meta_interval: K, one meta-update every K steps (default 10).
+        meta_objective: registered meta-objective name (default ``"proximal"``).
+        objective_options: extra keyword options for the meta-objective.
+        meta_optimizer: ``"rmsprop" | "adam" | "sgd"``; ``None``: RMSprop for learning-rate
+            adaptation, Adam for ``"precond"`` (``000_`` C.2).
+        meta_lr: ``None``: 0.1 (learning-rate adaptation) or 1e-4 (``"precond"``).
+        fresh_loss_batch: evaluate the loss term on the fresh batch B' instead of B (the
+            short-horizon-bias ablation of ``000_`` appendix E, Eq. 14).
+        warmup: ``"precond"`` only: steps during which theta follows ``base`` while P is
+            meta-learned (default 3000).
+        warmup_lr: learning rate of the warm-up optimizer (``None``: ``lr``).
+        precond_scale: the fixed 0.9 that scales the preconditioned step (``000_`` C.2).
+        precond_momentum: momentum of the preconditioned step (default 0).
+        precond_options: options of ``KroneckerPreconditioner.for_model(model, "ekfac")``,
+            e.g. ``{"dense_diag_max": 16}`` for full blocks on small lone parameters
+            (``skip`` for identity on some parameters).
+        check_every_step: sync every step to check the loss is finite (default: check at
+            each meta step, naming the first non-finite step).
+    """
+
+    base: str | None = None
+    adapt: str = "lr"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    eps_root: float | None = None
+    alpha: float = 0.99
+    power: float = 0.5
+    damping: float = 1e-3
+    kfac_options: dict[str, Any] = field(default_factory=dict)
+    lambda_fsd: float = 0.1
+    lambda_wsd: float | None = None
+    fsd: str = "kl"
+    meta_interval: int = 10
+    meta_objective: str = "proximal"
+    objective_options: dict[str, Any] = field(default_factory=dict)
+    meta_optimizer: str | None = None
+    meta_lr: float | None = None
+    fresh_loss_batch: bool = False
+    warmup: int = 3000
+    warmup_lr: float | None = None
+    precond_scale: float = 0.9
+    precond_momentum: float = 0.0
+    precond_options: dict[str, Any] = field(default_factory=dict)
+    check_every_step: bool = False
+
+    def __post_init__(self) -> None:
+        if self.adapt not in ADAPTS:
+            raise ValueError(f"adapt={self.adapt!r}: choose one of {list(ADAPTS)}")
+        allowed = ADAPTS[self.adapt]
+        if self.base is None:
+            self.base = allowed[0] if len(allowed) == 1 else "sgdm"
+        if self.base not in allowed:
+            raise ValueError(f"base={self.base!r}: adapt={self.adapt!r} allows {list(allowed)}")
+        _positive("lr", self.lr)
+        for name in ("momentum", "precond_momentum", "alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name}={value!r}: must be in [0, 1)")
+        if self.nesterov and self.momentum <= 0:
+            raise ValueError(f"nesterov=True needs momentum > 0, got momentum={self.momentum!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={self.betas!r}: must be two numbers in [0, 1)")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        _non_negative("weight_decay", self.weight_decay)
+        _positive("eps", self.eps)
+        if self.eps_root is None:
+            self.eps_root = 1e-30 if self.adapt == "rmsprop-eps-rho" else 0.0
+        _non_negative("eps_root", self.eps_root)
+        if not isinstance(self.power, int | float) or not 0.0 < self.power < 1.0:
+            raise ValueError(f"power={self.power!r}: must be in (0, 1)")
+        _positive("damping", self.damping)
+        _non_negative("lambda_fsd", self.lambda_fsd)
+        if self.lambda_wsd is None:
+            self.lambda_wsd = 1.0 if self.adapt == "precond" else 0.0
+        _non_negative("lambda_wsd", self.lambda_wsd)
+        if self.fsd not in FSDS:
+            raise ValueError(f"fsd={self.fsd!r}: choose one of {list(FSDS)}")
+        if not isinstance(self.meta_interval, int) or self.meta_interval < 1:
+            raise ValueError(f"meta_interval={self.meta_interval!r}: must be an integer >= 1")
+        if not isinstance(self.meta_objective, str) or not self.meta_objective:
+            raise ValueError(f"meta_objective={self.meta_objective!r}: must be a registered name")
+        if not isinstance(self.kfac_options, dict):
+            raise ValueError(f"kfac_options={self.kfac_options!r}: must be a dict")
+        fixed = {"lr", "momentum", "kl_clip", "damping"} & set(self.kfac_options)
+        if fixed:
+            raise ValueError(f"kfac_options: {sorted(fixed)} are set by APO, not K-FAC options")
+        if not isinstance(self.precond_options, dict):
+            raise ValueError(f"precond_options={self.precond_options!r}: must be a dict")
+        if not isinstance(self.objective_options, dict):
+            raise ValueError(f"objective_options={self.objective_options!r}: must be a dict")
+        lr_adapt = self.adapt in _LR_ADAPTS
+        if self.meta_optimizer is None:
+            self.meta_optimizer = "rmsprop" if lr_adapt else "adam"
+        if self.meta_optimizer not in ("rmsprop", "adam", "sgd"):
+            raise ValueError(
+                f"meta_optimizer={self.meta_optimizer!r}: choose 'rmsprop', 'adam' or 'sgd'"
+            )
+        if self.meta_lr is None:
+            self.meta_lr = 0.1 if lr_adapt else 1e-4
+        _positive("meta_lr", self.meta_lr)
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup={self.warmup!r}: must be a non-negative integer")
+        if self.warmup_lr is None:
+            self.warmup_lr = self.lr
+        _positive("warmup_lr", self.warmup_lr)
+        _positive("precond_scale", self.precond_scale)

@@ -1,0 +1,288 @@
+"""APO's update rules ``u(theta, phi, B)``: one per ``adapt``, all built on
+:mod:`metaopt.optim.functional` (the differentiable base steps).
+
+A rule owns the meta-parameters ``phi`` (``meta_parameters()``, ``{name: nn.Parameter}``)
+and maps ``(params, grads, state, meta)`` to ``(new_params, new_state)``. The same
+function serves the differentiable lookahead (``lookahead=True``, ``meta`` the engine's
+tensors) and the real update (``lookahead=False``, ``meta`` detached): the lookahead of
+``sgdm`` and ``precond`` leaves momentum out, which is applied on top of the adapted step
+(``001_`` Eq. 18-19), and the lookahead never returns state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metaopt.func import functional_forward
+from metaopt.kron.preconditioner import KroneckerPreconditioner
+from metaopt.learners.apo_config import APOConfig
+from metaopt.optim.functional import adam_step, preconditioned_step, rmsprop_step, sgd_step
+
+__all__ = ["make_rule"]
+
+Params = Mapping[str, Tensor]
+Step = tuple[dict[str, Tensor], dict[str, Tensor]]
+
+
+def base_step(
+    cfg: APOConfig,
+    base: str,
+    params: Params,
+    grads: Params,
+    state: Params,
+    lr: Tensor | float,
+    *,
+    lookahead: bool,
+    eps: Tensor | float | None = None,
+    power: Tensor | float | None = None,
+) -> Step:
+    """One step of ``base`` (``sgd | sgdm | rmsprop | adam``) with learning rate ``lr``."""
+    wd = cfg.weight_decay
+    if base == "sgd" or (base == "sgdm" and lookahead):
+        return sgd_step(params, grads, None, lr=lr, weight_decay=wd)
+    if base == "sgdm":
+        return sgd_step(
+            params,
+            grads,
+            state,
+            lr=lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=wd,
+        )
+    if base == "rmsprop":
+        return rmsprop_step(
+            params,
+            grads,
+            state,
+            lr=lr,
+            alpha=cfg.alpha,
+            eps=cfg.eps if eps is None else eps,
+            eps_root=cfg.eps_root,
+            power=cfg.power if power is None else power,
+            weight_decay=wd,
+        )
+    if base == "adam":
+        return adam_step(
+            params,
+            grads,
+            state,
+            lr=lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            eps_root=cfg.eps_root,
+            weight_decay=wd,
+        )
+    raise ValueError(f"base={base!r}: not a functional base step")
+
+
+def meta_dtype(like: Tensor) -> torch.dtype:
+    """Meta-parameters are at least fp32 (fp64 for an fp64 model, fp32 for bf16/fp16)."""
+    return torch.promote_types(like.dtype, torch.float32)
+
+
+def _param(value: float, like: Tensor) -> nn.Parameter:
+    return nn.Parameter(torch.tensor(value, dtype=meta_dtype(like), device=like.device))
+
+
+def _preconditioner(model: nn.Module, family: str, **options: Any) -> KroneckerPreconditioner:
+    pre = KroneckerPreconditioner.for_model(model, family, **options)
+    return pre.to(dtype=meta_dtype(next(model.parameters())))
+
+
+class Rule:
+    """Base class: ``meta`` holds ``phi``; subclasses implement ``update`` and ``current``."""
+
+    preconditioner: KroneckerPreconditioner | None = None
+
+    def __init__(self, cfg: APOConfig, model: nn.Module) -> None:
+        self.cfg = cfg
+        self.meta: dict[str, nn.Parameter] = {}
+
+    def meta_parameters(self) -> dict[str, nn.Parameter]:
+        return self.meta
+
+    def update(
+        self,
+        params: Params,
+        grads: Params,
+        state: Params,
+        meta: Params,
+        *,
+        lookahead: bool,
+        step: int,
+    ) -> Step:
+        raise NotImplementedError
+
+    def current(self, meta: Params) -> dict[str, Tensor]:
+        """Adapted hyperparameters as 0-dim tensors (no host sync)."""
+        raise NotImplementedError
+
+    def paused(self) -> contextlib.AbstractContextManager[None]:
+        """Context for the meta-objective's extra forward/backward passes."""
+        return contextlib.nullcontext()
+
+    def after_step(self) -> None:
+        """Called after every real update."""
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class LrRule(Rule):
+    """``adapt="lr"``: ``phi = log lr`` of any base."""
+
+    def __init__(self, cfg: APOConfig, model: nn.Module) -> None:
+        super().__init__(cfg, model)
+        ref = next(model.parameters())
+        self.meta = {"log_lr": _param(math.log(cfg.lr), ref)}
+
+    def update(self, params, grads, state, meta, *, lookahead, step):
+        lr = meta["log_lr"].exp()
+        return base_step(self.cfg, self.cfg.base, params, grads, state, lr, lookahead=lookahead)
+
+    def current(self, meta):
+        return {"lr": meta["log_lr"].detach().exp()}
+
+
+class RmspropEpsRhoRule(Rule):
+    """``adapt="rmsprop-eps-rho"``: ``phi = (log lr, log eps, logit rho)`` of
+    ``theta -= lr g / ((v + eps_root)^rho + eps)`` (``001_`` Eq. 20-21)."""
+
+    def __init__(self, cfg: APOConfig, model: nn.Module) -> None:
+        super().__init__(cfg, model)
+        ref = next(model.parameters())
+        rho = cfg.power
+        self.meta = {
+            "log_lr": _param(math.log(cfg.lr), ref),
+            "log_eps": _param(math.log(cfg.eps), ref),
+            "rho_logit": _param(math.log(rho / (1 - rho)), ref),
+        }
+
+    def _values(self, meta: Params) -> tuple[Tensor, Tensor, Tensor]:
+        return meta["log_lr"].exp(), meta["log_eps"].exp(), torch.sigmoid(meta["rho_logit"])
+
+    def update(self, params, grads, state, meta, *, lookahead, step):
+        lr, eps, rho = self._values(meta)
+        return base_step(
+            self.cfg, "rmsprop", params, grads, state, lr, lookahead=lookahead, eps=eps, power=rho
+        )
+
+    def current(self, meta):
+        lr, eps, rho = self._values({k: v.detach() for k, v in meta.items()})
+        return {"lr": lr, "eps": eps, "rho": rho}
+
+
+class LayerLrRule(Rule):
+    """``adapt="layer-lr"``: ``lr_l = lr * exp(s_l)``, one ``s_l`` per layer view (the
+    ``"scalar"`` family of :class:`~metaopt.kron.KroneckerPreconditioner`)."""
+
+    def __init__(self, cfg: APOConfig, model: nn.Module) -> None:
+        super().__init__(cfg, model)
+        self.preconditioner = _preconditioner(model, "scalar")
+        self.meta = dict(self.preconditioner.named_parameters())
+        # (view name, meta-parameter name, parameter names) per block
+        self.groups = [
+            (view.name, f"blocks.{key}.log_scale", list(view.params))
+            for view, key in zip(
+                self.preconditioner.views, self.preconditioner.blocks.keys(), strict=True
+            )
+        ]
+        covered = {n for _, _, names in self.groups for n in names}
+        self.rest = [n for n, p in model.named_parameters() if p.requires_grad and n not in covered]
+
+    def update(self, params, grads, state, meta, *, lookahead, step):
+        new_params: dict[str, Tensor] = {}
+        new_state: dict[str, Tensor] = {}
+        groups = [(meta[key].exp() * self.cfg.lr, names) for _, key, names in self.groups]
+        if self.rest:
+            groups.append((self.cfg.lr, self.rest))
+        for lr, names in groups:
+            sub_p = {n: params[n] for n in names}
+            sub_g = {n: grads[n] for n in names}
+            out, st = base_step(
+                self.cfg, self.cfg.base, sub_p, sub_g, state, lr, lookahead=lookahead
+            )
+            new_params.update(out)
+            new_state.update(st)
+        return new_params, new_state
+
+    def current(self, meta):
+        return {
+            f"lr/{view}": meta[key].detach().exp() * self.cfg.lr for view, key, _ in self.groups
+        }
+
+
+class _Bound:
+    """A preconditioner evaluated at given meta-parameters (``metaopt.func``)."""
+
+    def __init__(self, preconditioner: KroneckerPreconditioner, meta: Params) -> None:
+        self._forward = functional_forward(preconditioner)
+        self._meta = meta
+
+    def apply(self, grads: Params) -> dict[str, Tensor]:
+        return self._forward(self._meta, grads)  # type: ignore[arg-type]
+
+
+class PrecondRule(Rule):
+    """``adapt="precond"`` (APO-Precond): ``P`` of the ``"ekfac"`` family (identity at start).
+
+    Lookahead ``theta - lr P g``; update ``theta - lr * precond_scale * P g`` (with
+    ``precond_momentum``), after ``warmup`` steps of ``base`` at ``warmup_lr``.
+    """
+
+    def __init__(self, cfg: APOConfig, model: nn.Module) -> None:
+        super().__init__(cfg, model)
+        self.preconditioner = _preconditioner(model, "ekfac", **cfg.precond_options)
+        self.meta = dict(self.preconditioner.named_parameters())
+
+    def update(self, params, grads, state, meta, *, lookahead, step):
+        cfg = self.cfg
+        if lookahead:
+            return preconditioned_step(
+                params,
+                grads,
+                _Bound(self.preconditioner, meta),
+                None,
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+            )
+        if step < cfg.warmup:
+            return base_step(cfg, cfg.base, params, grads, state, cfg.warmup_lr, lookahead=False)
+        return preconditioned_step(
+            params,
+            grads,
+            self.preconditioner,
+            {} if step == cfg.warmup else state,
+            lr=cfg.lr * cfg.precond_scale,
+            momentum=cfg.precond_momentum,
+            weight_decay=cfg.weight_decay,
+        )
+
+    def current(self, meta):
+        ref = next(iter(meta.values()))
+        return {"lr": torch.tensor(self.cfg.lr, device=ref.device)}
+
+
+def make_rule(cfg: APOConfig, model: nn.Module) -> Rule:
+    """The update rule for ``cfg.adapt``."""
+    if cfg.adapt == "kfac-damping":
+        from metaopt.learners.apo_kfac import KfacDampingRule
+
+        return KfacDampingRule(cfg, model)
+    rules: dict[str, type[Rule]] = {
+        "lr": LrRule,
+        "layer-lr": LayerLrRule,
+        "rmsprop-eps-rho": RmspropEpsRhoRule,
+        "precond": PrecondRule,
+    }
+    return rules[cfg.adapt](cfg, model)
