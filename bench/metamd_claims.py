@@ -191,12 +191,17 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) / f"holdout-{args.holdout}"
     train_tasks = suite.meta_train_tasks(args.holdout)
     common = dict(
-        inner_steps=args.inner_steps, tasks_per_step=4, inner_lr=args.inner_lr, seed=args.seed
+        inner_steps=args.inner_steps,
+        tasks_per_step=args.tasks_per_step,
+        inner_lr=args.inner_lr,
+        seed=args.seed,
+        meta_lr=args.meta_lr,
     )
+    unrolled = dict(engine_options={"truncate": args.truncate})
     learners = {
-        "metamd": MetaMD(train_tasks, **common, meta_lr=args.meta_lr, gamma=args.gamma),
-        "metasgd": MetaSGD(train_tasks, **common, meta_lr=args.meta_lr),
-        "metacurvature": MetaCurvature(train_tasks, **common, meta_lr=args.meta_lr),
+        "metamd": MetaMD(train_tasks, **common, gamma=args.gamma),
+        "metasgd": MetaSGD(train_tasks, **common, **unrolled),
+        "metacurvature": MetaCurvature(train_tasks, **common, **unrolled),
     }
     training, specs = {}, {"sgdm": "sgdm", "adam": "adam"}
     for name, learner in learners.items():
@@ -210,6 +215,7 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
         steps=args.steps,
         seeds=(0, 1, 2),
         hpo="grid",
+        grids={"weight_decay": (args.weight_decay,)},
     )
     return {
         "experiment": f"rotated-digits/holdout={args.holdout}",
@@ -281,6 +287,9 @@ def main() -> None:
     p.add_argument("--k-lambda", type=float, default=0.0)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tasks-per-step", type=int, default=4)
+    p.add_argument("--truncate", type=int, default=20)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--tune-steps", type=int, default=None)
     p.add_argument("--tol", type=float, default=1e-6)

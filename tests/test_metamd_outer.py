@@ -119,13 +119,13 @@ def test_meta_training_changes_M_and_deploys_through_files(tmp_path):
     torch.testing.assert_close(after, before - 0.1 * torch.linalg.solve(M, g))
 
 
-def test_user_defined_meta_objective_runs_with_metamd():
+def test_one_user_defined_meta_objective_runs_with_metamd_and_apo():
     calls = []
 
     @metaopt.register_meta_objective("test-user-distance-loss")
     def user_objective(ctx, weight=0.5):
         x, y = ctx.batch
-        calls.append(ctx.step)
+        calls.append(type(ctx.params_after).__name__)
         out = ctx.forward(ctx.params_after, x)
         return ctx.loss(out, y) + weight * ctx.squared_distance()
 
@@ -140,3 +140,24 @@ def test_user_defined_meta_objective_runs_with_metamd():
     stats = learner.outer_step()
     assert stats["skipped_tasks"] == 0.0 and calls
     assert any(not torch.equal(a, b) for a, b in zip(before, _meta(learner), strict=True))
+
+    n_metamd = len(calls)
+    task = regression_task(0)
+    model = task.make_model(0)
+    apo = metaopt.APO(
+        model,
+        task.loss,
+        base="sgd",
+        adapt="lr",
+        lr=0.05,
+        meta_interval=1,
+        warmup=0,
+        meta_objective="test-user-distance-loss",
+        objective_options={"weight": 0.1},
+    )
+    stream = task.train_batches(0)
+    lr0 = dict(apo.hparam_log())
+    for _ in range(3):
+        apo.step(next(stream), fsd_batch=next(stream))
+    assert len(calls) > n_metamd  # the same function ran inside APO's meta steps
+    assert apo.hparam_log() != lr0  # and its meta-gradient moved APO's learning rate
