@@ -116,7 +116,7 @@ class OuterLearner:
 
         This rank handles tasks ``[rank::world_size]``. ``all_reduce`` (an in-place SUM
         across ranks) is called once with the summed hypergradients followed by one
-        3-vector ``[kept tasks, sum of meta-objectives, dropped tasks]``.
+        4-vector ``[kept tasks, sum of meta-objectives, dropped tasks, sum of final losses]``.
 
         Returns ``{"meta_objective", "hypergrad_norm", "seconds", "skipped_tasks",
         "final_loss"}`` (floats; means over the kept tasks).
