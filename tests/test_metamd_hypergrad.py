@@ -85,11 +85,15 @@ def _maxrel(a, b):
     return float((fa - fb).norm() / fb.norm())
 
 
-@pytest.mark.parametrize("engine", ["closed_form", "exact", "cg"])
-def test_implicit_hypergradient_equals_dense_eq13(engine):
+@pytest.mark.parametrize(
+    ("engine", "rank"), [("closed_form", 1), ("closed_form", 2), ("exact", 1), ("cg", 2)]
+)
+def test_implicit_hypergradient_equals_dense_eq13(engine, rank):
     task = regression_task(3)
     opts = {"iterations": 60} if engine == "cg" else {}
-    learner = _learner(task, engine=engine, engine_options=opts, k_lambda=0.2, gamma=0.05)
+    learner = _learner(
+        task, engine=engine, engine_options=opts, k_lambda=0.2, gamma=0.05, rank=rank
+    )
     pre, cfg = learner.preconditioner, learner.config
     res = task_hypergradient(task, pre, cfg, init_seed=11, data_seed=5, step=0)
     theta1, thetaT = _theta_T(task, pre, cfg, 11, 5)
