@@ -135,7 +135,8 @@ class OuterLearner:
             )
             if result.grads is None:
                 stats[2] += 1
-                log.warning("outer step %d: dropped task %s (%s)", self.step, task, result.reason)
+                name = getattr(task, "name", type(task).__name__)
+                log.warning("outer step %d: dropped task %s (%s)", self.step, name, result.reason)
                 continue
             for acc, g in zip(sums, result.grads, strict=True):
                 acc.add_(g.to(acc.dtype))
