@@ -224,6 +224,43 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --- the same learned files deployed with momentum -------------------------------------------
+def momentum(args: argparse.Namespace) -> dict[str, Any]:
+    """Re-deploy the files of a ``digits`` run with heavy-ball momentum 0.9 (the spec
+    ``learned-sgdm:<path>``, registered here), to separate the learned ``M`` from momentum:
+    with ``M = I`` it is exactly SGD-momentum."""
+    from meta_test.specs import OptimizerTrainer, register_spec
+    from metaopt.optim import Preconditioned
+    from tasks import get_suite
+
+    def build(spec: str, model: Any, task: Any, hp: dict[str, Any]) -> Any:
+        pre = metaopt.load_preconditioner(spec.split(":", 1)[1], model)
+        opt = Preconditioned(model.named_parameters(), pre, momentum=0.9, **hp)
+        return OptimizerTrainer(model, task, opt, num_meta_parameters=pre.num_meta_parameters())
+
+    from meta_test.space import LR_GRID, lr_wd_space
+
+    register_spec("learned-sgdm:<path>", build, search_space=lr_wd_space(LR_GRID, (0.0,)))
+    run_dir = Path(args.out) / f"holdout-{args.holdout}"
+    specs = {"sgdm": "sgdm"}
+    for name in ("metamd", "metasgd", "metacurvature"):
+        specs[f"{name}+momentum"] = f"learned-sgdm:{run_dir / (name + '.safetensors')}"
+    task = get_suite("rotated-digits").meta_test_task(args.holdout)
+    summary = _compare(
+        task,
+        specs,
+        run_dir / "momentum",
+        steps=args.steps,
+        seeds=(0, 1, 2),
+        hpo="grid",
+        grids={"weight_decay": (args.weight_decay,)},
+    )
+    return {
+        "experiment": f"rotated-digits/holdout={args.holdout} deployed with momentum 0.9",
+        "comparison": summary,
+    }
+
+
 # --- closed form vs Neumann on the MLP -------------------------------------------------------
 def agreement(args: argparse.Namespace) -> dict[str, Any]:
     from metaopt.learners.config import OuterConfig
@@ -274,7 +311,9 @@ def agreement(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("experiment", choices=["quadratics", "linreg", "digits", "agreement"])
+    p.add_argument(
+        "experiment", choices=["quadratics", "linreg", "digits", "momentum", "agreement"]
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--variant", default="mild")
     p.add_argument("--holdout", default="0")
@@ -296,7 +335,13 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.02)
     args = p.parse_args()
     torch.set_num_threads(1)
-    fn = {"quadratics": quadratics, "linreg": linreg, "digits": digits, "agreement": agreement}
+    fn = {
+        "quadratics": quadratics,
+        "linreg": linreg,
+        "digits": digits,
+        "momentum": momentum,
+        "agreement": agreement,
+    }
     if args.out is None:
         with tempfile.TemporaryDirectory() as tmp:
             args.out = tmp

@@ -27,6 +27,10 @@ def _last_json(path: Path) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
+def _num(v: object, default: float = float("nan")) -> float:
+    return default if v is None else float(v)  # type: ignore[arg-type]
+
+
 def quadratics(runs: Path, out: Path, variant: str) -> str | None:
     from tasks import get_family
 
@@ -70,16 +74,16 @@ def digits(runs: Path, out: Path) -> str | None:
     width = 0.8 / len(specs)
     for i, s in enumerate(specs):
         xs = [j + i * width for j in range(len(rows))]
-        axes[0].bar(xs, [rows[h][s]["auc_train_loss"] for h in rows], width, label=s)
-        axes[1].bar(xs, [100 * rows[h][s]["test_metric"] for h in rows], width, label=s)
+        auc = [_num(rows[h][s]["auc_train_loss"]) for h in rows]
+        axes[0].bar(xs, [min(a, 10.0) for a in auc], width, label=s)  # diverged: capped
+        axes[1].bar(xs, [100 * _num(rows[h][s]["test_metric"], 0.0) for h in rows], width)
     titles = ("training-loss AUC (lower is better)", "test accuracy %")
     for ax, title in zip(axes, titles, strict=True):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], list(rows))
         ax.set_xlabel("held-out rotation (degrees)")
         ax.set_title(title)
-    axes[1].set_ylim(
-        bottom=min(100 * r[s]["test_metric"] for r in rows.values() for s in specs) - 5
-    )
+    axes[0].set_yscale("log")
+    axes[1].set_ylim(50, 100)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path = out / "metamd_rotated_digits.png"
