@@ -92,14 +92,91 @@ def digits(runs: Path, out: Path) -> str | None:
     return str(path)
 
 
+def tables(runs: Path) -> str:
+    """Markdown tables of every summary found under ``runs``."""
+    lines: list[str] = []
+    for v in ("mild", "severe"):
+        d = _last_json(runs / f"quad-{v}.log")
+        if d is None:
+            continue
+        lines += [
+            f"**{d['experiment']}** (held-out Q = diag{tuple(round(q, 3) for q in d['Q'])}, "
+            f"iterations until {d['target']}):",
+            "",
+            "| optimizer | tuned lr | iterations | learned diag(M) |",
+            "|---|---|---|---|",
+        ]
+        for k, r in d["comparison"].items():
+            m = d["training"].get(k, {}).get("M_diag")
+            m = "" if m is None else f"({m[0]:.3g}, {m[1]:.3g})"
+            its = r["steps_to_target"] if r["steps_to_target"] is not None else "not reached"
+            lines.append(f"| {k} | {r['hparams'].get('lr')} | {its} | {m} |")
+        lines.append("")
+    d = _last_json(runs / "linreg.log")
+    if d is not None:
+        lines += [
+            f"**linear-regression-family** (held-out task, steps until training loss <= "
+            f"{d['target_loss']}):",
+            "",
+            "| optimizer | tuned lr | steps | AUC | final loss |",
+            "|---|---|---|---|---|",
+        ]
+        for k, r in d["comparison"].items():
+            its = r["steps_to_target"] if r["steps_to_target"] is not None else "not reached"
+            lines.append(
+                f"| {k} | {r['hparams'].get('lr')} | {its} | "
+                f"{_num(r['auc_train_loss']):.4g} | {_num(r['final_train_loss']):.4g} |"
+            )
+        lines.append("")
+    rows = {h: _last_json(runs / f"digits-{h}.log") for h in ("0", "15", "30", "45", "60", "75")}
+    rows = {h: d["comparison"] for h, d in rows.items() if d is not None}
+    if rows:
+        specs = list(next(iter(rows.values())))
+        head = "| held out | " + " | ".join(specs) + " |"
+        sep = "|---" * (len(specs) + 1) + "|"
+        for key, title, fmt in (
+            ("auc_train_loss", "training-loss AUC", "{:.3g}"),
+            ("test_metric", "test accuracy %", "{:.1f}"),
+        ):
+            lines += [f"**rotated-digits, {title}** (200 steps, 3 seeds):", "", head, sep]
+            for h, comp in rows.items():
+                vals = []
+                for s in specs:
+                    x = comp[s][key]
+                    x = None if x is None else (100 * x if key == "test_metric" else x)
+                    vals.append("diverged" if x is None or x > 1e6 else fmt.format(x))
+                lines.append(f"| {h} | " + " | ".join(vals) + " |")
+            lines.append("")
+    for h in ("0", "45"):
+        d = _last_json(runs / f"momentum-{h}.log")
+        if d is None:
+            continue
+        lines += [
+            f"**{d['experiment']}**:",
+            "",
+            "| optimizer | tuned lr | AUC | test acc % |",
+            "|---|---|---|---|",
+        ]
+        for k, r in d["comparison"].items():
+            acc = _num(r["test_metric"], float("nan")) * 100
+            lines.append(
+                f"| {k} | {r['hparams'].get('lr')} | {_num(r['auc_train_loss']):.3g} | {acc:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="/tmp/mdexp")
     p.add_argument("--out", default="docs/readme")
+    p.add_argument("--tables", action="store_true", help="also print markdown tables")
     args = p.parse_args()
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = [quadratics(runs, out, "mild"), quadratics(runs, out, "severe"), digits(runs, out)]
+    if args.tables:
+        print(tables(runs))
     print(json.dumps({"figures": [f for f in files if f]}))
 
 
