@@ -519,3 +519,33 @@ def test_kfac_damping_meta_gradient_matches_finite_differences():
     ]
     np.testing.assert_allclose(got, fd, rtol=1e-5)
     assert kfac.eigen  # the factors came from APO's own gradient evaluation
+
+
+def test_dense_diag_max_gives_a_small_lone_parameter_a_full_ekfac_block(tmp_path):
+    class Vec(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.theta = torch.nn.Parameter(torch.tensor([1.0, -1.5, 0.5]))
+
+        def forward(self, x):
+            return (self.theta * x).sum(-1, keepdim=True)
+
+    model = Vec()
+    pre = metaopt.KroneckerPreconditioner.for_model(model, "ekfac", dense_diag_max=3)
+    blk = pre.blocks["theta"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    A, B, S = (t.detach().double() for t in (blk.A, blk.B, blk.S))
+    assert A.shape == (3, 3)  # full block, not the diagonal family
+    want_p = B.item() ** 2 * A @ torch.diag(S.reshape(-1) ** 2) @ A.T  # (B kron A) D (B kron A)^T
+    g = torch.tensor([0.2, -1.0, 0.7])
+    got = pre.apply({"theta": g})["theta"].double()
+    torch.testing.assert_close(got, want_p @ g.double(), rtol=1e-5, atol=1e-6)
+    path = tmp_path / "p.safetensors"
+    metaopt.save_preconditioner(pre, path)
+    loaded = metaopt.load_preconditioner(path, Vec())
+    torch.testing.assert_close(loaded.apply({"theta": g})["theta"], got.float())
+    small = metaopt.KroneckerPreconditioner.for_model(model, "ekfac", dense_diag_max=2)
+    assert not hasattr(small.blocks["theta"], "A")  # larger than the limit: diagonal

@@ -136,3 +136,25 @@ def test_list_source_draws_distinct_tasks():
     learner = MetaMD(tasks, tasks_per_step=5)
     names = [t.name for t, _, _ in learner.draw(0)]
     assert sorted(names) == sorted(t.name for t in tasks)
+
+
+def test_metamd_defaults_are_the_papers():
+    learner = MetaMD([regression_task(0)], tasks_per_step=1)
+    cfg = learner.config
+    assert (cfg.family, cfg.engine, cfg.meta_objective, cfg.meta_optimizer) == (
+        "rank1",
+        "neumann",
+        "bregman-rate",
+        "adam",
+    )
+    assert cfg.engine_options == {"iterations": 20, "alpha": 0.5}
+    # another engine does not inherit Neumann's options
+    assert MetaMD([regression_task(0)], tasks_per_step=1, engine="cg").config.engine_options == {}
+    blocks = list(learner.preconditioner.blocks.values())
+    assert all(b.rank == 1 for b in blocks)
+    assert torch.is_tensor(learner.preconditioner.dense())
+
+
+def test_learn_scale_needs_the_lowrank_family():
+    with pytest.raises(ValueError, match="learn_scale=True"):
+        OuterConfig(family="diag", learn_scale=True)

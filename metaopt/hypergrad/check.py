@@ -16,7 +16,7 @@ def finite_difference_grad(
     fn: Callable[[tuple[Tensor, ...]], Tensor],
     hparams: Sequence[Tensor],
     *,
-    eps: float = 1e-6,
+    eps: float = 1e-5,
     indices: Sequence[tuple[int, int]] | None = None,
 ) -> list[tuple[int, int, float]]:
     """Central differences ``(f(h + eps e) - f(h - eps e)) / (2 eps)`` in float64.
@@ -33,7 +33,7 @@ def finite_difference_grad(
         for sign in (1.0, -1.0):
             moved = [h.clone() for h in base]
             moved[i].view(-1)[j] += sign * eps
-            values.append(float(fn(tuple(moved))))
+            values.append(float(fn(tuple(moved)).detach()))
         out.append((i, j, (values[0] - values[1]) / (2 * eps)))
     return out
 
@@ -43,7 +43,7 @@ def check_hypergradient(
     hparams: Sequence[Tensor],
     analytic: Sequence[Tensor],
     *,
-    eps: float = 1e-6,
+    eps: float = 1e-5,
     max_entries: int | None = None,
     generator: torch.Generator | None = None,
     rel_floor: float = 1e-3,
@@ -62,7 +62,8 @@ def check_hypergradient(
             must compute in float64 (cast its own data and parameters to the hparams'
             dtype) for the differences to be accurate.
         hparams: the point (sequence of tensors); analytic: one tensor per hparam.
-        eps: finite-difference step (default ``1e-6``; truncation error ``O(eps^2)``).
+        eps: finite-difference step (default ``1e-5``: truncation error ``O(eps^2)``, round-off
+            ``O(1e-16 / eps)`` relative to ``|fn|``).
         max_entries: check only this many entries, drawn uniformly with ``generator``
             (default all); each entry costs two calls of ``fn``.
         rel_floor: entry ``i``'s error is ``|a_i - fd_i| / max(|fd_i|, rel_floor *

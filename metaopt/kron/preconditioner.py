@@ -48,8 +48,12 @@ class KroneckerPreconditioner(nn.Module):
         self.param_names = list(param_names)
         self.param_shapes = {n: tuple(s) for n, s in param_shapes.items()}
         blocks = {}
+        dense_max = int(options.get("dense_diag_max", 0))
         for v in views:
-            if v.kind == "diag":
+            if v.kind == "diag" and family == "ekfac" and v.shape[0] * v.shape[1] <= dense_max:
+                # a small lone parameter as a 1 x n matrix: full n x n EKFAC block
+                blocks[_module_key(v.name)] = make_family(family, v.shape, name=v.name, **options)
+            elif v.kind == "diag":
                 cls = ScalarFamily if family == "scalar" else DiagFamily
                 own = options if family in ("diag", "scalar") else {}
                 blocks[_module_key(v.name)] = cls(v.shape, **own)
@@ -73,7 +77,9 @@ class KroneckerPreconditioner(nn.Module):
             family: ``"ekfac" | "lowrank" | "rank1" | "diag" | "scalar"``.
             rank: rank of ``"lowrank"`` factors (ignored by other families).
             skip: regex of parameter names to leave out (identity).
-            **options: family options (``learn_scale``, ``init_scale``).
+            **options: family options (``learn_scale``, ``init_scale``); for ``"ekfac"``,
+                ``dense_diag_max=n`` gives lone parameters (diag views) with at most ``n``
+                entries a full ``n x n`` EKFAC block instead of the diagonal one (default 0).
         """
         if family in ("lowrank", "rank1"):
             options["rank"] = 1 if family == "rank1" else rank

@@ -78,6 +78,9 @@ class APOConfig:
         warmup_lr: learning rate of the warm-up optimizer (``None``: ``lr``).
         precond_scale: the fixed 0.9 that scales the preconditioned step (``000_`` C.2).
         precond_momentum: momentum of the preconditioned step (default 0).
+        precond_options: options of ``KroneckerPreconditioner.for_model(model, "ekfac")``,
+            e.g. ``{"dense_diag_max": 16}`` for full blocks on small lone parameters
+            (``skip`` for identity on some parameters).
         check_every_step: sync every step to check the loss is finite (default: check at
             each meta step, naming the first non-finite step).
     """
@@ -108,6 +111,7 @@ class APOConfig:
     warmup_lr: float | None = None
     precond_scale: float = 0.9
     precond_momentum: float = 0.0
+    precond_options: dict[str, Any] = field(default_factory=dict)
     check_every_step: bool = False
 
     def __post_init__(self) -> None:
@@ -151,6 +155,8 @@ class APOConfig:
         fixed = {"lr", "momentum", "kl_clip", "damping"} & set(self.kfac_options)
         if fixed:
             raise ValueError(f"kfac_options: {sorted(fixed)} are set by APO, not K-FAC options")
+        if not isinstance(self.precond_options, dict):
+            raise ValueError(f"precond_options={self.precond_options!r}: must be a dict")
         if not isinstance(self.objective_options, dict):
             raise ValueError(f"objective_options={self.objective_options!r}: must be a dict")
         lr_adapt = self.adapt in _LR_ADAPTS

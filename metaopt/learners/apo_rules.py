@@ -91,8 +91,8 @@ def _param(value: float, like: Tensor) -> nn.Parameter:
     return nn.Parameter(torch.tensor(value, dtype=meta_dtype(like), device=like.device))
 
 
-def _preconditioner(model: nn.Module, family: str) -> KroneckerPreconditioner:
-    pre = KroneckerPreconditioner.for_model(model, family)
+def _preconditioner(model: nn.Module, family: str, **options: Any) -> KroneckerPreconditioner:
+    pre = KroneckerPreconditioner.for_model(model, family, **options)
     return pre.to(dtype=meta_dtype(next(model.parameters())))
 
 
@@ -242,7 +242,7 @@ class PrecondRule(Rule):
 
     def __init__(self, cfg: APOConfig, model: nn.Module) -> None:
         super().__init__(cfg, model)
-        self.preconditioner = _preconditioner(model, "ekfac")
+        self.preconditioner = _preconditioner(model, "ekfac", **cfg.precond_options)
         self.meta = dict(self.preconditioner.named_parameters())
 
     def update(self, params, grads, state, meta, *, lookahead, step):

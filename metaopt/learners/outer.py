@@ -67,7 +67,13 @@ class OuterLearner:
         **overrides: Any,
     ) -> None:
         if config is None:
-            config = OuterConfig(**{**self.defaults, **overrides})
+            fields = {**self.defaults, **overrides}
+            if overrides.get("engine", fields.get("engine")) != self.defaults.get("engine"):
+                # the default engine's options (Neumann's J, alpha) do not fit another engine
+                fields.setdefault("engine_options", {})
+                if "engine_options" not in overrides:
+                    fields["engine_options"] = {}
+            config = OuterConfig(**fields)
         elif overrides:
             config = dataclasses.replace(config, **overrides)
         self.config = config
@@ -75,9 +81,14 @@ class OuterLearner:
         if model is None:
             first = self._sample(step_generator(config.seed, -1), 1)[0]
             model = first.make_model(config.seed)
-        self.preconditioner = KroneckerPreconditioner.for_model(
-            model, config.family, **config.family_options()
-        )
+        with torch.random.fork_rng(devices=[]):  # the factors' random start: seeded, local
+            torch.manual_seed(config.seed)
+            self.preconditioner = KroneckerPreconditioner.for_model(
+                model, config.family, **config.family_options()
+            )
+        ref = next(iter(model.parameters()), None)
+        if ref is not None and ref.is_floating_point():
+            self.preconditioner.to(dtype=torch.promote_types(ref.dtype, torch.float32))
         params = list(self.preconditioner.parameters())
         if config.meta_optimizer == "adam":
             self.meta_optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=config.meta_lr)
@@ -105,7 +116,7 @@ class OuterLearner:
 
         This rank handles tasks ``[rank::world_size]``. ``all_reduce`` (an in-place SUM
         across ranks) is called once with the summed hypergradients followed by one
-        3-vector ``[kept tasks, sum of meta-objectives, dropped tasks]``.
+        4-vector ``[kept tasks, sum of meta-objectives, dropped tasks, sum of final losses]``.
 
         Returns ``{"meta_objective", "hypergrad_norm", "seconds", "skipped_tasks",
         "final_loss"}`` (floats; means over the kept tasks).
@@ -124,7 +135,8 @@ class OuterLearner:
             )
             if result.grads is None:
                 stats[2] += 1
-                log.warning("outer step %d: dropped task %s (%s)", self.step, task, result.reason)
+                name = getattr(task, "name", type(task).__name__)
+                log.warning("outer step %d: dropped task %s (%s)", self.step, name, result.reason)
                 continue
             for acc, g in zip(sums, result.grads, strict=True):
                 acc.add_(g.to(acc.dtype))

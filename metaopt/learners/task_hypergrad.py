@@ -20,6 +20,7 @@ mode (dual tensors) and reverse mode both differentiate the same code.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,8 @@ class TaskResult:
     meta_objective: float
     final_loss: float
     reason: str = ""
+    #: wall time of the engine call alone (CPU clock; on CUDA it includes queued work)
+    engine_seconds: float = 0.0
 
 
 def _finite(tensors: Mapping[str, Tensor] | tuple[Tensor, ...]) -> bool:
@@ -120,7 +123,7 @@ def task_hypergradient(
         return call(hp, fn)
 
     if config.implicit:
-        theta_t = _inner_run(task, forward, pre, theta1, stream, config)
+        theta_t, _ = _inner_run(task, forward, pre, theta1, stream, config)
         if not _finite(theta_t):
             return TaskResult(None, float("nan"), float("nan"), "non-finite inner run")
         params = tuple(theta_t[n].detach().requires_grad_(True) for n in names)
@@ -137,30 +140,38 @@ def task_hypergradient(
                 return tuple(out[n] for n in names)
 
             engine_opts["inverse_hvp"] = inverse_hvp
-        grads = hypergrad.implicit_grad(
-            inner, objective, params, hparams, method=config.engine, **engine_opts
-        )
+        clock = time.perf_counter()
+        try:
+            grads = hypergrad.implicit_grad(
+                inner, objective, params, hparams, method=config.engine, **engine_opts
+            )
+        except hypergrad.NonFiniteHypergradient as err:
+            return TaskResult(None, float("nan"), float("nan"), f"{err} (term {err.term!r})")
     else:
+        # the first T - truncate steps carry no graph (truncate=None: all T are unrolled)
+        keep = config.engine_options.get("truncate") or config.inner_steps
+        keep = min(keep, config.inner_steps)
+        theta_k, state_k = _inner_run(
+            task, forward, pre, theta1, stream, config, steps=config.inner_steps - keep
+        )
         n_state = len(names) if mom else 0
+        forward_mode = config.engine == "forward"
         record: dict[str, tuple[Tensor, ...]] = {}
+        # drawn up front: a stream's shuffling is random, which vmap (forward mode) forbids
+        window = iter([next(stream) for _ in range(keep)])
 
         def step_fn(ps: tuple[Tensor, ...], hp: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             theta = dict(zip(names, ps[: len(names)], strict=True))
-            state = (
-                {f"{n}:momentum": b for n, b in zip(names, ps[len(names) :], strict=True)}
-                if n_state
-                else {}
-            )
-            tracked = torch.is_grad_enabled()
-            with torch.enable_grad():
-                # leaves for the gradient; a tracked theta keeps its graph (second order)
-                theta_g = {
-                    n: t if t.requires_grad else t.detach().requires_grad_(True)
-                    for n, t in theta.items()
-                }
-                _, g = loss_and_grads(
-                    forward, task.loss, theta_g, next(stream), create_graph=tracked
-                )
+            state = {f"{n}:momentum": b for n, b in zip(names, ps[len(names) :], strict=False)}
+            x, y = next(window)
+            if forward_mode and y.is_floating_point():
+                # torch 2.x: mse_loss's forward-over-reverse formula writes into the target's
+                # tangent, which is an immutable ZeroTensor when the target has none; a
+                # materialised zero tangent (y + 0 * hparam) avoids it and changes nothing
+                y = y + 0 * hp[0].reshape(-1)[0].to(y.dtype)
+            # torch.func.grad: pure (forward mode transforms it) and differentiable by
+            # reverse-mode autograd (second order through the step)
+            g = torch.func.grad(lambda th: task.loss(forward(th, x), y))(theta)
             new, new_state = call(
                 hp, lambda p: preconditioned_step(theta, g, p, state, lr=lr, momentum=mom)
             )
@@ -170,28 +181,35 @@ def task_hypergradient(
             record["last"] = out
             return out
 
-        start = tuple(theta1[n].detach() for n in names)
+        start = tuple(theta_k[n] for n in names)
         if n_state:
-            start += tuple(torch.zeros_like(t) for t in start)
-        engine_opts = dict(config.engine_options)
-        grads = hypergrad.unrolled_grad(
-            step_fn,
-            objective,
-            start,
-            hparams,
-            steps=config.inner_steps,
-            mode="forward" if config.engine == "forward" else "reverse",
-            **engine_opts,
-        )
-        theta_t = {n: t.detach() for n, t in zip(names, record["last"][: len(names)], strict=True)}
+            start += tuple(
+                state_k.get(f"{n}:momentum", torch.zeros_like(theta_k[n])) for n in names
+            )
+        clock = time.perf_counter()
+        try:
+            grads = hypergrad.unrolled_grad(
+                step_fn,
+                objective,
+                start,
+                hparams,
+                steps=keep,
+                mode="forward" if forward_mode else "reverse",
+            )
+        except hypergrad.NonFiniteHypergradient as err:
+            return TaskResult(None, float("nan"), float("nan"), f"{err} (term {err.term!r})")
+        theta_t = {n: _primal(t) for n, t in zip(names, record["last"][: len(names)], strict=True)}
         params = tuple(theta_t[n] for n in names)
+        if not _finite(theta_t):
+            return TaskResult(None, float("nan"), float("nan"), "non-finite inner run")
+    engine_seconds = time.perf_counter() - clock
     grads = tuple(g.detach() for g in grads)
     if not _finite(grads):
         return TaskResult(None, float("nan"), float("nan"), "non-finite hypergradient")
     with torch.no_grad():
         value = objective(params, tuple(p.detach() for p in pre.parameters()))
         final = task.loss(forward(theta_t, meta_batch[0]), meta_batch[1])
-    return TaskResult(grads, float(value), float(final))
+    return TaskResult(grads, float(value), float(final), engine_seconds=engine_seconds)
 
 
 def _inner_run(
@@ -201,18 +219,29 @@ def _inner_run(
     theta1: dict[str, Tensor],
     stream: Any,
     config: OuterConfig,
-) -> dict[str, Tensor]:
-    """``T`` preconditioned steps from ``theta1`` without any graph; returns ``theta_T``."""
+    steps: int | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``steps`` (default ``T``) preconditioned steps from ``theta1`` without any graph;
+    returns ``(theta, optimizer state)``."""
     params = {n: t.detach().requires_grad_(True) for n, t in theta1.items()}
     state: dict[str, Tensor] = {}
-    for _ in range(config.inner_steps):
+    for _ in range(config.inner_steps if steps is None else steps):
         _, grads = loss_and_grads(forward, task.loss, params, next(stream))
         with torch.no_grad():
             params, state = preconditioned_step(
                 params, grads, pre, state, lr=config.inner_lr, momentum=config.inner_momentum
             )
         params = {n: t.requires_grad_(True) for n, t in params.items()}
-    return {n: t.detach() for n, t in params.items()}
+    return {n: t.detach() for n, t in params.items()}, {k: v.detach() for k, v in state.items()}
+
+
+def _primal(t: Tensor) -> Tensor:
+    """The plain value of ``t``: a tensor recorded inside a ``torch.func`` transform (forward
+    mode) is a wrapper that must be unwrapped level by level."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t.detach()
 
 
 def _check_architecture(pre: KroneckerPreconditioner, params: Mapping[str, Tensor]) -> None:

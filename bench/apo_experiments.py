@@ -1,0 +1,232 @@
+"""APO's done-when experiments, run through the harness's training loop
+(:func:`meta_test.runs.run_training`), each printing ONE JSON object as its last line.
+
+Every configuration of a grid trains from the same seed for the same number of steps; the
+best configuration of each method is the one with the lowest final loss on the full
+training split (the papers select on final training loss, ``000_`` C.3-C.4).
+
+    OMP_NUM_THREADS=1 python bench/apo_experiments.py rosenbrock
+    OMP_NUM_THREADS=1 python bench/apo_experiments.py ill-conditioned
+    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-lr
+    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-initial-lr
+    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-eps-rho
+    OMP_NUM_THREADS=1 python bench/apo_experiments.py bf16-lenet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+
+import tasks  # noqa: F401  (registers the tasks)
+from meta_test.runs import run_training
+from tasks.registry import get_task
+
+
+def _run(task: Any, spec: str, hp: dict[str, Any], steps: int, seed: int = 0) -> dict[str, Any]:
+    start = time.perf_counter()
+    res = run_training(
+        task,
+        spec,
+        hp,
+        seed=seed,
+        steps=steps,
+        log_every=max(1, steps // 20),
+        final_splits=("train",),
+    )
+    final = res.final.get("train_loss", math.nan)
+    hp_log = {k: v[-1] for k, v in res.hparams_adapted.items() if v and "/" not in k}
+    return {
+        "spec": spec,
+        "hparams": {k: v for k, v in hp.items() if not isinstance(v, dict)},
+        "final_train_loss": None if not math.isfinite(final) else final,
+        "diverged": res.diverged,
+        "adapted_end": hp_log,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _grid(task, spec, configs, steps, seed=0) -> dict[str, Any]:
+    runs = [_run(task, spec, hp, steps, seed) for hp in configs]
+    for r in runs:
+        print(json.dumps(r), file=sys.stderr, flush=True)
+    ok = [r for r in runs if r["final_train_loss"] is not None]
+    best = min(ok, key=lambda r: r["final_train_loss"]) if ok else None
+    return {"best": best, "runs": runs}
+
+
+def rosenbrock() -> dict[str, Any]:
+    task = get_task("rosenbrock", dtype=torch.float64)
+    steps = 20_000
+    sgd = _grid(task, "sgd", [{"lr": lr} for lr in (2e-3, 1e-3, 7e-4, 5e-4, 3e-4, 1e-4)], steps)
+    common = dict(
+        lambda_fsd=0.0,
+        lambda_wsd=0.0,
+        meta_lr=1e-2,
+        warmup=0,
+        precond_options={"dense_diag_max": 4},
+    )
+    apo = _grid(task, "apo-precond", [dict(common, lr=lr) for lr in (3e-3, 2e-3, 1e-3)], steps)
+    best_sgd = sgd["best"]["final_train_loss"]
+    best_apo = apo["best"]["final_train_loss"] if apo["best"] else math.inf
+    return {
+        "experiment": "rosenbrock",
+        "steps": steps,
+        "sgd": sgd,
+        "apo_precond": apo,
+        "claim_apo_below_1e-10": best_apo < 1e-10,
+        "claim_sgd_above_1e-10": best_sgd >= 1e-10,
+    }
+
+
+def ill_conditioned() -> dict[str, Any]:
+    task = get_task("ill-conditioned-regression")
+    steps = 3000
+    sgdm = _grid(task, "sgdm", [{"lr": lr} for lr in (0.3, 0.1, 0.03, 0.01, 0.003, 0.001)], steps)
+    kfac = _grid(
+        task,
+        "kfac",
+        [{"lr": lr, "damping": d} for lr in (0.3, 0.1, 0.03, 0.01) for d in (1e-2, 1e-3, 1e-4)],
+        steps,
+    )
+    apo = _grid(
+        task,
+        "apo-precond",
+        [
+            {"lr": lr, "lambda_fsd": 0.0, "lambda_wsd": w, "warmup": 300, "meta_lr": 1e-3}
+            for lr in (0.1, 0.03, 0.01)
+            for w in (1.0, 0.1, 0.01)
+        ],
+        steps,
+    )
+    f = {
+        k: v["best"]["final_train_loss"] for k, v in (("sgdm", sgdm), ("kfac", kfac), ("apo", apo))
+    }
+    return {
+        "experiment": "ill-conditioned-regression",
+        "steps": steps,
+        "sgdm": sgdm,
+        "kfac": kfac,
+        "apo_precond": apo,
+        "claim_apo_le_kfac": f["apo"] <= f["kfac"],
+        "claim_apo_le_1e-2_sgdm": f["apo"] <= 1e-2 * f["sgdm"],
+    }
+
+
+DIGITS = dict(model="mlp", model_options={"in_features": 64, "widths": (256, 256)}, batch_size=100)
+LAMBDAS = (0.3, 0.1, 0.03, 0.01, 0.001, 0.0001)
+
+
+def digits_lr() -> dict[str, Any]:
+    task = get_task("digits", **DIGITS)
+    steps = 3000
+    out: dict[str, Any] = {"experiment": "digits-lr", "steps": steps, "model": "mlp 64-256-256-10"}
+    grids = {
+        "sgdm": (1.0, 0.3, 0.1, 0.03, 0.01, 0.003),
+        "rmsprop": (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5),
+    }
+    for base, lrs in grids.items():
+        fixed = _grid(task, base, [{"lr": lr} for lr in lrs], steps)
+        apo = _grid(task, f"apo-lr:{base}", [{"lambda_fsd": lam} for lam in LAMBDAS], steps)
+        out[base] = fixed
+        out[f"{base}_apo"] = apo
+        out[f"claim_{base}_apo_below_fixed"] = (
+            apo["best"]["final_train_loss"] < fixed["best"]["final_train_loss"]
+        )
+    return out
+
+
+def digits_initial_lr() -> dict[str, Any]:
+    task = get_task("digits", **DIGITS)
+    steps = 3000
+    out: dict[str, Any] = {"experiment": "digits-initial-lr", "steps": steps}
+    for base, lam in (("sgdm", 0.01), ("rmsprop", 0.01)):
+        runs = [
+            _run(task, f"apo-lr:{base}", {"lr": lr, "lambda_fsd": lam}, steps)
+            for lr in (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+        ]
+        for r in runs:
+            print(json.dumps(r), file=sys.stderr, flush=True)
+        finals = [r["final_train_loss"] for r in runs]
+        ok = [v for v in finals if v is not None]
+        ratio = max(ok) / min(ok) if len(ok) == len(finals) else math.inf
+        out[base] = {
+            "lambda_fsd": lam,
+            "runs": runs,
+            "max_over_min": ratio,
+            "claim_within_factor_2": ratio <= 2.0,
+        }
+    return out
+
+
+def digits_eps_rho() -> dict[str, Any]:
+    task = get_task("digits", **DIGITS)
+    steps = 3000
+    fixed = _grid(
+        task, "rmsprop", [{"lr": lr} for lr in (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5)], steps
+    )
+    lr0 = fixed["best"]["hparams"]["lr"]
+    apo = _grid(
+        task, "apo-rmsprop-eps-rho", [{"lr": lr0, "lambda_fsd": lam} for lam in LAMBDAS], steps
+    )
+    return {
+        "experiment": "digits-eps-rho",
+        "steps": steps,
+        "rmsprop": fixed,
+        "apo_rmsprop_eps_rho": apo,
+        "claim_below_default_rmsprop": apo["best"]["final_train_loss"]
+        < fixed["best"]["final_train_loss"],
+    }
+
+
+def bf16_lenet() -> dict[str, Any]:
+    steps = 1500
+    out: dict[str, Any] = {"experiment": "bf16-lenet", "steps": steps}
+    for dtype in ("bfloat16", "float32"):
+        task = get_task(
+            "digits",
+            model="lenet",
+            model_options={"input_size": 8},
+            dtype=getattr(torch, dtype),
+            batch_size=100,
+        )
+        apo = _run(
+            task,
+            "apo-precond",
+            {"lr": 0.05, "lambda_fsd": 0.1, "lambda_wsd": 0.1, "warmup": 300, "meta_lr": 1e-4},
+            steps,
+        )
+        sgdm = _run(task, "sgdm", {"lr": 0.05}, steps)
+        kfac = [_run(task, "kfac", {"lr": 0.05, "damping": d}, steps) for d in (1e-3, 1e-2, 1e-1)]
+        out[dtype] = {"apo_precond": apo, "sgdm": sgdm, "kfac": kfac}
+        print(json.dumps(out[dtype]), file=sys.stderr, flush=True)
+    return out
+
+
+EXPERIMENTS = {
+    "rosenbrock": rosenbrock,
+    "ill-conditioned": ill_conditioned,
+    "digits-lr": digits_lr,
+    "digits-initial-lr": digits_initial_lr,
+    "digits-eps-rho": digits_eps_rho,
+    "bf16-lenet": bf16_lenet,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="APO done-when experiments")
+    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(json.dumps(EXPERIMENTS[args.experiment]()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
