@@ -44,6 +44,8 @@ def _ridge(dtype=D, n=40, m=30, d=5, seed=0):
         "K": K(lam),
         "closed": closed,
         "val_at": lambda h: outer((w_star(h[0]),), h),
+        "K0": X.T @ X / n,
+        "b": X.T @ y / n,
     }
 
 
@@ -193,3 +195,21 @@ def test_bad_method_and_options_raise_value_error():
         implicit_grad(*args, method="neumann", iterations=0)
     with pytest.raises(ValueError, match="inverse_hvp"):
         implicit_grad(*args, method="closed_form")
+    with pytest.raises(ValueError, match="inner_objective=None"):
+        implicit_grad(None, *args[1:], method="cg")
+    with pytest.raises(ValueError, match="inner_grad returned shapes"):
+        implicit_grad(*args, method="cg", inner_grad=lambda p, h: (p[0][:2],))
+
+
+def test_inner_grad_option_matches_closed_form():
+    r = _ridge()
+
+    def inner_grad(params, hparams):  # d_w inner = X^T X w / n + lam * w - X^T y / n
+        (w,), (lam,) = params, hparams
+        return (r["K0"] @ w + lam * w - r["b"],)
+
+    for method, opts in (("cg", {"tol": 1e-14}), ("exact", {})):
+        (hg,) = implicit_grad(
+            None, r["outer"], (r["w"],), (r["lam"],), method=method, inner_grad=inner_grad, **opts
+        )
+        assert _rel(hg, r["closed"]) < 1e-8

@@ -221,5 +221,8 @@ def test_bad_arguments_raise_value_error():
         unrolled_grad(*args, steps=2, truncate=3)
     with pytest.raises(ValueError, match="steps=0"):
         unrolled_grad(*args, steps=0)
+    A, b = _problem()[:2]
+    with pytest.raises(ValueError, match="torch.func.grad"):
+        unrolled_grad(_autograd_step(A, b), args[1], args[2], args[3], steps=1, mode="forward")
     with pytest.raises(ValueError, match="hparams"):
         unrolled_grad(args[0], args[1], args[2], torch.zeros(()), steps=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 Vec = tuple[Tensor, ...]
@@ -43,3 +44,23 @@ def positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r}: must be a positive integer")
     return value
+
+
+def hparam_inputs(hparams: Sequence[Tensor] | Iterable[Tensor]) -> Vec:
+    """The tensors to differentiate with respect to.
+
+    An hparam that already requires grad is used as is (so closures may capture it, e.g.
+    a module's own meta-parameters; ``torch.autograd.grad`` never writes ``.grad``); one
+    that does not becomes a detached leaf that requires grad.
+    """
+    given = hparams if isinstance(hparams, Tensor) else tuple(hparams)
+    checked = as_leaves(given, "hparams")
+    return tuple(
+        h if h.requires_grad else c.requires_grad_(True)
+        for h, c in zip(given, checked, strict=True)
+    )
+
+
+def zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Vec:
+    """``torch.autograd.grad(..., allow_unused=True)`` output with zeros for ``None``."""
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True))

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from metaopt.hypergrad._common import Vec, as_leaves, positive_int
-from metaopt.hypergrad.errors import check_finite
+from metaopt.hypergrad._common import Vec, as_leaves, hparam_inputs, positive_int, zeros_for_none
+from metaopt.hypergrad.errors import FiniteGuard, check_finite
 
 __all__ = ["unrolled_grad"]
 
@@ -46,7 +46,10 @@ def unrolled_grad(
         step: ``step(params, hparams) -> params`` (tuples of tensors, same shapes). In
             reverse mode it must keep the graph (e.g. ``metaopt.func.loss_and_grads(...,
             create_graph=True)`` then a ``metaopt.optim.functional`` step); ``params`` it
-            receives require grad. In forward mode it is transformed by ``torch.func.jvp``
+            receives require grad. It may use the ``hparams`` given or, when the hparams
+            passed in require grad, capture those same tensors (e.g. call
+            ``preconditioner.apply`` with ``hparams = tuple(preconditioner.parameters())``;
+            ``.grad`` is never written). In forward mode it is transformed by ``torch.func.jvp``
             and must be pure: take gradients with ``torch.func.grad`` (not
             ``torch.autograd.grad``) and use the ``hparams`` passed in.
         outer_objective: ``outer(params, hparams) -> 0-dim tensor`` at ``theta_T``.
@@ -72,11 +75,21 @@ def unrolled_grad(
     if mode not in ("reverse", "forward"):
         raise ValueError(f"mode={mode!r}: allowed 'reverse', 'forward'")
     theta = as_leaves(params, "params")
-    lam = as_leaves(hparams, "hparams")
     keep = steps if truncate is None else truncate
     if mode == "reverse":
-        return _reverse(step, outer_objective, theta, lam, steps, keep)
-    return _forward(step, outer_objective, theta, lam, steps, keep)
+        return _reverse(step, outer_objective, theta, hparam_inputs(hparams), steps, keep)
+    try:
+        return _forward(step, outer_objective, theta, as_leaves(hparams, "hparams"), steps, keep)
+    except RuntimeError as err:
+        # what torch says when a step calls torch.autograd.grad inside the transform
+        hints = ("functorch", "torch.func", "does not require grad")
+        if not any(h in str(err) for h in hints):
+            raise
+        raise ValueError(
+            "mode='forward': step/outer_objective must be pure for torch.func.jvp (take "
+            "gradients with torch.func.grad, not torch.autograd.grad or requires_grad_); "
+            f"torch said: {str(err).splitlines()[0]}"
+        ) from err
 
 
 def _apply(step: Step, theta: Vec, lam: Vec) -> Vec:
@@ -87,15 +100,15 @@ def _apply(step: Step, theta: Vec, lam: Vec) -> Vec:
 
 
 def _reverse(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, keep: int) -> Vec:
-    lam = tuple(h.requires_grad_(True) for h in lam)
     theta = tuple(t.requires_grad_(True) for t in theta)
     for t in range(steps):
-        theta = _apply(step, theta, lam)
+        with torch.enable_grad():
+            theta = _apply(step, theta, lam)
         if t < steps - keep:  # outside the differentiated window: cut the graph
             theta = tuple(p.detach().requires_grad_(True) for p in theta)
-    value = outer(theta, lam)
-    grads = torch.autograd.grad(value, lam, allow_unused=True)
-    out = tuple(torch.zeros_like(h) if g is None else g for g, h in zip(grads, lam, strict=True))
+    with torch.enable_grad():
+        value = outer(theta, lam)
+        out = zeros_for_none(torch.autograd.grad(value, lam, allow_unused=True), lam)
     check_finite(out, "hypergradient")
     return out
 
@@ -124,10 +137,11 @@ def _forward(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, kee
 
         if n == 1:  # one scalar: no vmap, a plain jvp per step
             t_lam = tuple(b[0] for b in basis)
+            # materialised zero tangents (not ZeroTensors: some forward-over-reverse
+            # formulas write into their inputs' tangents)
             t_theta = tuple(torch.zeros_like(p) for p in theta)
             for _ in range(keep):
                 theta, t_theta = push(theta, t_theta, t_lam)
-            check_finite(t_theta, "tangent")
             derivs = total(theta, t_theta, t_lam).reshape(1)
         else:
             t_theta = tuple(
@@ -136,11 +150,13 @@ def _forward(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, kee
             batched = vmap(push, in_dims=(None, 0, 0), out_dims=(None, 0))
             for _ in range(keep):
                 theta, t_theta = batched(theta, t_theta, basis)
-            check_finite(t_theta, "tangent")
             derivs = vmap(total, in_dims=(None, 0, 0))(theta, t_theta, basis)
     sizes = [h.numel() for h in lam]
     out = tuple(
         d.reshape(h.shape).to(h.dtype) for d, h in zip(derivs.split(sizes), lam, strict=True)
     )
-    check_finite(out, "hypergradient")
+    guard = FiniteGuard()
+    guard.add(t_theta, "tangent")
+    guard.add(out, "hypergradient")
+    guard.check()
     return out
