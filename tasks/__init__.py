@@ -1,6 +1,7 @@
 """Task distributions, datasets and models for meta-training and meta-testing."""
 
 import tasks.reconstruction  # noqa: F401  (registers "autoencoder:<name>")
+import tasks.rotated  # noqa: F401  (registers "rotated-mnist")
 import tasks.synthetic  # noqa: F401  (registers rosenbrock, regression and quadratic families)
 import tasks.tabular  # noqa: F401  (registers digits, rotated-digits and sklearn tabular tasks)
 import tasks.uci  # noqa: F401  (registers "uci:<name>")

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from tasks.base import Task
 from tasks.registry import get_task, register_task
+from tasks.synthetic import storage_dtype
 from tasks.vision_data import model_factory
 
 __all__ = ["Reconstruction", "autoencoder_task", "bernoulli_cross_entropy", "reconstruction"]
@@ -37,25 +38,29 @@ def bernoulli_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 
 
 class Reconstruction(Dataset):
-    """``(x, x.flatten())`` for every ``(x, label)`` of ``base``."""
+    """``(x, x.flatten())`` for every ``(x, label)`` of ``base``; the target in ``dtype``."""
 
-    def __init__(self, base: Dataset) -> None:
+    def __init__(self, base: Dataset, dtype: torch.dtype = torch.float32) -> None:
         self.base = base
+        self.dtype = dtype
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         x = self.base[i][0]
-        return x, x.reshape(-1)
+        return x, x.reshape(-1).to(self.dtype)
 
 
-def reconstruction(base: Dataset) -> Dataset:
-    """The reconstruction view of ``base`` (a ``TensorDataset`` stays one, for fast batches)."""
+def reconstruction(base: Dataset, dtype: torch.dtype | None = None) -> Dataset:
+    """The reconstruction view of ``base`` (a ``TensorDataset`` stays one, for fast batches);
+    targets are stored in ``dtype`` (float32 unless a float dtype is given), since batch
+    streams cast inputs only."""
+    target_dtype = storage_dtype(dtype)
     if isinstance(base, TensorDataset):
         x = base.tensors[0]
-        return TensorDataset(x, x.reshape(x.shape[0], -1))
-    return Reconstruction(base)
+        return TensorDataset(x, x.reshape(x.shape[0], -1).to(target_dtype))
+    return Reconstruction(base, target_dtype)
 
 
 @register_task("autoencoder:<name>")
@@ -85,9 +90,9 @@ def autoencoder_task(
         model_fn=model_factory(model, math.prod(shape), model_options, input_shape=shape),
         loss_fn=bernoulli_cross_entropy,
         metric="mse",
-        train=reconstruction(base.train),
-        val=reconstruction(base.val),
-        test=reconstruction(base.test),
+        train=reconstruction(base.train, base.dtype),
+        val=reconstruction(base.val, base.dtype),
+        test=reconstruction(base.test, base.dtype),
         batch_size=batch_size,
         device=base.device,
         dtype=base.dtype,

@@ -12,6 +12,7 @@ Names with a ``prefix:`` (e.g. ``"uci:slice"``) resolve to the factory registere
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -73,22 +74,37 @@ def _lookup(kind: str, name: str) -> tuple[Callable[..., Any], dict[str, Any]]:
     raise ValueError(f"{kind}={name!r} is unknown; available {kind}s: {sorted(reg)}")
 
 
+def _build(kind: str, name: str, options: dict[str, Any]) -> Any:
+    """Call the factory; an option its signature cannot take is a ``ValueError`` listing the
+    options it does take (factories with ``**options`` check their own)."""
+    factory, extra = _lookup(kind, name)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no introspectable signature
+        params = {}
+    if params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            allowed = sorted(p for p in params if p not in extra)
+            raise ValueError(
+                f"{kind} {name!r}: unknown option(s) {unknown}; its options are {allowed}"
+            )
+    return factory(**extra, **options)
+
+
 def get_task(name: str, **options: Any) -> Task:
     """Build the task registered as ``name`` (``"digits"``, ``"uci:slice"``, ...)."""
-    factory, extra = _lookup("task", name)
-    return factory(**extra, **options)
+    return _build("task", name, options)
 
 
 def get_family(name: str, **options: Any) -> TaskFamily:
     """Build the task family registered as ``name`` (``"meta-quadratics"``, ...)."""
-    factory, extra = _lookup("family", name)
-    return factory(**extra, **options)
+    return _build("family", name, options)
 
 
 def get_suite(name: str, **options: Any) -> TaskSuite:
     """Build the suite registered as ``name`` (``"rotated-digits"``, ...)."""
-    factory, extra = _lookup("suite", name)
-    return factory(**extra, **options)
+    return _build("suite", name, options)
 
 
 def available() -> dict[str, list[str]]:

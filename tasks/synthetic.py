@@ -71,7 +71,7 @@ def _dummy(targets: Tensor) -> TensorDataset:
 
 
 def _variables_task(name: str, model_fn: Any, loss_fn: Any, target: Tensor, **kw: Any) -> Task:
-    data = _dummy(target)
+    data = _dummy(target.to(storage_dtype(kw.get("dtype"))))
     return Task(
         name=name,
         model_fn=model_fn,

@@ -26,6 +26,7 @@ Splits are fixed by ``split_seed`` (default 0): ``test_fraction`` (0.2) then
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import TensorDataset
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from tasks.base import Task, TaskSuite
 from tasks.registry import register_suite, register_task
+from tasks.rotated import ROTATION_DOMAINS, check_angles, rotate_images
 from tasks.synthetic import squared_error, storage_dtype, with_defaults
 from tasks.vision_data import model_factory, stratified_split
 
@@ -52,7 +53,6 @@ __all__ = [
     "tensor_task",
 ]
 
-ROTATION_DOMAINS = ("0", "15", "30", "45", "60", "75")
 TABULAR_MODEL = {"mlp": {"widths": (100, 100)}}
 
 
@@ -158,15 +158,19 @@ def _digits_base() -> tuple[Tensor, Tensor]:
     return images, torch.tensor(data.target, dtype=torch.int64)
 
 
-@functools.lru_cache(maxsize=16)
 def digit_images(angle: float = 0.0, image_size: int = 8) -> Tensor:
     """All 1,797 digits, ``(1797, 1, s, s)`` in [0, 1]: resized, then rotated by ``angle``."""
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size={image_size!r}: must be a positive integer")
+    return _digit_images(float(angle), image_size).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _digit_images(angle: float, image_size: int) -> Tensor:
     images = _digits_base()[0]
     if image_size != images.shape[-1]:
         images = TF.resize(images, [image_size, image_size], antialias=True)
-    images = TF.rotate(images, float(angle), interpolation=InterpolationMode.BILINEAR)
+    images = rotate_images(images, angle)
     return images.clamp(0.0, 1.0)
 
 
@@ -182,14 +186,13 @@ def digits(
     model_options: Mapping[str, Any] | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
-    name: str = "digits",
 ) -> Task:
     """The sklearn digits (optionally rotated by ``angle`` degrees), 10 classes."""
     labels = _digits_base()[1]
     parts = split_three(len(labels), val_fraction, test_fraction, split_seed, labels.tolist())
     x = digit_images(float(angle), image_size)
     return tensor_task(
-        name,
+        "digits",
         x,
         labels,
         parts,
@@ -213,24 +216,25 @@ class RotatedDigits(TaskSuite):
     name = "rotated-digits"
 
     def __init__(self, domains: Sequence[str] = ROTATION_DOMAINS, **options: Any) -> None:
-        domains = tuple(str(d) for d in domains)
-        for d in domains:
-            try:
-                float(d)
-            except ValueError:
-                raise ValueError(f"domains: {d!r} is not an angle in degrees") from None
-        if not domains or len(set(domains)) != len(domains):
-            raise ValueError(f"domains={list(domains)!r}: must be distinct and non-empty")
-        for key in ("angle", "name"):
-            if key in options:
-                raise ValueError(f"{key}=: set by the domain, not an option of the suite")
+        domains = check_angles(domains)
+        if "angle" in options:
+            raise ValueError("angle=: set by the domain, not an option of the suite")
+        allowed = set(inspect.signature(digits).parameters) - {"angle"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise ValueError(
+                f"suite 'rotated-digits': unknown option(s) {unknown}; its options are "
+                f"{sorted(allowed | {'domains'})}"
+            )
         self.domains = domains
         self.options = options
-        digits(**options)  # validate the options once, now
+        digits(**options)  # validate the option values once, now
 
     def task(self, domain: str) -> Task:
         domain = self.check_domain(domain)
-        return digits(angle=float(domain), name=f"rotated-digits/{domain}", **self.options)
+        task = digits(angle=float(domain), **self.options)
+        task.name = f"rotated-digits/{domain}"
+        return task
 
 
 register_suite("rotated-digits")(RotatedDigits)
@@ -289,19 +293,13 @@ def _tabular(
     )
 
 
-@register_task("breast-cancer")
-def breast_cancer(**options: Any) -> Task:
-    """Wisconsin breast cancer: 569 x 30 standardised features, 2 classes."""
-    return _tabular("breast-cancer", "load_breast_cancer", False, **options)
+breast_cancer = register_task("breast-cancer")(
+    functools.partial(_tabular, "breast-cancer", "load_breast_cancer", False)
+)
+"""Wisconsin breast cancer: 569 x 30 standardised features, 2 classes (``_tabular`` options)."""
 
+wine = register_task("wine")(functools.partial(_tabular, "wine", "load_wine", False))
+"""Wine recognition: 178 x 13 standardised features, 3 classes."""
 
-@register_task("wine")
-def wine(**options: Any) -> Task:
-    """Wine recognition: 178 x 13 standardised features, 3 classes."""
-    return _tabular("wine", "load_wine", False, **options)
-
-
-@register_task("diabetes")
-def diabetes(**options: Any) -> Task:
-    """Diabetes progression: 442 x 10 standardised inputs, standardised scalar target."""
-    return _tabular("diabetes", "load_diabetes", True, **options)
+diabetes = register_task("diabetes")(functools.partial(_tabular, "diabetes", "load_diabetes", True))
+"""Diabetes progression: 442 x 10 standardised inputs, standardised scalar target."""

@@ -66,7 +66,9 @@ def _task(
     train_idx, val_idx = split_indices(len(train_full), cfg.val_fraction, cfg.split_seed)
     return Task(
         name=name,
-        model_fn=model_factory(cfg.model, num_classes, cfg.model_options),
+        model_fn=model_factory(
+            cfg.model, num_classes, cfg.model_options, input_shape=info.get("input_shape")
+        ),
         loss_fn=F.cross_entropy,
         metric="accuracy",
         train=SplitView(train_full, train_idx, train_tf),

@@ -200,7 +200,9 @@ class ImageFolderSuite(TaskSuite):
         k = len(chosen)
         return Task(
             name=f"imagefolder/{domain}",
-            model_fn=model_factory(cfg.model, k, cfg.model_options),
+            model_fn=model_factory(
+                cfg.model, k, cfg.model_options, input_shape=(3, self.image_size, self.image_size)
+            ),
             loss_fn=F.cross_entropy,
             metric="accuracy",
             train=train,

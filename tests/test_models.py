@@ -51,6 +51,8 @@ def test_names_and_errors():
         get_model("lenet", num_classes=10, input_size=2)
     with pytest.raises(ValueError, match="widths=.*exactly two hidden"):
         get_model("metamd-mlp", num_classes=10, widths=(5,))
+    with pytest.raises(ValueError, match="input_size=8: VGG-16's five max-pools"):
+        tasks.get_task("digits", model="vgg16").make_model(0)
     with pytest.raises(ValueError, match="input_shape=.*square"):
         get_model("lenet", num_classes=10, input_shape=(1, 8, 9))
 
@@ -156,6 +158,8 @@ def colour_task_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         ("alexnet-small", {}),
         ("lenet", {"in_channels": 3, "input_size": 32}),
+        ("lenet", {}),  # geometry from the task's input_shape
+        ("mlp", {"widths": (8,)}),  # in_features 3 * 32 * 32 from the task
         ("resnet32", {}),
         ("resnet18", {"cifar_stem": True}),
         ("vgg16", {}),

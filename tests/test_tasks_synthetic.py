@@ -194,3 +194,64 @@ def test_every_synthetic_task_is_marked_for_the_harness():
     ]
     assert all(t.info["synthetic"] is True and t.metric == "mse" for t in made)
     assert "synthetic" not in tasks.get_task("diabetes").info
+
+
+def _in_memory_tasks(**options) -> list[Task]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        tasks.get_task("rosenbrock", **options),
+        tasks.get_task("ill-conditioned-regression", **options),
+        tasks.get_family("meta-quadratics", **options).sample(g),
+        tasks.get_family("linear-regression-family", **options).sample(g),
+        tasks.get_task("digits", **options),
+        tasks.get_suite("rotated-digits", **options).task("30"),
+        tasks.get_task("wine", **options),
+        tasks.get_task("diabetes", **options),
+        tasks.get_task("autoencoder:digits", **options),
+    ]
+
+
+def _one_step(task: Task, device: str, dtype: torch.dtype) -> None:
+    model = task.make_model(0)
+    x, y = next(task.train_batches(0, batch_size=8))
+    out = model(x)
+    assert out.device.type == device and out.dtype == dtype, task.name
+    assert x.device.type == device and y.device.type == device
+    loss = task.loss(out, y)
+    assert loss.dtype == dtype and loss.device.type == device, task.name
+    loss.backward()
+    assert all(p.grad.dtype == dtype for p in model.parameters())
+    result = task.evaluate(model, "val")
+    assert set(result) == {"loss", task.metric}
+
+
+def test_float64_tasks_stay_float64():
+    for task in _in_memory_tasks(dtype=torch.float64):
+        _one_step(task, "cpu", torch.float64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tasks_run_on_cuda():
+    for task in _in_memory_tasks(device="cuda"):
+        _one_step(task, "cuda", torch.float32)
+
+
+def test_linear_regression_family_hessian_is_the_ill_conditioned_covariance():
+    family = tasks.get_family(
+        "linear-regression-family", dim=8, condition=1e3, n_train=4000, dtype=torch.float64
+    )
+    task = family.sample(torch.Generator().manual_seed(3))
+    x, y = task.train.tensors
+    model = task.make_model(0)
+
+    def loss_at(w: torch.Tensor) -> torch.Tensor:
+        return task.loss(x @ w, y.squeeze(1))
+
+    w0 = model.out.weight.detach().reshape(-1).clone()
+    hess = torch.autograd.functional.hessian(loss_at, w0)
+    torch.testing.assert_close(hess, 2 * x.T @ x / len(x))  # exact for least squares
+    ratio = float(torch.linalg.cond(hess)) / 1e3  # the family's covariance condition number
+    assert 0.7 < ratio < 1.4
+    sample = task.loss(model(x), y).detach()
+    assert float(sample) == pytest.approx(float(loss_at(w0)), rel=1e-12)  # model == x @ w

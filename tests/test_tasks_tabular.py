@@ -267,3 +267,16 @@ def test_uci_bad_files_and_columns(tmp_path):
         tasks.get_task("uci:ok", data_root=tmp_path, target_column="z")
     with pytest.raises(ValueError, match="includes the target column"):
         tasks.get_task("uci:ok", data_root=tmp_path, drop_columns=["b"])
+
+
+def test_unknown_options_are_value_errors_listing_the_options():
+    with pytest.raises(
+        ValueError, match=r"task 'wine': unknown option\(s\) \['colour'\]; .*'split_seed'"
+    ):
+        tasks.get_task("wine", colour=1)
+    with pytest.raises(ValueError, match=r"suite 'rotated-digits': unknown option\(s\) \['foo'\]"):
+        tasks.get_suite("rotated-digits", foo=1)
+    with pytest.raises(ValueError, match=r"family 'meta-quadratics': unknown option\(s\) \['q'\]"):
+        tasks.get_family("meta-quadratics", q=1)
+    with pytest.raises(ValueError, match=r"task 'uci:x': unknown option\(s\) \['target'\]"):
+        tasks.get_task("uci:x", target=1)
