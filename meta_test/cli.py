@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-on", default="auto", help="auto | loss | the task's metric")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra task/suite option, VALUE as JSON (repeatable)")  # fmt: skip
+    p.add_argument("--allow-unequal-budget", action="store_true",
+                   help="accept grids of different sizes (the report says so)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
     return p
 
@@ -138,6 +140,7 @@ def _run(argv: Sequence[str] | None) -> int:
         select_on=args.select_on,
         device=args.device,
         progress=not args.no_progress,
+        allow_unequal_budget=args.allow_unequal_budget,
     )
     for spec, r in results["optimizers"].items():
         print(f"{spec}: hparams={r['hparams']} final_train_loss={r['final_train_loss']['mean']}")

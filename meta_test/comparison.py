@@ -45,16 +45,19 @@ def selection_objective(task: Any, select_on: str = "auto") -> tuple[str, bool]:
     return select_on, select_on == "accuracy"
 
 
-def _check_budget(spaces: Mapping[str, Any], hpo: str) -> int:
+def _check_budget(spaces: Mapping[str, Any], hpo: str, allow_unequal: bool) -> dict[str, int]:
+    """Trials per spec under ``hpo="grid"`` (``{}`` otherwise); unequal sizes are refused
+    unless ``allow_unequal``."""
     if hpo != "grid":
-        return 0
+        return {}
     sizes = {spec: (s.grid_size() if s.dims else 1) for spec, s in spaces.items()}
-    if len(set(sizes.values())) > 1:
+    if len(set(sizes.values())) > 1 and not allow_unequal:
         raise ValueError(
             f"grid sizes differ between optimizers ({sizes}); the protocol gives every "
-            "optimizer the same budget: make the grids the same size"
+            "optimizer the same budget: make the grids the same size (or pass "
+            "allow_unequal_budget=True / --allow-unequal-budget, which the report states)"
         )
-    return next(iter(sizes.values()))
+    return sizes
 
 
 def _validate(task: Any, spec: str, configs: list[dict[str, Any]]) -> None:
@@ -87,10 +90,11 @@ def _summary(
     return {
         "hparams": dict(search.best),
         "final_train_loss": mean_std([r.final["train_loss"] for r in runs]),
-        "auc_train_loss": mean_std([auc(c) if c else math.inf for c in curves]),
+        "auc_train_loss": mean_std([math.inf if r.diverged else auc(r.train_loss) for r in runs]),
         "test_metric": mean_std([r.final[f"test_{metric}"] for r in runs]),
         "test_metric_name": metric,
         "sec_per_iter": mean_std([r.sec_per_iter for r in runs]),
+        "mean_sec_per_iter": mean_std([r.mean_sec_per_iter for r in runs]),
         "steps_to_target": steps_to_target(mean, target_loss) if mean else None,
         "num_meta_parameters": runs[0].num_meta_parameters,
         "peak_memory_mb": None if None in mem else mean_std(mem),  # type: ignore[arg-type]
@@ -107,9 +111,9 @@ def _summary(
             "steps": idx,
             "train_loss_mean": [_finite_or_none(mean[i]) if i < len(mean) else None for i in idx],
             "train_loss_std": std,
-            "eval_steps": runs[0].eval_steps,
+            "eval_steps": max((r.eval_steps for r in runs), key=len),
             "test_metric_mean": mean_curve([r.eval_metric for r in runs]),
-            "hparam_steps": runs[0].hparam_steps[:n_adapted],
+            "hparam_steps": max((r.hparam_steps for r in runs), key=len)[:n_adapted],
             "hparams": adapted,
         },
     }
@@ -133,6 +137,7 @@ def run_comparison(
     select_on: str = "auto",
     device: str | None = None,
     progress: bool = False,
+    allow_unequal_budget: bool = False,
     task_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tune, train and summarise every spec on ``task``; returns the ``results.json`` dict.
@@ -156,6 +161,8 @@ def run_comparison(
         select_on: ``"auto"``, ``"loss"`` or the task's metric (see ``selection_objective``).
         device: move the task there (``"cpu"``, ``"cuda"``, ...).
         progress: show a tqdm bar (stderr) over all training steps.
+        allow_unequal_budget: accept grids of different sizes (``protocol.equal_budget``
+            and the report then say so); refused by default.
     """
     from meta_test import report
 
@@ -185,14 +192,28 @@ def run_comparison(
         report.check_out_dir(out, overwrite)
     key, maximize = selection_objective(task, select_on)
     spaces = {s: search_space(s).override(dict(grids or {})) for s in specs}
-    budget = _check_budget(spaces, hpo)
+    known = {n for sp in spaces.values() for n in [*sp.names, *sp.fixed]}
+    unused = set(grids or {}) - known  # a typo must not silently leave the default grid
+    if unused:
+        raise ValueError(f"grids: {sorted(unused)} are tuned by none of {specs}")
+    if hpo in ("botorch", "random"):
+        if not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations={iterations!r}: must be a positive integer")
+        for sp in spaces.values():
+            for d in sp.dims:
+                d.check_box()
+    sizes = _check_budget(spaces, hpo, allow_unequal_budget)
     for s, space in spaces.items():
         first = next(space.grid_points()) if space.dims else space.default_point()
         _validate(task, s, [space.default_point()] if hpo == "none" else [first])
     search_seed = seeds[0] if search_seed is None else int(search_seed)
 
-    n_trials = {"none": 0, "grid": budget, "botorch": iterations, "random": iterations}[hpo]
-    total = steps * (len(seeds) + n_trials) * len(specs)
+    n_trials = {"none": 0, "botorch": iterations, "random": iterations}
+    trials = [
+        sizes[s] if hpo == "grid" else n_trials[hpo] if spaces[s].dims else min(n_trials[hpo], 1)
+        for s in specs
+    ]
+    total = steps * (len(seeds) * len(specs) + sum(trials))
     bar = _bar(total, progress)
     results: dict[str, Any] = {
         "task": task.name,
@@ -210,6 +231,7 @@ def run_comparison(
             "eval_every": eval_every,
             "target_loss": target_loss,
             "device": str(task.device),
+            "equal_budget": len(set(trials)) == 1,
         },
     }
     try:

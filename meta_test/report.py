@@ -90,14 +90,22 @@ def render_markdown(results: dict[str, Any]) -> str:
         "- AUC: trapezoidal area under the per-step training-loss curve divided by the "
         "number of steps (mean training loss over the run)",
         f"- target loss: {proto.get('target_loss')}, device: {proto.get('device', '?')}",
+        *(
+            []
+            if proto.get("equal_budget", True)
+            else ["- **unequal search budgets** (see the budget column): not a fair comparison"]
+        ),
         "",
         f"| optimizer | selected | final train loss | AUC train loss | test {metric} "
-        "| steps to target | sec/iter | peak MiB | meta-params | budget | diverged |",
+        "| steps to target | ms/iter (median / mean) | peak MiB | meta-params | budget "
+        "| diverged |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for spec, r in results["optimizers"].items():
-        sec = r["sec_per_iter"]
-        sec_s = "n/a" if sec.get("mean") is None else f"{sec['mean'] * 1e3:.3g} ms"
+        sec_s = " / ".join(
+            "n/a" if not stat or stat.get("mean") is None else f"{stat['mean'] * 1e3:.3g}"
+            for stat in (r["sec_per_iter"], r.get("mean_sec_per_iter"))
+        )
         mem = r.get("peak_memory_mb")
         lines.append(
             f"| {spec} | {_fmt_hparams(r['hparams']) or 'defaults'} | "

@@ -10,7 +10,9 @@ The loop is the Task API's (``task.make_model(seed)``, ``task.train_batches(seed
 - ``eval_every`` (optional) evaluates ``eval_split`` (default the test split) along the run,
   at step 0 and every ``eval_every`` steps;
 - each ``trainer.step`` is timed (CUDA events on CUDA, no per-step host sync;
-  ``perf_counter`` on CPU) and ``sec_per_iter`` is the median over the run;
+  ``perf_counter`` on CPU); ``sec_per_iter`` is the median over the run and
+  ``mean_sec_per_iter`` the mean (which includes periodic work such as KFAC's
+  eigendecompositions every ``inv_update_freq`` steps);
 - the peak CUDA memory of the run is recorded on CUDA (``None`` on CPU, where torch keeps
   no allocator statistics).
 """
@@ -62,6 +64,7 @@ class RunResult:
     final: dict[str, float] = field(default_factory=dict)
     diverged: bool = False
     sec_per_iter: float = math.nan
+    mean_sec_per_iter: float = math.nan
     peak_memory_mb: float | None = None
     num_meta_parameters: int = 0
 
@@ -94,13 +97,16 @@ class _StepTimer:
         else:
             self.cpu.append(time.perf_counter() - self._start)
 
-    def median(self) -> float:
+    def summary(self) -> tuple[float, float]:
+        """``(median, mean)`` seconds per step (``nan`` if no step finished)."""
         if self.cuda:
             torch.cuda.synchronize()
             times = [a.elapsed_time(b) / 1000.0 for a, b in self.events]
         else:
             times = self.cpu
-        return statistics.median(times) if times else math.nan
+        if not times:
+            return math.nan, math.nan
+        return statistics.median(times), statistics.fmean(times)
 
 
 def _evaluate(task: Any, model: torch.nn.Module, split: str) -> dict[str, float]:
@@ -195,7 +201,7 @@ def run_training(
     values = losses.cpu().tolist()
     first_bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), len(values))
     result.train_loss = values[:first_bad]
-    result.sec_per_iter = timer.median()
+    result.sec_per_iter, result.mean_sec_per_iter = timer.summary()
     if not result.diverged:
         for split in final_splits:
             result.final.update(_evaluate(task, model, split))

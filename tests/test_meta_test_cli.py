@@ -2,6 +2,7 @@
 files touched)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -50,7 +51,13 @@ def test_cli_writes_schema_valid_results_report_and_plots(tmp_path, capsys) -> N
     assert res["hpo"] == "grid" and set(res["optimizers"]) == {"sgdm", "adam"}
     for spec, r in res["optimizers"].items():
         assert set(r) >= set(REQUIRED_KEYS)
-        for key in ("final_train_loss", "auc_train_loss", "test_metric", "sec_per_iter"):
+        for key in (
+            "final_train_loss",
+            "auc_train_loss",
+            "test_metric",
+            "sec_per_iter",
+            "mean_sec_per_iter",
+        ):
             _stat(r[key])
         assert r["test_metric_name"] == "mse"
         assert r["steps_to_target"] is None or isinstance(r["steps_to_target"], int)
@@ -109,6 +116,8 @@ def _bad_file(tmp_path: Path) -> str:
         ("learned", ["--optimizers", "LEARNED"], "does not fit this model"),
         ("hpo", ["--hpo", "bayes"], "hpo='bayes'"),
         ("flag", ["--bogus"], "unrecognized arguments"),
+        ("grid-name", ["--grid", "lrr=0.1"], "grids: ['lrr'] are tuned by none"),
+        ("grid-zero", ["--hpo", "botorch", "--grid", "weight_decay=0,0.1"], "needs low > 0"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_touches_nothing(
@@ -147,13 +156,13 @@ def test_overwrite_replaces_and_module_entry_point_exits_2(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs left behind
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "meta_test", "--task", "rosenbrock-x", "--optimizers", "sgd",
-         "--steps", "1", "--out", str(tmp_path / "new")],
+        [sys.executable, "-m", "meta_test", "--task", "rosenbrock", "--optimizers", "sgd",
+         "--steps", "0", "--out", str(tmp_path / "new")],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("meta_test: error: task='rosenbrock-x' is unknown")
+    assert proc.stderr.startswith("meta_test: error: --steps 0: must be a positive integer")
     assert not (tmp_path / "new").exists()
 
 
@@ -184,3 +193,45 @@ def test_cuda_run_records_event_timing_and_peak_memory() -> None:
     r = run_training(task, "adam", {"lr": 0.01}, seed=0, steps=20, log_every=5, eval_every=10)
     assert r.peak_memory_mb is not None and r.peak_memory_mb > 0
     assert r.sec_per_iter > 0 and not r.diverged and len(r.train_loss) == 20
+
+
+def test_a_diverging_seed_is_scored_worst_without_crashing_the_comparison(tmp_path) -> None:
+    from meta_test.specs import OptimizerTrainer, register_spec
+
+    class Exploding(OptimizerTrainer):
+        """SGD whose reported loss turns infinite after 3 steps when ``explode``."""
+
+        explode, calls = False, 0
+
+        def step(self, batch, draw_batch):
+            loss = super().step(batch, draw_batch)
+            self.calls += 1
+            return loss * math.inf if self.explode and self.calls > 3 else loss
+
+    def build(spec, model, task, hp):
+        t = Exploding(model, task, torch.optim.SGD(model.parameters(), lr=0.05))
+        t.explode = bool(model.weight.flatten()[0] > 0)  # depends on the seed
+        return t
+
+    register_spec("test-exploding", build, replace=True)
+    seeds = list(range(6))
+    signs = [bool(_tiny().make_model(s).weight.flatten()[0] > 0) for s in seeds]
+    assert 0 < sum(signs) < len(seeds)
+    res = run_comparison(TASK, ["test-exploding", "sgd"], steps=12, seeds=seeds, hpo="none",
+                         log_every=2, eval_every=4, out=tmp_path / "o")  # fmt: skip
+    r = res["optimizers"]["test-exploding"]
+    assert r["diverged_seeds"] == sum(signs)
+    assert r["final_train_loss"] == r["auc_train_loss"] == {"mean": None, "std": None}
+    assert res["optimizers"]["sgd"]["diverged_seeds"] == 0
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert saved["optimizers"]["test-exploding"]["diverged_seeds"] == sum(signs)
+    assert (tmp_path / "o" / "train_loss.png").exists()
+
+
+def test_unequal_grid_budgets_are_refused_unless_allowed() -> None:
+    with pytest.raises(ValueError, match="grid sizes differ"):
+        run_comparison(TASK, ["sgd", "l4-adam"], steps=2, seeds=[0], grids={"lr": [0.1]})
+    res = run_comparison(TASK, ["sgd", "l4-adam"], steps=2, seeds=[0], grids={"lr": [0.1]},
+                         allow_unequal_budget=True)  # fmt: skip
+    assert res["protocol"]["equal_budget"] is False
+    assert [r["search"]["budget"] for r in res["optimizers"].values()] == [3, 15]

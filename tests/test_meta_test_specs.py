@@ -58,7 +58,7 @@ def test_optimizer_spec_run_matches_a_hand_written_torch_loop() -> None:
     assert r.hparam_steps == [7, 14, 21, 28, 30]
     assert r.hparams_adapted == {"lr": [0.05] * 5}
     assert set(r.final) == {f"{s}_{k}" for s in ("train", "val", "test") for k in ("loss", "mse")}
-    assert r.sec_per_iter > 0 and r.peak_memory_mb is None
+    assert r.mean_sec_per_iter >= r.sec_per_iter * 0.5 > 0 and r.peak_memory_mb is None
 
 
 def test_l4_goes_through_its_closure_and_reports_its_step_size() -> None:
