@@ -549,3 +549,28 @@ def test_dense_diag_max_gives_a_small_lone_parameter_a_full_ekfac_block(tmp_path
     torch.testing.assert_close(loaded.apply({"theta": g})["theta"], got.float())
     small = metaopt.KroneckerPreconditioner.for_model(model, "ekfac", dense_diag_max=2)
     assert not hasattr(small.blocks["theta"], "A")  # larger than the limit: diagonal
+
+
+def test_fresh_loss_batch_puts_the_loss_term_on_b_prime_by_hand():
+    x, y, _ = _regression(7)
+    x2, y2, _ = _regression(8)
+    model = _linear(seed=7)
+    w = model.weight.detach().numpy().T.copy()
+    apo = APO(
+        model,
+        F.mse_loss,
+        base="sgd",
+        lr=0.1,
+        meta_interval=1,
+        meta_optimizer="sgd",
+        meta_lr=0.5,
+        lambda_fsd=0.0,
+        fresh_loss_batch=True,
+    )
+    apo.step((x, y), (x2, y2))
+    xn, yn, x2n, y2n = (a.numpy() for a in (x, y, x2, y2))
+    g = 2 / len(xn) * xn.T @ (xn @ w - yn)  # gradient on B
+    w1 = w - 0.1 * g
+    g1 = 2 / len(x2n) * x2n.T @ (x2n @ w1 - y2n)  # loss term on B'
+    grad_log = 0.1 * -(g * g1).sum()
+    assert apo.hparam_log()["lr"] == pytest.approx(0.1 * math.exp(-0.5 * grad_log), rel=1e-10)

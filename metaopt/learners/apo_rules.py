@@ -269,8 +269,10 @@ class PrecondRule(Rule):
         )
 
     def current(self, meta):
-        ref = next(iter(meta.values()))
-        return {"lr": torch.tensor(self.cfg.lr, device=ref.device)}
+        if not hasattr(self, "_lr"):  # created once: no host-to-device copy per step
+            ref = next(iter(meta.values()))
+            self._lr = torch.tensor(self.cfg.lr, dtype=ref.dtype, device=ref.device)
+        return {"lr": self._lr}
 
 
 def make_rule(cfg: APOConfig, model: nn.Module) -> Rule:
