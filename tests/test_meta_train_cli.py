@@ -99,7 +99,7 @@ BASE = ["--family", "lsq-test", *FAST]
         (["--learner", "metamd", *BASE, "--option", "bogus=1"], "bogus"),
         (["--learner", "metamd", *BASE, "--engine", "magic"], "engine='magic'"),
         (["--learner", "lsq-diag", *BASE, "--frobnicate"], "unrecognized arguments"),
-        (["--learner", "lsq-diag", *BASE, "--source-option", "colour=1"], "source options"),
+        (["--learner", "lsq-diag", *BASE, "--source-option", "colour=1"], "colour"),
         (["--learner", "apo", *BASE, "--option", "bogus=1"], "bogus"),
     ],
 )
