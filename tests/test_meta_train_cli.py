@@ -190,3 +190,9 @@ def test_python_dash_m_exit_code_is_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "learner='nope'" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_apo_is_refused_under_torchrun(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before any setup
+    err = _bad(capsys, ["--learner", "apo", *BASE, "--out", str(tmp_path / "o")])
+    assert "one process only" in err and not (tmp_path / "o").exists()
