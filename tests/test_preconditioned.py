@@ -62,12 +62,22 @@ def test_identity_preconditioner_matches_sgd(family, hp):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=n)
 
 
-def test_nonidentity_step_matches_dense_oracle():
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("rank1", {}),
+        ("lowrank", {"rank": 2, "learn_scale": True}),
+        ("diag", {}),
+        ("scalar", {}),
+        ("ekfac", {}),
+    ],
+)
+def test_nonidentity_step_matches_dense_oracle(family, options):
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    pre = KroneckerPreconditioner.for_model(model, "rank1").double()
+    pre = KroneckerPreconditioner.for_model(model, family, **options).double()
     with torch.no_grad():
         for p in pre.parameters():
-            p.normal_()
+            p.normal_(std=0.5)
     P = pre.dense()
     names = [n for n, _ in model.named_parameters()]
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])

@@ -112,18 +112,20 @@ class Preconditioned(torch.optim.Optimizer):
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(p)
                     bufs[name] = state["momentum_buffer"]
-                torch._foreach_mul_(list(bufs.values()), mom)
-            # buf = mom * buf + P g   (or, without momentum, p -= lr * P g directly)
-            target, alpha = (bufs, 1.0) if mom != 0 else (owners, -lr)
+            # buf = mom * buf + P g (the decay folded into the family's own update, one pass
+            # over the buffer fewer), or, without momentum, p -= lr * P g directly
+            target, alpha, beta = (bufs, 1.0, mom) if mom != 0 else (owners, -lr, 1.0)
             covered: set[str] = set()
             for view in pre.views:
                 if view.weight not in grads:
                     continue
                 pre.block(view).accumulate_(
-                    view.column_blocks(target), view.column_blocks(grads), alpha
+                    view.column_blocks(target), view.column_blocks(grads), alpha, beta
                 )
                 covered.update(view.params)
             for name in grads.keys() - covered:  # skipped parameters: identity
+                if beta != 1.0:
+                    target[name].mul_(beta)
                 target[name].add_(grads[name], alpha=alpha)
             if mom != 0:
                 names = list(owners)
