@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow test-gpu lint bench clean
+.PHONY: install test test-slow test-gpu lint bench clean demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ lint: install
 
 bench: install
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+demo: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m meta_train.demo --out runs/demo --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

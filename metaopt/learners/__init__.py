@@ -1,5 +1,11 @@
-"""Meta-learners: APO (online, one training run)."""
+"""Meta-learners: APO (online, one training run); MetaMD and its competitors (offline,
+multi-task)."""
 
 from metaopt.learners.apo import APO, APOConfig
+from metaopt.learners.config import OuterConfig
+from metaopt.learners.meta_competitors import MetaCurvature, MetaSGD
+from metaopt.learners.metamd import MetaMD, MetaMDConfig
+from metaopt.learners.outer import OuterLearner
 
 __all__ = ["APO", "APOConfig"]
+__all__ += ["MetaCurvature", "MetaMD", "MetaMDConfig", "MetaSGD", "OuterConfig", "OuterLearner"]

@@ -16,3 +16,6 @@ __all__ = [
     "get_meta_objective",
     "register_meta_objective",
 ]
+
+# registers "bregman-rate" and "final-loss"
+from metaopt.objectives import bregman_rate as _bregman_rate  # noqa: E402,F401

@@ -1,0 +1,359 @@
+"""MetaMD's done-when experiments: meta-train, save, and compare through the harness.
+
+    OMP_NUM_THREADS=1 python bench/metamd_claims.py quadratics --variant mild --out DIR
+    OMP_NUM_THREADS=1 python bench/metamd_claims.py linreg --out DIR
+    OMP_NUM_THREADS=1 python bench/metamd_claims.py digits --holdout 0 --out DIR
+    OMP_NUM_THREADS=1 python bench/metamd_claims.py agreement
+
+Each learner is meta-trained on training tasks only, saved with ``save_preconditioner`` and
+deployed on a held-out task as ``learned:<path>`` beside tuned baselines by
+``meta_test.run_comparison`` (grid search over lr x weight decay for every spec). Prints
+one JSON object (the summary) as its last line; ``--out`` keeps the harness's
+``results.json`` / ``report.md`` / plots and the preconditioner files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import metaopt
+from metaopt.learners import MetaCurvature, MetaMD, MetaSGD
+
+LOG_GRID = tuple(float(f"{10 ** (e / 4):.3g}") for e in range(-16, 1))  # 1e-4 .. 1
+
+
+def _train(name: str, learner: Any, outer_steps: int, path: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    learner.meta_train(outer_steps)
+    hist = learner.history
+    metaopt.save_preconditioner(learner.preconditioner, path, metadata={"learner": name})
+    return {
+        "outer_steps": outer_steps,
+        "seconds": round(time.perf_counter() - start, 1),
+        "meta_objective_first": hist[0]["meta_objective"],
+        "meta_objective_last": hist[-1]["meta_objective"],
+        "skipped_tasks": sum(h["skipped_tasks"] for h in hist),
+    }
+
+
+def _compare(
+    task: Any, specs: dict[str, str], out: Path, tune_steps: int | None = None, **kw: Any
+) -> dict[str, Any]:
+    """``run_comparison`` on ``task``. With ``tune_steps``, the grid search runs on a
+    ``tune_steps`` horizon first (the loss after ``tune_steps`` picks the fastest lr: on a
+    synthetic problem every lr reaches ``f*`` within the full budget, so a full-length
+    search would break ties at rounding level), then every spec is re-run on the full
+    ``steps`` with its picked hyperparameters."""
+    from meta_test import run_comparison
+
+    if tune_steps is not None:
+        tuned = run_comparison(task, list(specs.values()), **{**kw, "steps": tune_steps})
+        results = {}
+        for spec in specs.values():
+            best = tuned["optimizers"][spec]["hparams"]
+            grids = {k: (v,) for k, v in best.items()}
+            one = run_comparison(task, [spec], **{**kw, "grids": grids})
+            results[spec] = one["optimizers"][spec]
+        res = {"optimizers": results}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(res, default=str))
+    else:
+        res = run_comparison(task, list(specs.values()), out=out, overwrite=True, **kw)
+    summary = {}
+    for label, spec in specs.items():
+        r = res["optimizers"][spec]
+        summary[label] = {
+            "hparams": r["hparams"],
+            "steps_to_target": r["steps_to_target"],
+            "auc_train_loss": r["auc_train_loss"]["mean"],
+            "final_train_loss": r["final_train_loss"]["mean"],
+            "test_metric": r["test_metric"]["mean"],
+            "sec_per_iter": r["sec_per_iter"]["mean"],
+        }
+    return summary
+
+
+# --- meta-quadratics -----------------------------------------------------------------------
+def quadratics(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks import get_family
+
+    family = get_family("meta-quadratics", variant=args.variant, dtype=torch.float64)
+    out = Path(args.out)
+    common = dict(
+        engine="forward",
+        inner_steps=args.inner_steps,
+        tasks_per_step=4,
+        inner_lr=args.inner_lr,
+        meta_lr=0.05,
+        seed=args.seed,
+    )
+    learners = {
+        # the paper's objective (Eq. 8) with the paper's engine for the diagonal case (A.6)
+        "metamd": MetaMD(family, **common, k_lambda=args.k_lambda),
+        # the same learner with the task loss at theta_T as meta-objective
+        "metamd-final-loss": MetaMD(family, **common, meta_objective="final-loss"),
+    }
+    training = {}
+    specs = {"sgd": "sgd", "sgdm": "sgdm", "adam": "adam"}
+    for name, learner in learners.items():
+        path = out / f"{name}.safetensors"
+        training[name] = _train(name, learner, args.outer_steps, path)
+        training[name]["M_diag"] = (
+            torch.exp(-learner.preconditioner.blocks["theta"].log_scale).reshape(-1).tolist()
+        )
+        specs[name] = f"learned:{path}"
+    held_out = family.sample(torch.Generator().manual_seed(10_000 + args.seed))
+    target = held_out.info["minimum"] + args.tol
+    summary = _compare(
+        held_out,
+        specs,
+        out / "comparison",
+        steps=args.steps,
+        seeds=(0, 1, 2),
+        hpo="grid",
+        grids={"lr": LOG_GRID, "weight_decay": (0.0,)},
+        target_loss=target,
+        select_on="loss",
+        tune_steps=args.tune_steps,
+    )
+    return {
+        "experiment": f"meta-quadratics/{args.variant}",
+        "Q": torch.diagonal(held_out.info["Q"]).tolist(),
+        "target": f"f - f* <= {args.tol}",
+        "training": training,
+        "comparison": summary,
+    }
+
+
+# --- linear-regression family --------------------------------------------------------------
+def linreg(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks import get_family
+
+    family = get_family("linear-regression-family")
+    out = Path(args.out)
+    common = dict(
+        inner_steps=args.inner_steps,
+        tasks_per_step=4,
+        inner_lr=args.inner_lr,
+        seed=args.seed,
+        init_scale=0.1,
+    )
+    learners = {
+        "metamd": MetaMD(family, **common, meta_lr=args.meta_lr),
+        "metamd-final-loss": MetaMD(
+            family,
+            **common,
+            engine="unroll",
+            engine_options={"truncate": 20},
+            meta_objective="final-loss",
+            meta_lr=args.meta_lr,
+        ),
+    }
+    training, specs = {}, {"sgdm": "sgdm", "adam": "adam"}
+    for name, learner in learners.items():
+        path = out / f"{name}.safetensors"
+        training[name] = _train(name, learner, args.outer_steps, path)
+        specs[name] = f"learned:{path}"
+    held_out = family.sample(torch.Generator().manual_seed(10_000 + args.seed))
+    summary = _compare(
+        held_out,
+        specs,
+        out / "comparison",
+        steps=args.steps,
+        seeds=(0, 1, 2),
+        hpo="grid",
+        grids={"lr": LOG_GRID[4:], "weight_decay": (0.0,)},
+        target_loss=args.target,
+        select_on="loss",
+        tune_steps=args.tune_steps,
+    )
+    return {
+        "experiment": "linear-regression-family",
+        "target_loss": args.target,
+        "training": training,
+        "comparison": summary,
+    }
+
+
+# --- rotated digits, leave one domain out ----------------------------------------------------
+def digits(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks import get_suite
+
+    suite = get_suite("rotated-digits")
+    out = Path(args.out) / f"holdout-{args.holdout}"
+    train_tasks = suite.meta_train_tasks(args.holdout)
+    common = dict(
+        inner_steps=args.inner_steps,
+        tasks_per_step=args.tasks_per_step,
+        inner_lr=args.inner_lr,
+        seed=args.seed,
+        meta_lr=args.meta_lr,
+    )
+    unrolled = dict(engine_options={"truncate": args.truncate})
+    learners = {
+        "metamd": MetaMD(train_tasks, **common, gamma=args.gamma),
+        "metasgd": MetaSGD(train_tasks, **common, **unrolled),
+        "metacurvature": MetaCurvature(train_tasks, **common, **unrolled),
+    }
+    training, specs = {}, {"sgdm": "sgdm", "adam": "adam"}
+    for name, learner in learners.items():
+        path = out / f"{name}.safetensors"
+        training[name] = _train(name, learner, args.outer_steps, path)
+        specs[name] = f"learned:{path}"
+    summary = _compare(
+        suite.meta_test_task(args.holdout),
+        specs,
+        out / "comparison",
+        steps=args.steps,
+        seeds=(0, 1, 2),
+        hpo="grid",
+        grids={"weight_decay": (args.weight_decay,)},
+    )
+    return {
+        "experiment": f"rotated-digits/holdout={args.holdout}",
+        "training": training,
+        "comparison": summary,
+    }
+
+
+# --- the same learned files deployed with momentum -------------------------------------------
+def momentum(args: argparse.Namespace) -> dict[str, Any]:
+    """Re-deploy the files of a ``digits`` run with heavy-ball momentum 0.9 (the spec
+    ``learned-sgdm:<path>``, registered here), to separate the learned ``M`` from momentum:
+    with ``M = I`` it is exactly SGD-momentum."""
+    from meta_test.specs import OptimizerTrainer, register_spec
+    from metaopt.optim import Preconditioned
+    from tasks import get_suite
+
+    def build(spec: str, model: Any, task: Any, hp: dict[str, Any]) -> Any:
+        pre = metaopt.load_preconditioner(spec.split(":", 1)[1], model)
+        opt = Preconditioned(model.named_parameters(), pre, momentum=0.9, **hp)
+        return OptimizerTrainer(model, task, opt, num_meta_parameters=pre.num_meta_parameters())
+
+    from meta_test.space import LR_GRID, lr_wd_space
+
+    register_spec("learned-sgdm:<path>", build, search_space=lr_wd_space(LR_GRID, (0.0,)))
+    run_dir = Path(args.out) / f"holdout-{args.holdout}"
+    specs = {"sgdm": "sgdm"}
+    for name in ("metamd", "metasgd", "metacurvature"):
+        specs[f"{name}+momentum"] = f"learned-sgdm:{run_dir / (name + '.safetensors')}"
+    task = get_suite("rotated-digits").meta_test_task(args.holdout)
+    summary = _compare(
+        task,
+        specs,
+        run_dir / "momentum",
+        steps=args.steps,
+        seeds=(0, 1, 2),
+        hpo="grid",
+        grids={"weight_decay": (args.weight_decay,)},
+    )
+    return {
+        "experiment": f"rotated-digits/holdout={args.holdout} deployed with momentum 0.9",
+        "comparison": summary,
+    }
+
+
+# --- closed form vs Neumann on the MLP -------------------------------------------------------
+def agreement(args: argparse.Namespace) -> dict[str, Any]:
+    from metaopt.learners.config import OuterConfig
+    from metaopt.learners.task_hypergrad import task_hypergradient
+    from tasks import get_suite
+
+    task = get_suite("rotated-digits").task("0")
+    learner = MetaMD(
+        [task],
+        tasks_per_step=1,
+        inner_steps=args.inner_steps,
+        inner_lr=args.inner_lr,
+        init_scale=0.5,
+        engine="closed_form",
+    )
+    pre, cfg = learner.preconditioner, learner.config
+
+    def run(config: Any) -> tuple[torch.Tensor, float]:
+        times, flat = [], None
+        for _ in range(args.repeats):  # the engine call alone, median of repeats
+            res = task_hypergradient(task, pre, config, init_seed=0, data_seed=0, step=0)
+            times.append(res.engine_seconds)
+            flat = torch.cat([g.reshape(-1) for g in res.grads])
+        return flat, sorted(times)[len(times) // 2]
+
+    exact, t_exact = run(cfg)
+    out: dict[str, Any] = {
+        "experiment": "closed_form vs neumann (metamd-mlp, rotated-digits/0)",
+        "inner_steps": args.inner_steps,
+        "closed_form_engine_seconds": t_exact,
+    }
+    for J in (1, 5, 20, 50, 100):
+        c = OuterConfig(
+            **{
+                **cfg.__dict__,
+                "engine": "neumann",
+                "engine_options": {"iterations": J, "alpha": args.alpha},
+            }
+        )
+        f, t = run(c)
+        out[f"neumann_J{J}"] = {
+            "cosine": float(f @ exact / (f.norm() * exact.norm())),
+            "engine_seconds": t,
+            "cost_vs_closed_form": t / t_exact,
+        }
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "experiment", choices=["quadratics", "linreg", "digits", "momentum", "agreement"]
+    )
+    p.add_argument("--out", default=None)
+    p.add_argument("--variant", default="mild")
+    p.add_argument("--holdout", default="0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--outer-steps", type=int, default=60)
+    p.add_argument("--inner-steps", type=int, default=20)
+    p.add_argument("--inner-lr", type=float, default=0.02)
+    p.add_argument("--meta-lr", type=float, default=0.01)
+    p.add_argument("--gamma", type=float, default=0.0)
+    p.add_argument("--k-lambda", type=float, default=0.0)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tasks-per-step", type=int, default=4)
+    p.add_argument("--truncate", type=int, default=20)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--tune-steps", type=int, default=None)
+    p.add_argument("--tol", type=float, default=1e-6)
+    p.add_argument("--target", type=float, default=0.02)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    fn = {
+        "quadratics": quadratics,
+        "linreg": linreg,
+        "digits": digits,
+        "momentum": momentum,
+        "agreement": agreement,
+    }
+    if args.out is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.out = tmp
+            result = fn[args.experiment](args)
+    else:
+        result = fn[args.experiment](args)
+    print(
+        json.dumps(
+            result, default=lambda v: None if isinstance(v, float) and math.isnan(v) else str(v)
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

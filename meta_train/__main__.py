@@ -1,0 +1,7 @@
+"""``python -m meta_train`` (see ``meta_train.cli``)."""
+
+import sys
+
+from meta_train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""The outer loop around any OuterLearner: metrics, checkpoints, signals, artefacts.
+
+``run(config, learner, dist, out)`` takes outer steps until ``config.outer_steps`` are done,
+appending one line per step to ``out/metrics.jsonl``, writing ``out/checkpoint.safetensors``
+every ``checkpoint_every`` steps and when SIGTERM or SIGINT arrives (then it stops with
+:class:`Stopped`), and at the end saves ``out/preconditioner.safetensors`` (config as
+metadata) and ``out/meta_objective.png``. Only rank 0 writes; every rank steps.
+
+A checkpoint holds ``{"learner": learner.state_dict(), "rng": every global RNG state,
+"step": n, "config": identity fields}``; the learner's own state carries its meta-optimizer
+state and its data position (outer steps draw their tasks from ``(seed, step)``), so a
+resumed run continues bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import metaopt
+from meta_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from meta_train.config import TrainConfig
+from meta_train.distributed import Dist
+from meta_train.learners import OuterLearner
+from meta_train.metrics import MetricsLog, plot_metrics
+
+__all__ = ["CHECKPOINT", "PRECONDITIONER", "Stopped", "check_resumable", "run"]
+
+CHECKPOINT = "checkpoint.safetensors"
+PRECONDITIONER = "preconditioner.safetensors"
+METRICS = "metrics.jsonl"
+PLOT = "meta_objective.png"
+REQUIRED_STATS = ("meta_objective", "hypergrad_norm", "seconds", "skipped_tasks")
+
+
+class Stopped(Exception):
+    """Training stopped on a signal after writing a checkpoint; ``.signum`` is the signal."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by signal {signum} at outer step {step} (checkpoint written)")
+        self.signum = signum
+        self.step = step
+
+
+class _SignalFlag:
+    """SIGTERM/SIGINT only set a flag; the loop checkpoints and stops at a step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalFlag:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_resumable(config: TrainConfig, out: Path) -> dict[str, Any]:
+    """Load ``out``'s checkpoint and check it belongs to this configuration.
+
+    Raises:
+        CheckpointError: missing, corrupt or foreign checkpoint, or one written by a run
+            whose configuration differs (the first differing field is named).
+    """
+    state = load_checkpoint(out / CHECKPOINT)
+    if not isinstance(state, dict) or not {"learner", "rng", "step", "config"} <= set(state):
+        raise CheckpointError(f"checkpoint {str(out / CHECKPOINT)!r} lacks the pipeline fields")
+    saved, ours = state["config"], config.identity()
+    for key in sorted(set(saved) | set(ours)):
+        if saved.get(key) != ours.get(key):
+            raise CheckpointError(
+                f"checkpoint {str(out / CHECKPOINT)!r} was written with {key}={saved.get(key)!r}, "
+                f"this run has {key}={ours.get(key)!r}; refusing to resume a different run"
+            )
+    return state
+
+
+def run(
+    config: TrainConfig,
+    learner: OuterLearner,
+    dist: Dist,
+    out: Path,
+    *,
+    resume_state: dict[str, Any] | None = None,
+) -> metaopt.KroneckerPreconditioner:
+    """Meta-train ``learner`` to ``config.outer_steps``; returns its preconditioner.
+
+    Raises:
+        Stopped: a SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    metrics = MetricsLog(out / METRICS)
+    if resume_state is not None:
+        learner.load_state_dict(resume_state["learner"])
+        _set_rng_state(resume_state["rng"])
+        if dist.is_main:
+            metrics.truncate_after(int(resume_state["step"]))
+
+    def checkpoint() -> None:
+        if dist.is_main:
+            state = {
+                "learner": learner.state_dict(),
+                "rng": _rng_state(),
+                "step": int(learner.step),
+                "config": config.identity(),
+            }
+            save_checkpoint(state, out / CHECKPOINT)
+
+    bar = tqdm(
+        total=config.outer_steps,
+        initial=learner.step,
+        desc=f"meta-train {config.learner}",
+        unit="step",
+        disable=not (dist.is_main and config.progress),
+        dynamic_ncols=True,
+    )
+    with _SignalFlag() as flag, bar:
+        while learner.step < config.outer_steps:
+            t0 = time.perf_counter()
+            stats = learner.outer_step(
+                rank=dist.rank, world_size=dist.world_size, all_reduce=dist.all_reduce
+            )
+            missing = [k for k in REQUIRED_STATS if k not in stats]
+            if missing:
+                raise RuntimeError(f"learner {config.learner!r}: outer_step() lacks {missing}")
+            if dist.is_main:
+                record = {"step": int(learner.step), **{k: float(v) for k, v in stats.items()}}
+                record["wall_seconds"] = time.perf_counter() - t0
+                metrics.append(record)
+            bar.update(1)
+            bar.set_postfix(meta_objective=f"{float(stats['meta_objective']):.4g}")
+            stopping = dist.any(flag.signum is not None)
+            if stopping or learner.step % config.checkpoint_every == 0:
+                checkpoint()
+            if stopping:
+                dist.barrier()
+                raise Stopped(flag.signum or signal.SIGTERM, int(learner.step))
+    if learner.step % config.checkpoint_every != 0:
+        checkpoint()
+    if dist.is_main:
+        metaopt.save_preconditioner(
+            learner.preconditioner, out / PRECONDITIONER, metadata={"config": config.to_dict()}
+        )
+        plot_metrics(out / METRICS, out / PLOT)
+    dist.barrier()
+    return learner.preconditioner

@@ -1,0 +1,160 @@
+"""MetaMD's "bregman-rate" objective against dense matrices; configs and task sources."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from metaopt import MetaContext
+from metaopt.kron import KroneckerPreconditioner
+from metaopt.learners import MetaMD, MetaSGD, OuterConfig
+from metaopt.learners.outer import step_generator
+from metaopt.objectives import evaluate_meta_objective
+from tests._metamd_tasks import RegressionFamily, regression_task
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def _random_pre(model, learn_scale):
+    pre = KroneckerPreconditioner.for_model(model, "lowrank", rank=2, learn_scale=learn_scale)
+    pre.double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in pre.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.7)
+    return pre
+
+
+def _flat(params):
+    return torch.cat([t.reshape(-1) for t in params.values()])
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_bregman_rate_equals_dense_computation(learn_scale):
+    model = _model()
+    pre = _random_pre(model, learn_scale)
+    g = torch.Generator().manual_seed(2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    after = {n: t + torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in before.items()}
+    ctx = MetaContext(params_before=before, params_after=after, preconditioner=pre)
+    k_lambda, gamma = 0.3, 0.05
+    value = evaluate_meta_objective("bregman-rate", ctx, k_lambda=k_lambda, gamma=gamma)
+
+    # oracle: dense M = P^{-1} over all parameters in named_parameters order
+    M = torch.linalg.inv(pre.dense())
+    delta = _flat(after) - _flat(before)
+    eye = torch.eye(M.shape[0], dtype=M.dtype)
+    lam = torch.linalg.eigvalsh(0.5 * (M + M.T))[0]
+    expected = 0.5 * delta @ M @ delta + k_lambda / lam + gamma * torch.linalg.norm(M - eye)
+    torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_bregman_rate_gradient_matches_dense_autograd():
+    model = _model()
+    pre = _random_pre(model, True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    after = {n: t + 0.5 for n, t in before.items()}
+    ctx = MetaContext(params_before=before, params_after=after, preconditioner=pre)
+    value = evaluate_meta_objective("bregman-rate", ctx, k_lambda=0.0, gamma=0.1)
+    grads = torch.autograd.grad(value, list(pre.parameters()))
+    M = torch.linalg.inv(pre.dense())
+    delta = _flat(after) - _flat(before)
+    dense = 0.5 * delta @ M @ delta + 0.1 * torch.linalg.norm(M - torch.eye(M.shape[0]).double())
+    expected = torch.autograd.grad(dense, list(pre.parameters()))
+    for a, b in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_bregman_rate_needs_a_preconditioner():
+    p = {"w": torch.zeros(2)}
+    with pytest.raises(ValueError, match="ctx.preconditioner"):
+        evaluate_meta_objective("bregman-rate", MetaContext(params_before=p, params_after=p))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("inner_steps", 0, "inner_steps=0.*T must be at least 1"),
+        ("tasks_per_step", 0, "tasks_per_step=0"),
+        ("inner_lr", -1.0, "inner_lr=-1.0"),
+        ("engine", "magic", "engine='magic'"),
+        ("meta_optimizer", "lbfgs", "meta_optimizer='lbfgs'"),
+        ("gamma", -0.1, "gamma=-0.1"),
+        ("rank", 0, "rank=0"),
+        ("family", "kfac", "family='kfac'"),
+    ],
+)
+def test_config_rejects_bad_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        OuterConfig(**{field: value})
+
+
+def test_ekfac_family_rejects_implicit_engines():
+    with pytest.raises(ValueError, match="no forward matrix"):
+        OuterConfig(family="ekfac", engine="neumann")
+
+
+def test_rank_larger_than_a_layer_is_rejected():
+    task = regression_task(0, d=4, out=2)
+    with pytest.raises(ValueError, match="rank=3 is larger than layer"):
+        MetaMD([task], family="lowrank", rank=3, tasks_per_step=1)
+
+
+def test_suite_with_fewer_domains_than_k_is_rejected():
+    tasks = [regression_task(i) for i in range(5)]
+    with pytest.raises(ValueError, match="only 5 training tasks"):
+        MetaMD(tasks, tasks_per_step=6)
+
+
+def test_bad_task_source_is_rejected():
+    with pytest.raises(ValueError, match="task family"):
+        MetaMD(42)
+
+
+def test_tasks_and_seeds_depend_on_seed_and_step_only():
+    family = RegressionFamily()
+    a = MetaMD(family, tasks_per_step=3, seed=5)
+    b = MetaMD(family, tasks_per_step=3, seed=5)
+    torch.manual_seed(123)  # global RNG must not matter
+    draws_a = [(t.name, i, d) for t, i, d in a.draw(7)]
+    torch.manual_seed(999)
+    draws_b = [(t.name, i, d) for t, i, d in b.draw(7)]
+    assert draws_a == draws_b
+    assert draws_a != [(t.name, i, d) for t, i, d in a.draw(8)]
+    c = MetaSGD(family, tasks_per_step=3, seed=6)
+    assert draws_a != [(t.name, i, d) for t, i, d in c.draw(7)]
+    g1, g2 = step_generator(5, 7), step_generator(5, 7)
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
+def test_list_source_draws_distinct_tasks():
+    tasks = [regression_task(i) for i in range(5)]
+    learner = MetaMD(tasks, tasks_per_step=5)
+    names = [t.name for t, _, _ in learner.draw(0)]
+    assert sorted(names) == sorted(t.name for t in tasks)
+
+
+def test_metamd_defaults_are_the_papers():
+    learner = MetaMD([regression_task(0)], tasks_per_step=1)
+    cfg = learner.config
+    assert (cfg.family, cfg.engine, cfg.meta_objective, cfg.meta_optimizer) == (
+        "rank1",
+        "neumann",
+        "bregman-rate",
+        "adam",
+    )
+    assert cfg.engine_options == {"iterations": 20, "alpha": 0.5}
+    # another engine does not inherit Neumann's options
+    assert MetaMD([regression_task(0)], tasks_per_step=1, engine="cg").config.engine_options == {}
+    blocks = list(learner.preconditioner.blocks.values())
+    assert all(b.rank == 1 for b in blocks)
+    assert torch.is_tensor(learner.preconditioner.dense())
+
+
+def test_learn_scale_needs_the_lowrank_family():
+    with pytest.raises(ValueError, match="learn_scale=True"):
+        OuterConfig(family="diag", learn_scale=True)
