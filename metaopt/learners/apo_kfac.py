@@ -65,8 +65,8 @@ class KfacDampingRule(Rule):
         )
 
     def after_step(self) -> None:
-        # advance K-FAC's statistics/eigenbasis schedule; lr=0 and no grads: no update
-        self.kfac.step(grads={})
+        # advance K-FAC's statistics/eigenbasis schedule without a preconditioning pass
+        self.kfac.advance()
 
     def current(self, meta):
         return {"lr": meta["log_lr"].detach().exp(), "damping": meta["log_damping"].detach().exp()}

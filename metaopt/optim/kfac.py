@@ -416,14 +416,6 @@ class EKFAC(KFAC):
             raise ValueError("damping_form: EKFAC's damping is always additive (S + damping)")
         super().__init__(model, **kwargs)
 
-    def advance(self) -> None:
-        """End the current step without touching the parameters: fold statistics, refresh
-        decompositions on schedule and advance the step counter (for callers that apply
-        their own updates from :meth:`precondition`)."""
-        self.update_curvature()
-        self.steps += 1
-        self._sync_collecting()
-
     def _after_curvature(self, view: LayerView, refreshed: bool, folded: bool) -> None:
         e = self.eigen[view.name]
         rows_a, rows_ds = self.stats.pending_rows(view.name) if folded else ([], [])
