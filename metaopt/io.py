@@ -39,6 +39,12 @@ def _version() -> str:
     return __version__
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
     """Call ``write(tmp_path)`` then fsync and rename onto ``path`` (same directory).
 
@@ -50,6 +56,8 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes 0600; give the file the mode a plain open() would (0666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -120,3 +120,15 @@ def test_failed_save_keeps_previous_file(tmp_path):
         save_preconditioner(pre, path, metadata={"bad": object()})  # not JSON-serialisable
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["pre.safetensors"]
+
+
+def test_saved_file_has_ordinary_permissions(tmp_path):
+    # oracle: the mode a plain open() gives a new file under the current umask
+    model = nn.Linear(3, 2)
+    pre = KroneckerPreconditioner.for_model(model, "rank1")
+    save_preconditioner(pre, tmp_path / "p.safetensors")
+    with open(tmp_path / "plain", "w"):
+        pass
+    assert (tmp_path / "p.safetensors").stat().st_mode & 0o777 == (
+        (tmp_path / "plain").stat().st_mode & 0o777
+    )
