@@ -286,6 +286,8 @@ def agreement(args: argparse.Namespace) -> dict[str, Any]:
             flat = torch.cat([g.reshape(-1) for g in res.grads])
         return flat, sorted(times)[len(times) // 2]
 
+    warm = OuterConfig(**{**cfg.__dict__, "engine": "neumann", "engine_options": {"iterations": 5}})
+    run(warm)  # warm-up: the first torch.func transforms of a process are slower
     exact, t_exact = run(cfg)
     out: dict[str, Any] = {
         "experiment": "closed_form vs neumann (metamd-mlp, rotated-digits/0)",

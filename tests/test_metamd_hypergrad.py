@@ -17,8 +17,6 @@ from metaopt.objectives import evaluate_meta_objective
 from metaopt.optim import Preconditioned
 from tests._metamd_tasks import regression_task
 
-pytest.importorskip("metaopt.hypergrad")
-
 T = 12
 
 

@@ -12,8 +12,6 @@ from metaopt.learners import MetaCurvature, MetaMD, MetaSGD
 from metaopt.optim import Preconditioned
 from tests._metamd_tasks import RegressionFamily, regression_task
 
-pytest.importorskip("metaopt.hypergrad")
-
 SMALL = {"inner_steps": 8, "tasks_per_step": 4, "inner_lr": 0.2, "init_scale": 0.3}
 
 

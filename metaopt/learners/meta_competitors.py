@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from metaopt.learners.metamd import MetaMD
 from metaopt.learners.outer import OuterLearner
 
-__all__ = ["MetaCurvature", "MetaSGD"]
+__all__ = ["OFFLINE_LEARNERS", "MetaCurvature", "MetaSGD"]
 
 _UNROLLED = {
     "engine": "unroll",
@@ -38,3 +39,11 @@ class MetaCurvature(OuterLearner):
     """Inverse-free Kronecker transform (``family="ekfac"``), truncated unrolled hypergradients."""
 
     defaults: dict[str, Any] = {"family": "ekfac", **_UNROLLED}
+
+
+#: the offline learners by name (for configs and CLIs): all share the OuterLearner protocol
+OFFLINE_LEARNERS: dict[str, type[OuterLearner]] = {
+    "metamd": MetaMD,
+    "metasgd": MetaSGD,
+    "metacurvature": MetaCurvature,
+}

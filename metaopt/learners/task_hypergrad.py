@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaopt import hypergrad
 from metaopt.func import detached_params, functional_forward, loss_and_grads
 from metaopt.kron.preconditioner import KroneckerPreconditioner
 from metaopt.learners.config import OuterConfig
@@ -89,8 +90,6 @@ def task_hypergradient(
     step: int,
 ) -> TaskResult:
     """Train ``task`` from ``task.make_model(init_seed)`` for ``T`` steps; return dE/dphi."""
-    from metaopt import hypergrad  # lazy: engines live on their own branch/module
-
     model = task.make_model(init_seed)
     forward = functional_forward(model)
     theta1 = detached_params(model)
