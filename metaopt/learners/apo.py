@@ -141,13 +141,8 @@ class APO:
             self.check_finite()
         meta_value = self._meta_update(theta, grads, batch, fsd_batch) if meta_now else None
         meta = {k: v.detach() for k, v in self.rule.meta_parameters().items()}
-        with torch.no_grad():
-            theta0 = {n: v.detach() for n, v in theta.items()}
-            new, self.state = self.rule.update(
-                theta0, grads, self.state, meta, lookahead=False, step=t
-            )
-            for n, p in params.items():
-                p.copy_(new[n])
+        # the real update, in place on the model's parameters and the base state
+        self.state = self.rule.apply_(params, grads, dict(self.state), meta, step=t)
         self.state = {k: v.detach() for k, v in self.state.items()}
         self.rule.after_step()
         self.step_count += 1

@@ -23,6 +23,7 @@ from metaopt.func import functional_forward
 from metaopt.kron.preconditioner import KroneckerPreconditioner
 from metaopt.learners.apo_config import APOConfig
 from metaopt.optim.functional import adam_step, preconditioned_step, rmsprop_step, sgd_step
+from metaopt.optim.inplace import adam_step_, rmsprop_step_, sgd_step_
 
 __all__ = ["make_rule"]
 
@@ -82,6 +83,58 @@ def base_step(
     raise ValueError(f"base={base!r}: not a functional base step")
 
 
+def base_step_(
+    cfg: APOConfig,
+    base: str,
+    params: Params,
+    grads: Params,
+    state: dict[str, Tensor],
+    lr: Tensor | float,
+    *,
+    eps: Tensor | float | None = None,
+    power: Tensor | float | None = None,
+) -> None:
+    """The real (non-lookahead) :func:`base_step`, in place on ``params`` and ``state``."""
+    wd = cfg.weight_decay
+    if base == "sgd":
+        sgd_step_(params, grads, state, lr=lr, weight_decay=wd)
+    elif base == "sgdm":
+        sgd_step_(
+            params,
+            grads,
+            state,
+            lr=lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=wd,
+        )
+    elif base == "rmsprop":
+        rmsprop_step_(
+            params,
+            grads,
+            state,
+            lr=lr,
+            alpha=cfg.alpha,
+            eps=cfg.eps if eps is None else eps,
+            eps_root=cfg.eps_root,
+            power=cfg.power if power is None else power,
+            weight_decay=wd,
+        )
+    elif base == "adam":
+        adam_step_(
+            params,
+            grads,
+            state,
+            lr=lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            eps_root=cfg.eps_root,
+            weight_decay=wd,
+        )
+    else:
+        raise ValueError(f"base={base!r}: not an in-place base step")
+
+
 def meta_dtype(like: Tensor) -> torch.dtype:
     """Meta-parameters are at least fp32 (fp64 for an fp64 model, fp32 for bf16/fp16)."""
     return torch.promote_types(like.dtype, torch.float32)
@@ -120,6 +173,17 @@ class Rule:
     ) -> Step:
         raise NotImplementedError
 
+    def apply_(
+        self, params: Params, grads: Params, state: dict[str, Tensor], meta: Params, *, step: int
+    ) -> dict[str, Tensor]:
+        """The real update in place on ``params`` (the model's parameters); returns the new
+        state. Default: :meth:`update` then copy; rules with an in-place twin override it."""
+        with torch.no_grad():
+            new, new_state = self.update(params, grads, state, meta, lookahead=False, step=step)
+            for n, p in params.items():
+                p.copy_(new[n])
+        return new_state
+
     def current(self, meta: Params) -> dict[str, Tensor]:
         """Adapted hyperparameters as 0-dim tensors (no host sync)."""
         raise NotImplementedError
@@ -150,6 +214,10 @@ class LrRule(Rule):
         lr = meta["log_lr"].exp()
         return base_step(self.cfg, self.cfg.base, params, grads, state, lr, lookahead=lookahead)
 
+    def apply_(self, params, grads, state, meta, *, step):
+        base_step_(self.cfg, self.cfg.base, params, grads, state, meta["log_lr"].exp())
+        return state
+
     def current(self, meta):
         return {"lr": meta["log_lr"].detach().exp()}
 
@@ -176,6 +244,11 @@ class RmspropEpsRhoRule(Rule):
         return base_step(
             self.cfg, "rmsprop", params, grads, state, lr, lookahead=lookahead, eps=eps, power=rho
         )
+
+    def apply_(self, params, grads, state, meta, *, step):
+        lr, eps, rho = self._values(meta)
+        base_step_(self.cfg, "rmsprop", params, grads, state, lr, eps=eps, power=rho)
+        return state
 
     def current(self, meta):
         lr, eps, rho = self._values({k: v.detach() for k, v in meta.items()})
