@@ -456,7 +456,8 @@ def test_config_defaults_follow_the_paper():
         3000,
         0.9,
     )
-    assert APOConfig(adapt="rmsprop-eps-rho").base == "rmsprop"
+    eps_rho = APOConfig(adapt="rmsprop-eps-rho")
+    assert (eps_rho.base, eps_rho.meta_optimizer, eps_rho.meta_lr) == ("rmsprop", "rmsprop", 0.01)
     with pytest.raises(ValueError, match="base='rmsprop'"):
         APOConfig(adapt="precond", base="rmsprop")
 

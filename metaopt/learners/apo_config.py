@@ -70,7 +70,8 @@ class APOConfig:
         objective_options: extra keyword options for the meta-objective.
         meta_optimizer: ``"rmsprop" | "adam" | "sgd"``; ``None``: RMSprop for learning-rate
             adaptation, Adam for ``"precond"`` (``000_`` C.2).
-        meta_lr: ``None``: 0.1 (learning-rate adaptation) or 1e-4 (``"precond"``).
+        meta_lr: ``None``: 0.1 (learning-rate adaptation), 0.01 (``"rmsprop-eps-rho"``,
+            ``000_`` D.7) or 1e-4 (``"precond"``).
         fresh_loss_batch: evaluate the loss term on the fresh batch B' instead of B (the
             short-horizon-bias ablation of ``000_`` appendix E, Eq. 14).
         warmup: ``"precond"`` only: steps during which theta follows ``base`` while P is
@@ -166,8 +167,8 @@ class APOConfig:
             raise ValueError(
                 f"meta_optimizer={self.meta_optimizer!r}: choose 'rmsprop', 'adam' or 'sgd'"
             )
-        if self.meta_lr is None:
-            self.meta_lr = 0.1 if lr_adapt else 1e-4
+        if self.meta_lr is None:  # 000_ C.2; 000_ D.7 for eps/rho
+            self.meta_lr = 0.01 if self.adapt == "rmsprop-eps-rho" else 0.1 if lr_adapt else 1e-4
         _positive("meta_lr", self.meta_lr)
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup={self.warmup!r}: must be a non-negative integer")

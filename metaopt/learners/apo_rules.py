@@ -93,11 +93,13 @@ def base_step_(
     *,
     eps: Tensor | float | None = None,
     power: Tensor | float | None = None,
+    workspace: dict | None = None,
 ) -> None:
-    """The real (non-lookahead) :func:`base_step`, in place on ``params`` and ``state``."""
+    """The real (non-lookahead) :func:`base_step`, in place on ``params`` and ``state``
+    (``workspace``: scratch kept between steps, see :mod:`metaopt.optim.inplace`)."""
     wd = cfg.weight_decay
     if base == "sgd":
-        sgd_step_(params, grads, state, lr=lr, weight_decay=wd)
+        sgd_step_(params, grads, state, lr=lr, weight_decay=wd, workspace=workspace)
     elif base == "sgdm":
         sgd_step_(
             params,
@@ -107,6 +109,7 @@ def base_step_(
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
             weight_decay=wd,
+            workspace=workspace,
         )
     elif base == "rmsprop":
         rmsprop_step_(
@@ -157,6 +160,7 @@ class Rule:
     def __init__(self, cfg: APOConfig, model: nn.Module) -> None:
         self.cfg = cfg
         self.meta: dict[str, nn.Parameter] = {}
+        self.workspace: dict = {}  # scratch of the in-place steps (not state)
 
     def meta_parameters(self) -> dict[str, nn.Parameter]:
         return self.meta
@@ -215,7 +219,8 @@ class LrRule(Rule):
         return base_step(self.cfg, self.cfg.base, params, grads, state, lr, lookahead=lookahead)
 
     def apply_(self, params, grads, state, meta, *, step):
-        base_step_(self.cfg, self.cfg.base, params, grads, state, meta["log_lr"].exp())
+        lr = meta["log_lr"].exp()
+        base_step_(self.cfg, self.cfg.base, params, grads, state, lr, workspace=self.workspace)
         return state
 
     def current(self, meta):
