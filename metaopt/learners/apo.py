@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaopt.func import functional_forward, loss_and_grads, trainable_params
+from metaopt.func import functional_forward, loss_and_grads, own_forward, trainable_params
 from metaopt.kron.preconditioner import KroneckerPreconditioner
 from metaopt.learners.apo_config import APOConfig
 from metaopt.learners.apo_rules import make_rule
@@ -71,6 +71,7 @@ class APO:
         self.model = model
         self.loss_fn = loss_fn
         self.forward = functional_forward(model)
+        self._own_forward = own_forward(model)
         self.rule = make_rule(self.config, model)
         meta = list(self.rule.meta_parameters().values())
         cfg = self.config
@@ -129,9 +130,10 @@ class APO:
         meta_now = t % cfg.meta_interval == 0
         if meta_now or cfg.check_every_step:
             self.check_finite()
+        # gradient at the model's own parameters (no functional_call swap; same arithmetic)
         params = trainable_params(self.model)
-        theta = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        loss, grads = loss_and_grads(self.forward, self.loss_fn, theta, batch)
+        loss, grads = loss_and_grads(self._own_forward, self.loss_fn, params, batch)
+        theta = {n: p.detach() for n, p in params.items()}
         self._first_bad = torch.where(
             (self._first_bad < 0) & ~torch.isfinite(loss).reshape(()),
             torch.full_like(self._first_bad, t),
