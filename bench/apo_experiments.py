@@ -10,7 +10,7 @@ training split (the papers select on final training loss, ``000_`` C.3-C.4).
     OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-lr [--base sgdm|rmsprop]
     OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-initial-lr [--base B]
         [--lambda-sgdm L] [--lambda-rmsprop L]
-    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-eps-rho --rmsprop-lr LR
+    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-eps-rho --rmsprop-lr LR [--fixed-lr]
     OMP_NUM_THREADS=1 python bench/apo_experiments.py bf16-lenet
 
 (LR for digits-eps-rho: the best RMSprop lr of digits-lr; L: the best lambdas of digits-lr.)
@@ -185,7 +185,7 @@ def digits_initial_lr(lambdas: dict[str, float]) -> dict[str, Any]:
     return out
 
 
-def digits_eps_rho(rmsprop_lr: float = 1e-2) -> dict[str, Any]:
+def digits_eps_rho(rmsprop_lr: float = 1e-2, fixed_lr: bool = False) -> dict[str, Any]:
     """RMSprop at its best fixed lr (from ``digits-lr``, same seed and steps) against APO
     adapting eps and rho (and lr) from that lr, with 000_ D.7's protocol: meta-RMSprop at
     0.01, lambda_fsd in {1e-3, 1e-4, 1e-5} x lambda_wsd in {1e-1, ..., 1e-6}."""
@@ -196,7 +196,7 @@ def digits_eps_rho(rmsprop_lr: float = 1e-2) -> dict[str, Any]:
         task,
         "apo-rmsprop-eps-rho",
         [
-            {"lr": rmsprop_lr, "lambda_fsd": f, "lambda_wsd": w}
+            {"lr": rmsprop_lr, "lambda_fsd": f, "lambda_wsd": w, "fixed_lr": fixed_lr}
             for f in (1e-3, 1e-4, 1e-5)
             for w in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
         ],
@@ -206,6 +206,7 @@ def digits_eps_rho(rmsprop_lr: float = 1e-2) -> dict[str, Any]:
         "experiment": "digits-eps-rho",
         "steps": steps,
         "protocol": "000_ D.7: meta RMSprop lr 0.01, lambda grids as in the paper",
+        "fixed_lr": fixed_lr,
         "rmsprop": fixed,
         "apo_rmsprop_eps_rho": apo,
         "claim_below_default_rmsprop": apo["best"]["final_train_loss"] < fixed["final_train_loss"],
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="APO done-when experiments")
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
     parser.add_argument("--rmsprop-lr", type=float, default=1e-2, help="digits-eps-rho only")
+    parser.add_argument(
+        "--fixed-lr", action="store_true", help="digits-eps-rho: adapt eps and rho only (D.7)"
+    )
     parser.add_argument("--base", choices=("sgdm", "rmsprop"), help="digits-lr/-initial-lr: one")
     parser.add_argument("--lambda-sgdm", type=float, default=0.01, help="digits-initial-lr")
     parser.add_argument("--lambda-rmsprop", type=float, default=1e-3, help="digits-initial-lr")
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     bases = (args.base,) if args.base else ("sgdm", "rmsprop")
     if args.experiment == "digits-eps-rho":
-        print(json.dumps(digits_eps_rho(args.rmsprop_lr)))
+        print(json.dumps(digits_eps_rho(args.rmsprop_lr, args.fixed_lr)))
     elif args.experiment == "digits-lr":
         print(json.dumps(digits_lr(bases)))
     elif args.experiment == "digits-initial-lr":

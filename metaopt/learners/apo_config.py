@@ -84,6 +84,8 @@ class APOConfig:
             (``skip`` for identity on some parameters).
         check_every_step: sync every step to check the loss is finite (default: check at
             each meta step, naming the first non-finite step).
+        fixed_lr: ``"rmsprop-eps-rho"`` only: keep ``lr`` fixed and adapt only eps and rho
+            (``000_`` D.7's protocol; default ``False``: lr, eps and rho as in ``001_``).
     """
 
     base: str | None = None
@@ -114,6 +116,7 @@ class APOConfig:
     precond_momentum: float = 0.0
     precond_options: dict[str, Any] = field(default_factory=dict)
     check_every_step: bool = False
+    fixed_lr: bool = False
 
     def __post_init__(self) -> None:
         if self.adapt not in ADAPTS:
@@ -176,3 +179,7 @@ class APOConfig:
             self.warmup_lr = self.lr
         _positive("warmup_lr", self.warmup_lr)
         _positive("precond_scale", self.precond_scale)
+        if not isinstance(self.fixed_lr, bool):
+            raise ValueError(f"fixed_lr={self.fixed_lr!r}: must be True or False")
+        if self.fixed_lr and self.adapt != "rmsprop-eps-rho":
+            raise ValueError(f"fixed_lr=True: only for adapt='rmsprop-eps-rho', not {self.adapt!r}")

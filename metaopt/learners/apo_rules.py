@@ -229,20 +229,21 @@ class LrRule(Rule):
 
 class RmspropEpsRhoRule(Rule):
     """``adapt="rmsprop-eps-rho"``: ``phi = (log lr, log eps, logit rho)`` of
-    ``theta -= lr g / ((v + eps_root)^rho + eps)`` (``001_`` Eq. 20-21)."""
+    ``theta -= lr g / ((v + eps_root)^rho + eps)`` (``001_`` Eq. 20-21); with
+    ``cfg.fixed_lr`` only ``(log eps, logit rho)``, ``lr`` fixed (``000_`` D.7)."""
 
     def __init__(self, cfg: APOConfig, model: nn.Module) -> None:
         super().__init__(cfg, model)
         ref = next(model.parameters())
         rho = cfg.power
-        self.meta = {
-            "log_lr": _param(math.log(cfg.lr), ref),
-            "log_eps": _param(math.log(cfg.eps), ref),
-            "rho_logit": _param(math.log(rho / (1 - rho)), ref),
-        }
+        self.meta = {} if cfg.fixed_lr else {"log_lr": _param(math.log(cfg.lr), ref)}
+        self.meta["log_eps"] = _param(math.log(cfg.eps), ref)
+        self.meta["rho_logit"] = _param(math.log(rho / (1 - rho)), ref)
+        self._lr = torch.tensor(cfg.lr, dtype=meta_dtype(ref), device=ref.device)
 
     def _values(self, meta: Params) -> tuple[Tensor, Tensor, Tensor]:
-        return meta["log_lr"].exp(), meta["log_eps"].exp(), torch.sigmoid(meta["rho_logit"])
+        lr = meta["log_lr"].exp() if "log_lr" in meta else self._lr
+        return lr, meta["log_eps"].exp(), torch.sigmoid(meta["rho_logit"])
 
     def update(self, params, grads, state, meta, *, lookahead, step):
         lr, eps, rho = self._values(meta)
