@@ -7,12 +7,13 @@ training split (the papers select on final training loss, ``000_`` C.3-C.4).
 
     OMP_NUM_THREADS=1 python bench/apo_experiments.py rosenbrock
     OMP_NUM_THREADS=1 python bench/apo_experiments.py ill-conditioned
-    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-lr
-    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-initial-lr
-    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-eps-rho --rmsprop-lr LR
+    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-lr [--base sgdm|rmsprop]
+    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-initial-lr [--base B]
+        [--lambda-sgdm L] [--lambda-rmsprop L]
+    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-eps-rho --rmsprop-lr LR [--fixed-lr]
     OMP_NUM_THREADS=1 python bench/apo_experiments.py bf16-lenet
 
-(LR for digits-eps-rho: the best RMSprop lr of digits-lr.)
+(LR for digits-eps-rho: the best RMSprop lr of digits-lr; L: the best lambdas of digits-lr.)
 """
 
 from __future__ import annotations
@@ -123,33 +124,49 @@ def ill_conditioned() -> dict[str, Any]:
 
 
 DIGITS = dict(model="mlp", model_options={"in_features": 64, "widths": (256, 256)}, batch_size=100)
-LAMBDAS = (0.3, 0.1, 0.01, 0.001)
+# 001_ §5.2 (the MNIST MLP behind 002_ Fig. 4 right): fixed-lr grids and APO's lambda grids;
+# APO starts from lr 0.1 (SGDm) / 3e-4 (RMSprop) with meta-RMSprop at 0.1 (000_ C.2), lambda_wsd 0
+PAPER_FIXED = {"sgdm": (0.1, 0.01, 0.001), "rmsprop": (0.01, 0.001, 1e-4)}
+EXTRA_FIXED = {"sgdm": (1.0, 0.3, 0.03), "rmsprop": (3e-3, 3e-4)}  # a finer grid, reported too
+PAPER_LAMBDAS = {"sgdm": (0.1, 0.01, 1e-3), "rmsprop": (0.1, 0.01, 1e-3, 1e-4, 1e-5, 0.0)}
 
 
-def digits_lr() -> dict[str, Any]:
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [r for r in runs if r["final_train_loss"] is not None]
+    return min(ok, key=lambda r: r["final_train_loss"]) if ok else None
+
+
+def digits_lr(bases: tuple[str, ...] = ("sgdm", "rmsprop")) -> dict[str, Any]:
     task = get_task("digits", **DIGITS)
     steps = 2000
-    out: dict[str, Any] = {"experiment": "digits-lr", "steps": steps, "model": "mlp 64-256-256-10"}
-    grids = {
-        "sgdm": (1.0, 0.3, 0.1, 0.03, 0.01, 0.003),
-        "rmsprop": (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5),
+    out: dict[str, Any] = {
+        "experiment": "digits-lr",
+        "steps": steps,
+        "model": "mlp 64-256-256-10",
+        "protocol": "001_ 5.2 grids; APO lr0 0.1 (sgdm) / 3e-4 (rmsprop), meta RMSprop 0.1",
     }
-    for base, lrs in grids.items():
-        fixed = _grid(task, base, [{"lr": lr} for lr in lrs], steps)
-        apo = _grid(task, f"apo-lr:{base}", [{"lambda_fsd": lam} for lam in LAMBDAS], steps)
-        out[base] = fixed
-        out[f"{base}_apo"] = apo
-        out[f"claim_{base}_apo_below_fixed"] = (
-            apo["best"]["final_train_loss"] < fixed["best"]["final_train_loss"]
+    for base in bases:
+        fixed = _grid(
+            task, base, [{"lr": lr} for lr in PAPER_FIXED[base] + EXTRA_FIXED[base]], steps
         )
+        paper_best = _best([r for r in fixed["runs"] if r["hparams"]["lr"] in PAPER_FIXED[base]])
+        apo = _grid(
+            task, f"apo-lr:{base}", [{"lambda_fsd": lam} for lam in PAPER_LAMBDAS[base]], steps
+        )
+        out[base] = dict(fixed, best_paper_grid=paper_best)
+        out[f"{base}_apo"] = apo
+        a = apo["best"]["final_train_loss"]
+        out[f"claim_{base}_apo_below_fixed_paper_grid"] = a < paper_best["final_train_loss"]
+        out[f"claim_{base}_apo_below_fixed_finer_grid"] = a < fixed["best"]["final_train_loss"]
     return out
 
 
-def digits_initial_lr() -> dict[str, Any]:
+def digits_initial_lr(lambdas: dict[str, float]) -> dict[str, Any]:
+    """APO from initial lrs 1e-7 .. 1e-1 (000_ J.2) at each base's best lambda of digits-lr."""
     task = get_task("digits", **DIGITS)
     steps = 2000
     out: dict[str, Any] = {"experiment": "digits-initial-lr", "steps": steps}
-    for base, lam in (("sgdm", 0.01), ("rmsprop", 0.01)):
+    for base, lam in lambdas.items():
         runs = [
             _run(task, f"apo-lr:{base}", {"lr": lr, "lambda_fsd": lam}, steps)
             for lr in (1e-7, 1e-5, 1e-3, 1e-1)
@@ -168,21 +185,28 @@ def digits_initial_lr() -> dict[str, Any]:
     return out
 
 
-def digits_eps_rho(rmsprop_lr: float = 1e-3) -> dict[str, Any]:
+def digits_eps_rho(rmsprop_lr: float = 1e-2, fixed_lr: bool = False) -> dict[str, Any]:
     """RMSprop at its best fixed lr (from ``digits-lr``, same seed and steps) against APO
-    adapting lr, eps and rho from that lr."""
+    adapting eps and rho (and lr) from that lr, with 000_ D.7's protocol: meta-RMSprop at
+    0.01, lambda_fsd in {1e-3, 1e-4, 1e-5} x lambda_wsd in {1e-1, ..., 1e-6}."""
     task = get_task("digits", **DIGITS)
     steps = 2000
     fixed = _run(task, "rmsprop", {"lr": rmsprop_lr}, steps)
     apo = _grid(
         task,
         "apo-rmsprop-eps-rho",
-        [{"lr": rmsprop_lr, "lambda_fsd": lam} for lam in LAMBDAS],
+        [
+            {"lr": rmsprop_lr, "lambda_fsd": f, "lambda_wsd": w, "fixed_lr": fixed_lr}
+            for f in (1e-3, 1e-4, 1e-5)
+            for w in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+        ],
         steps,
     )
     return {
         "experiment": "digits-eps-rho",
         "steps": steps,
+        "protocol": "000_ D.7: meta RMSprop lr 0.01, lambda grids as in the paper",
+        "fixed_lr": fixed_lr,
         "rmsprop": fixed,
         "apo_rmsprop_eps_rho": apo,
         "claim_below_default_rmsprop": apo["best"]["final_train_loss"] < fixed["final_train_loss"],
@@ -241,11 +265,23 @@ EXPERIMENTS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="APO done-when experiments")
     parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
-    parser.add_argument("--rmsprop-lr", type=float, default=1e-3, help="digits-eps-rho only")
+    parser.add_argument("--rmsprop-lr", type=float, default=1e-2, help="digits-eps-rho only")
+    parser.add_argument(
+        "--fixed-lr", action="store_true", help="digits-eps-rho: adapt eps and rho only (D.7)"
+    )
+    parser.add_argument("--base", choices=("sgdm", "rmsprop"), help="digits-lr/-initial-lr: one")
+    parser.add_argument("--lambda-sgdm", type=float, default=0.01, help="digits-initial-lr")
+    parser.add_argument("--lambda-rmsprop", type=float, default=1e-3, help="digits-initial-lr")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    bases = (args.base,) if args.base else ("sgdm", "rmsprop")
     if args.experiment == "digits-eps-rho":
-        print(json.dumps(digits_eps_rho(args.rmsprop_lr)))
+        print(json.dumps(digits_eps_rho(args.rmsprop_lr, args.fixed_lr)))
+    elif args.experiment == "digits-lr":
+        print(json.dumps(digits_lr(bases)))
+    elif args.experiment == "digits-initial-lr":
+        lams = {"sgdm": args.lambda_sgdm, "rmsprop": args.lambda_rmsprop}
+        print(json.dumps(digits_initial_lr({b: lams[b] for b in bases})))
     else:
         print(json.dumps(EXPERIMENTS[args.experiment]()))
     return 0

@@ -19,7 +19,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["detached_params", "functional_forward", "loss_and_grads", "trainable_params"]
+__all__ = [
+    "detached_params",
+    "functional_forward",
+    "loss_and_grads",
+    "own_forward",
+    "trainable_params",
+]
 
 Params = Mapping[str, Tensor]
 Forward = Callable[[Params, Tensor], Tensor]
@@ -43,6 +49,18 @@ def functional_forward(model: nn.Module) -> Forward:
 
     def forward(params: Params, x: Tensor) -> Tensor:
         return functional_call(model, dict(params), (x,), strict=False)
+
+    return forward
+
+
+def own_forward(model: nn.Module) -> Forward:
+    """``forward(params, x) -> model(x)`` for ``params`` that ARE the model's own trainable
+    parameters (``trainable_params(model)``): the same computation as
+    :func:`functional_forward` without swapping tensors into the module on every call
+    (for real, non-lookahead training steps)."""
+
+    def forward(params: Params, x: Tensor) -> Tensor:
+        return model(x)
 
     return forward
 

@@ -456,7 +456,8 @@ def test_config_defaults_follow_the_paper():
         3000,
         0.9,
     )
-    assert APOConfig(adapt="rmsprop-eps-rho").base == "rmsprop"
+    eps_rho = APOConfig(adapt="rmsprop-eps-rho")
+    assert (eps_rho.base, eps_rho.meta_optimizer, eps_rho.meta_lr) == ("rmsprop", "rmsprop", 0.01)
     with pytest.raises(ValueError, match="base='rmsprop'"):
         APOConfig(adapt="precond", base="rmsprop")
 
@@ -574,3 +575,21 @@ def test_fresh_loss_batch_puts_the_loss_term_on_b_prime_by_hand():
     g1 = 2 / len(x2n) * x2n.T @ (x2n @ w1 - y2n)  # loss term on B'
     grad_log = 0.1 * -(g * g1).sum()
     assert apo.hparam_log()["lr"] == pytest.approx(0.1 * math.exp(-0.5 * grad_log), rel=1e-10)
+
+
+def test_eps_rho_with_fixed_lr_adapts_only_eps_and_rho():
+    x, y = _digits_like()
+    model = _mlp()
+    apo = APO(
+        model, F.cross_entropy, adapt="rmsprop-eps-rho", lr=1e-2, fixed_lr=True, meta_interval=2
+    )
+    assert set(apo.rule.meta_parameters()) == {"log_eps", "rho_logit"}
+    draw, _ = _stream(x, y, 1)
+    for _ in range(6):
+        apo.step(draw(), draw)
+    log = apo.hparam_log()
+    assert apo.meta_steps == 3
+    assert log["lr"] == torch.tensor(1e-2).item()
+    assert log["rho"] != pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ValueError, match="fixed_lr"):
+        APOConfig(adapt="lr", fixed_lr=True)

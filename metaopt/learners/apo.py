@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaopt.func import functional_forward, loss_and_grads, trainable_params
+from metaopt.func import functional_forward, loss_and_grads, own_forward, trainable_params
 from metaopt.kron.preconditioner import KroneckerPreconditioner
 from metaopt.learners.apo_config import APOConfig
 from metaopt.learners.apo_rules import make_rule
@@ -71,6 +71,7 @@ class APO:
         self.model = model
         self.loss_fn = loss_fn
         self.forward = functional_forward(model)
+        self._own_forward = own_forward(model)
         self.rule = make_rule(self.config, model)
         meta = list(self.rule.meta_parameters().values())
         cfg = self.config
@@ -129,9 +130,10 @@ class APO:
         meta_now = t % cfg.meta_interval == 0
         if meta_now or cfg.check_every_step:
             self.check_finite()
+        # gradient at the model's own parameters (no functional_call swap; same arithmetic)
         params = trainable_params(self.model)
-        theta = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        loss, grads = loss_and_grads(self.forward, self.loss_fn, theta, batch)
+        loss, grads = loss_and_grads(self._own_forward, self.loss_fn, params, batch)
+        theta = {n: p.detach() for n, p in params.items()}
         self._first_bad = torch.where(
             (self._first_bad < 0) & ~torch.isfinite(loss).reshape(()),
             torch.full_like(self._first_bad, t),
@@ -141,13 +143,8 @@ class APO:
             self.check_finite()
         meta_value = self._meta_update(theta, grads, batch, fsd_batch) if meta_now else None
         meta = {k: v.detach() for k, v in self.rule.meta_parameters().items()}
-        with torch.no_grad():
-            theta0 = {n: v.detach() for n, v in theta.items()}
-            new, self.state = self.rule.update(
-                theta0, grads, self.state, meta, lookahead=False, step=t
-            )
-            for n, p in params.items():
-                p.copy_(new[n])
+        # the real update, in place on the model's parameters and the base state
+        self.state = self.rule.apply_(params, grads, dict(self.state), meta, step=t)
         self.state = {k: v.detach() for k, v in self.state.items()}
         self.rule.after_step()
         self.step_count += 1

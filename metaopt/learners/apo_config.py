@@ -70,7 +70,8 @@ class APOConfig:
         objective_options: extra keyword options for the meta-objective.
         meta_optimizer: ``"rmsprop" | "adam" | "sgd"``; ``None``: RMSprop for learning-rate
             adaptation, Adam for ``"precond"`` (``000_`` C.2).
-        meta_lr: ``None``: 0.1 (learning-rate adaptation) or 1e-4 (``"precond"``).
+        meta_lr: ``None``: 0.1 (learning-rate adaptation), 0.01 (``"rmsprop-eps-rho"``,
+            ``000_`` D.7) or 1e-4 (``"precond"``).
         fresh_loss_batch: evaluate the loss term on the fresh batch B' instead of B (the
             short-horizon-bias ablation of ``000_`` appendix E, Eq. 14).
         warmup: ``"precond"`` only: steps during which theta follows ``base`` while P is
@@ -83,6 +84,8 @@ class APOConfig:
             (``skip`` for identity on some parameters).
         check_every_step: sync every step to check the loss is finite (default: check at
             each meta step, naming the first non-finite step).
+        fixed_lr: ``"rmsprop-eps-rho"`` only: keep ``lr`` fixed and adapt only eps and rho
+            (``000_`` D.7's protocol; default ``False``: lr, eps and rho as in ``001_``).
     """
 
     base: str | None = None
@@ -113,6 +116,7 @@ class APOConfig:
     precond_momentum: float = 0.0
     precond_options: dict[str, Any] = field(default_factory=dict)
     check_every_step: bool = False
+    fixed_lr: bool = False
 
     def __post_init__(self) -> None:
         if self.adapt not in ADAPTS:
@@ -166,8 +170,8 @@ class APOConfig:
             raise ValueError(
                 f"meta_optimizer={self.meta_optimizer!r}: choose 'rmsprop', 'adam' or 'sgd'"
             )
-        if self.meta_lr is None:
-            self.meta_lr = 0.1 if lr_adapt else 1e-4
+        if self.meta_lr is None:  # 000_ C.2; 000_ D.7 for eps/rho
+            self.meta_lr = 0.01 if self.adapt == "rmsprop-eps-rho" else 0.1 if lr_adapt else 1e-4
         _positive("meta_lr", self.meta_lr)
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup={self.warmup!r}: must be a non-negative integer")
@@ -175,3 +179,7 @@ class APOConfig:
             self.warmup_lr = self.lr
         _positive("warmup_lr", self.warmup_lr)
         _positive("precond_scale", self.precond_scale)
+        if not isinstance(self.fixed_lr, bool):
+            raise ValueError(f"fixed_lr={self.fixed_lr!r}: must be True or False")
+        if self.fixed_lr and self.adapt != "rmsprop-eps-rho":
+            raise ValueError(f"fixed_lr=True: only for adapt='rmsprop-eps-rho', not {self.adapt!r}")

@@ -23,6 +23,7 @@ from metaopt.func import functional_forward
 from metaopt.kron.preconditioner import KroneckerPreconditioner
 from metaopt.learners.apo_config import APOConfig
 from metaopt.optim.functional import adam_step, preconditioned_step, rmsprop_step, sgd_step
+from metaopt.optim.inplace import adam_step_, rmsprop_step_, sgd_step_
 
 __all__ = ["make_rule"]
 
@@ -82,6 +83,61 @@ def base_step(
     raise ValueError(f"base={base!r}: not a functional base step")
 
 
+def base_step_(
+    cfg: APOConfig,
+    base: str,
+    params: Params,
+    grads: Params,
+    state: dict[str, Tensor],
+    lr: Tensor | float,
+    *,
+    eps: Tensor | float | None = None,
+    power: Tensor | float | None = None,
+    workspace: dict | None = None,
+) -> None:
+    """The real (non-lookahead) :func:`base_step`, in place on ``params`` and ``state``
+    (``workspace``: scratch kept between steps, see :mod:`metaopt.optim.inplace`)."""
+    wd = cfg.weight_decay
+    if base == "sgd":
+        sgd_step_(params, grads, state, lr=lr, weight_decay=wd, workspace=workspace)
+    elif base == "sgdm":
+        sgd_step_(
+            params,
+            grads,
+            state,
+            lr=lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=wd,
+            workspace=workspace,
+        )
+    elif base == "rmsprop":
+        rmsprop_step_(
+            params,
+            grads,
+            state,
+            lr=lr,
+            alpha=cfg.alpha,
+            eps=cfg.eps if eps is None else eps,
+            eps_root=cfg.eps_root,
+            power=cfg.power if power is None else power,
+            weight_decay=wd,
+        )
+    elif base == "adam":
+        adam_step_(
+            params,
+            grads,
+            state,
+            lr=lr,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            eps_root=cfg.eps_root,
+            weight_decay=wd,
+        )
+    else:
+        raise ValueError(f"base={base!r}: not an in-place base step")
+
+
 def meta_dtype(like: Tensor) -> torch.dtype:
     """Meta-parameters are at least fp32 (fp64 for an fp64 model, fp32 for bf16/fp16)."""
     return torch.promote_types(like.dtype, torch.float32)
@@ -104,6 +160,7 @@ class Rule:
     def __init__(self, cfg: APOConfig, model: nn.Module) -> None:
         self.cfg = cfg
         self.meta: dict[str, nn.Parameter] = {}
+        self.workspace: dict = {}  # scratch of the in-place steps (not state)
 
     def meta_parameters(self) -> dict[str, nn.Parameter]:
         return self.meta
@@ -119,6 +176,17 @@ class Rule:
         step: int,
     ) -> Step:
         raise NotImplementedError
+
+    def apply_(
+        self, params: Params, grads: Params, state: dict[str, Tensor], meta: Params, *, step: int
+    ) -> dict[str, Tensor]:
+        """The real update in place on ``params`` (the model's parameters); returns the new
+        state. Default: :meth:`update` then copy; rules with an in-place twin override it."""
+        with torch.no_grad():
+            new, new_state = self.update(params, grads, state, meta, lookahead=False, step=step)
+            for n, p in params.items():
+                p.copy_(new[n])
+        return new_state
 
     def current(self, meta: Params) -> dict[str, Tensor]:
         """Adapted hyperparameters as 0-dim tensors (no host sync)."""
@@ -150,32 +218,43 @@ class LrRule(Rule):
         lr = meta["log_lr"].exp()
         return base_step(self.cfg, self.cfg.base, params, grads, state, lr, lookahead=lookahead)
 
+    def apply_(self, params, grads, state, meta, *, step):
+        lr = meta["log_lr"].exp()
+        base_step_(self.cfg, self.cfg.base, params, grads, state, lr, workspace=self.workspace)
+        return state
+
     def current(self, meta):
         return {"lr": meta["log_lr"].detach().exp()}
 
 
 class RmspropEpsRhoRule(Rule):
     """``adapt="rmsprop-eps-rho"``: ``phi = (log lr, log eps, logit rho)`` of
-    ``theta -= lr g / ((v + eps_root)^rho + eps)`` (``001_`` Eq. 20-21)."""
+    ``theta -= lr g / ((v + eps_root)^rho + eps)`` (``001_`` Eq. 20-21); with
+    ``cfg.fixed_lr`` only ``(log eps, logit rho)``, ``lr`` fixed (``000_`` D.7)."""
 
     def __init__(self, cfg: APOConfig, model: nn.Module) -> None:
         super().__init__(cfg, model)
         ref = next(model.parameters())
         rho = cfg.power
-        self.meta = {
-            "log_lr": _param(math.log(cfg.lr), ref),
-            "log_eps": _param(math.log(cfg.eps), ref),
-            "rho_logit": _param(math.log(rho / (1 - rho)), ref),
-        }
+        self.meta = {} if cfg.fixed_lr else {"log_lr": _param(math.log(cfg.lr), ref)}
+        self.meta["log_eps"] = _param(math.log(cfg.eps), ref)
+        self.meta["rho_logit"] = _param(math.log(rho / (1 - rho)), ref)
+        self._lr = torch.tensor(cfg.lr, dtype=meta_dtype(ref), device=ref.device)
 
     def _values(self, meta: Params) -> tuple[Tensor, Tensor, Tensor]:
-        return meta["log_lr"].exp(), meta["log_eps"].exp(), torch.sigmoid(meta["rho_logit"])
+        lr = meta["log_lr"].exp() if "log_lr" in meta else self._lr
+        return lr, meta["log_eps"].exp(), torch.sigmoid(meta["rho_logit"])
 
     def update(self, params, grads, state, meta, *, lookahead, step):
         lr, eps, rho = self._values(meta)
         return base_step(
             self.cfg, "rmsprop", params, grads, state, lr, lookahead=lookahead, eps=eps, power=rho
         )
+
+    def apply_(self, params, grads, state, meta, *, step):
+        lr, eps, rho = self._values(meta)
+        base_step_(self.cfg, "rmsprop", params, grads, state, lr, eps=eps, power=rho)
+        return state
 
     def current(self, meta):
         lr, eps, rho = self._values({k: v.detach() for k, v in meta.items()})
