@@ -218,20 +218,67 @@ class LowRankFamily(Family):
     def accumulate_(
         self, targets: list[Tensor], grads: list[Tensor], alpha: float, beta: float = 1.0
     ) -> None:
-        # target = beta * target - alpha L R^T (one addmm) + alpha G / c: one pass over the
-        # target fewer than scaling it separately
+        """``targets = beta * targets + alpha * (G - L R^T) / c`` block by block.
+
+        The deploy optimizer's hot path, so it minimises passes over ``out x in`` memory:
+        two thin products that read ``G`` (``G U`` and ``V^T G``), one pass
+        ``target = G + beta * target`` (a separate ``mul_`` then ``add_``, as
+        ``torch.optim.SGD`` does on CPU, is two; BLAS's own ``beta`` scaling in ``addmm`` is
+        a pass of its own too) and one rank-``2r`` ``addmm_`` with ``beta=1``. Everything
+        that depends on ``U``, ``V`` (and ``c``) alone is cached (see ``_deploy_factors``).
+        """
         dtype = torch.promote_types(grads[0].dtype, self.U.dtype)
-        L, R = self.woodbury_factors([g.to(dtype) for g in grads], dtype)
-        inv_c = None
-        if self.learn_scale:
-            inv_c = torch.exp(-self.log_scale)
+        sizes = tuple(g.shape[1] for g in grads)
+        U_parts, Ua_t_parts, V_t, V_beta, inv_c = self._deploy_factors(dtype, sizes)
+        gs = [self._p(g, dtype) for g in grads]
+        p = gs[0] @ U_parts[0]  # G U (out x r)
+        for g, u in zip(gs[1:], U_parts[1:], strict=True):
+            p.addmm_(g, u)
+        q = [V_t @ g for g in gs]  # V^T G, r x k_i
+        # L = [(p - V beta s) | V beta] with s = V^T p, R_i^T = [(U alpha)_i^T ; q_i]
+        L = torch.cat([torch.addmm(p, V_beta, V_t @ p, alpha=-1), V_beta], dim=1)
+        if inv_c is not None:
             L = L * inv_c
-        for target, g, r in zip(targets, grads, R, strict=True):
-            target.addmm_(L.to(target.dtype), r.T.to(target.dtype), beta=beta, alpha=-alpha)
-            if inv_c is None:
+        for target, g, ua_t, q_i in zip(targets, gs, Ua_t_parts, q, strict=True):
+            g = self._p(g, target.dtype)
+            if inv_c is not None:
+                if beta != 1.0:
+                    target.mul_(beta)
+                target.addcmul_(g, inv_c.to(target.dtype), value=alpha)
+            elif beta == 1.0:
                 target.add_(g, alpha=alpha)
+            elif alpha == 1.0:
+                torch.add(g, target, alpha=beta, out=target)  # one pass: g + beta * target
             else:
-                target.addcmul_(g, inv_c.to(g.dtype), value=alpha)
+                target.mul_(beta).add_(g, alpha=alpha)
+            Rt = torch.cat([ua_t, q_i], dim=0).to(target.dtype)
+            target.addmm_(L.to(target.dtype), Rt, alpha=-alpha)
+
+    def _deploy_factors(
+        self, dtype: torch.dtype, sizes: tuple[int, ...]
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor, Tensor | None]:
+        """No-grad factors of ``accumulate_`` that depend on the meta-parameters alone.
+
+        ``(U_i, (U alpha)_i^T, V^T, V beta, 1/c or None)`` with ``U_i`` the row blocks of
+        ``U`` matching column blocks of widths ``sizes``. Cached, and recomputed whenever
+        ``U``, ``V`` or ``log_scale`` change (in-place updates bump their version counters;
+        a new tensor has a new storage), or the dtype or block sizes differ.
+        """
+        metas = [self.U, self.V] + ([self.log_scale] if self.learn_scale else [])
+        key = (dtype, sizes) + tuple((m._version, m.data_ptr(), m.device) for m in metas)
+        cached = getattr(self, "_deploy_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        U, V = self._p(self.U.detach(), dtype), self._p(self.V.detach(), dtype)
+        eye = torch.eye(self.rank, dtype=dtype, device=U.device)
+        alpha = torch.linalg.inv(eye + U.T @ U)  # r x r, symmetric
+        beta = torch.linalg.inv(eye + V.T @ V)
+        inv_c = torch.exp(-self.log_scale.detach()).to(dtype) if self.learn_scale else None
+        U_parts = list(U.split(list(sizes), dim=0))
+        Ua_t_parts = [t.T.contiguous() for t in (U @ alpha).split(list(sizes), dim=0)]
+        value = (U_parts, Ua_t_parts, V.T.contiguous(), V @ beta, inv_c)
+        self._deploy_cache = (key, value)
+        return value
 
     def forward_apply(self, X: Tensor) -> Tensor:
         """``M vec(X)`` reshaped: ``c B X A`` (no inverse)."""
