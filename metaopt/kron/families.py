@@ -90,6 +90,14 @@ class Family(nn.Module, abc.ABC):
                 target.mul_(beta)
             target.add_(part, alpha=alpha)
 
+    def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+        """``d/d phi <X, M(phi) delta>`` for each meta-parameter (``self.parameters()``
+        order), without autograd. ``X``, ``delta``: the ``out x in`` matrices as matching
+        column blocks (``LayerView.column_blocks``; ``[X]`` for a whole matrix). This is
+        ``(d^2 B_M / d phi d theta)^T x`` for ``B_M = 1/2 delta^T M delta``, the mixed
+        product of MetaMD's implicit hypergradient. Families with a forward matrix only."""
+        raise ValueError(f"{type(self).__name__} has no explicit forward matrix M")
+
     @staticmethod
     def _p(t: Tensor, dtype: torch.dtype) -> Tensor:
         return t if t.dtype == dtype else t.to(dtype)
@@ -289,6 +297,42 @@ class LowRankFamily(Family):
         out = XA + V @ (V.T @ XA)
         return out * self._p(self.scale(), dtype) if self.learn_scale else out
 
+    @torch.no_grad()
+    def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+        """``(dU, dV[, d log_scale])`` of ``f = c <X, B delta A>`` in thin products.
+
+        With ``S = delta^T B X``: ``df/dA = S``, ``df/dB = X A delta^T``, hence
+        ``dU = c (delta^T B X U + X^T B delta U)``, ``dV = c (X A delta^T V + delta A X^T V)``
+        and ``df/d log c = f``: eight ``out x in`` matrix-vector products per rank (plus one
+        pass for ``f``), done on the column blocks (no concatenation), against a double
+        backward through ``bregman``.
+        """
+        dtype = torch.promote_types(torch.promote_types(X[0].dtype, delta[0].dtype), self.U.dtype)
+        Xs, Ds = [x.to(dtype) for x in X], [d.to(dtype) for d in delta]
+        U, V = self._p(self.U.detach(), dtype), self._p(self.V.detach(), dtype)
+        Us = U.split([x.shape[1] for x in Xs], dim=0)
+        Vt = V.T
+        XU = sum(x @ u for x, u in zip(Xs, Us, strict=True))  # out x r
+        DU = sum(d @ u for d, u in zip(Ds, Us, strict=True))
+        XtV = torch.cat([x.T @ V for x in Xs])  # in x r
+        DtV = torch.cat([d.T @ V for d in Ds])
+        BXU, BDU = torch.addmm(XU, V, Vt @ XU), torch.addmm(DU, V, Vt @ DU)  # B (.)
+        ADtV, AXtV = torch.addmm(DtV, U, U.T @ DtV), torch.addmm(XtV, U, U.T @ XtV)  # A (.)
+        dU = torch.cat([d.T @ BXU + x.T @ BDU for x, d in zip(Xs, Ds, strict=True)])
+        sizes = [x.shape[1] for x in Xs]
+        dV = sum(
+            x @ a + d @ b
+            for x, d, a, b in zip(Xs, Ds, ADtV.split(sizes), AXtV.split(sizes), strict=True)
+        )
+        out: list[Tensor] = [dU, dV]
+        if self.learn_scale:
+            c = torch.exp(self.log_scale.detach()).to(dtype)
+            # f = c (<X, D> + <XU, DU> + <X^T V, D^T V> + <V^T X U, V^T D U>)
+            f = sum((x * d).sum() for x, d in zip(Xs, Ds, strict=True))
+            f = f + (XU * DU).sum() + (XtV * DtV).sum() + ((Vt @ XU) * (Vt @ DU)).sum()
+            out = [c * dU, c * dV, c * f]
+        return tuple(t.to(m.dtype) for t, m in zip(out, self.parameters(), strict=True))
+
     def dense(self) -> Tensor:
         return torch.linalg.inv(self.dense_forward())
 
@@ -362,6 +406,12 @@ class DiagFamily(Family):
                 target.mul_(beta)
             target.addcmul_(g, sc.to(g.dtype), value=alpha)
 
+    @torch.no_grad()
+    def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+        """``d/ds <X, exp(-s) * delta> = -exp(-s) * X * delta`` (one block)."""
+        (x,), (d,) = X, delta
+        return ((-torch.exp(-self.log_scale) * x * d).to(self.log_scale.dtype),)
+
     def dense(self) -> Tensor:
         return torch.diag(self.log_scale.exp().reshape(-1))
 
@@ -396,6 +446,12 @@ class ScalarFamily(Family):
             if beta != 1.0:
                 target.mul_(beta)
             target.addcmul_(g, scale.to(g.dtype), value=alpha)
+
+    @torch.no_grad()
+    def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+        """``d/ds exp(-s) <X, delta> = -exp(-s) <X, delta>``."""
+        xd = sum((x * d).sum() for x, d in zip(X, delta, strict=True))
+        return ((-torch.exp(-self.log_scale) * xd).to(self.log_scale.dtype),)
 
     def dense(self) -> Tensor:
         n = self.shape[0] * self.shape[1]

@@ -148,6 +148,33 @@ class KroneckerPreconditioner(nn.Module):
             raise ValueError("bregman: no parameters given")
         return total
 
+    @torch.no_grad()
+    def bregman_mixed(
+        self,
+        x: Mapping[str, Tensor],
+        theta: Mapping[str, Tensor],
+        theta_ref: Mapping[str, Tensor],
+    ) -> tuple[Tensor, ...]:
+        """``d/d phi <x, M(phi) (theta - theta_ref)>`` for every meta-parameter.
+
+        One tensor per ``self.parameters()`` entry, in that order (zeros for blocks whose
+        layers are not in ``theta``). This is the mixed product
+        ``(d^2 B_M / d phi d theta)^T x`` that MetaMD's implicit hypergradient needs
+        (``x = M^{-1} d_theta outer``), computed analytically block by block
+        (``Family.forward_mixed``: thin matrix products, no autograd graph); pass it to
+        ``implicit_grad(method="closed_form", mixed_product=...)``.
+        """
+        grads: dict[int, Tensor] = {}
+        for view, blk in self._forward_blocks():
+            if view.weight not in theta:
+                continue
+            cols = zip(view.column_blocks(theta), view.column_blocks(theta_ref), strict=True)
+            delta = [a - b for a, b in cols]
+            mixed = blk.forward_mixed(view.column_blocks(x), delta)
+            for p, g in zip(blk.parameters(), mixed, strict=True):
+                grads[id(p)] = g
+        return tuple(grads.get(id(p), torch.zeros_like(p)) for p in self.parameters())
+
     def min_eigenvalue(self) -> Tensor:
         """``lambda = min over blocks of lambda_min(M_block)`` (MetaMD appendix A.5)."""
         return torch.stack([blk.min_eigenvalue() for _, blk in self._forward_blocks()]).min()
