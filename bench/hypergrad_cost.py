@@ -136,7 +136,8 @@ def build(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], ob
         return tuple(a + m_delta[n] for a, n in zip(g1t, names, strict=True))
 
     def inverse_hvp(v):
-        out = pre.apply(as_dict(v))  # M^{-1} v through Woodbury, O(r out in) per layer
+        # M^{-1} v through Woodbury, O(r out in) per layer; U, V are constants here
+        out = pre.apply(as_dict(v), meta_constant=True)
         return tuple(out[n] for n in names)
 
     def mixed_product(u, theta, h):  # (d^2 B_M / d phi d theta)^T u, analytically

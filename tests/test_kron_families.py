@@ -183,6 +183,9 @@ def test_preconditioner_apply_equals_dense(family, options):
     out = pre.apply(grads)
     P = pre.dense()
     torch.testing.assert_close(_vec(out, names), P @ _vec(grads, names))
+    for _ in range(2):  # lowrank's cached-factor path must agree (and its cache be reused)
+        got = pre.apply(grads, meta_constant=True)
+        torch.testing.assert_close(_vec(got, names), P @ _vec(grads, names))
     torch.testing.assert_close(P, P.T)
     assert torch.linalg.eigvalsh(P).min() > -1e-9
     assert pre.num_meta_parameters() == sum(p.numel() for p in pre.parameters())

@@ -59,6 +59,16 @@ class Family(nn.Module, abc.ABC):
         dtype = torch.promote_types(grad.dtype, meta_dtype)
         return self._direction(grad.to(dtype), dtype).to(grad.dtype)
 
+    def apply_blocks(self, grads: list[Tensor], meta_constant: bool = False) -> list[Tensor]:
+        """``apply`` on column blocks ``G = [grads[0] | ...]`` (``LayerView.column_blocks``),
+        returning the direction's matching blocks. The default concatenates; families
+        override it to avoid copying ``G``. ``meta_constant=True`` promises that no
+        derivative (reverse or forward mode) with respect to the meta-parameters is needed,
+        so a family may use cached factors; families without a cache ignore it."""
+        if len(grads) == 1:
+            return [self.apply(grads[0])]
+        return list(self.apply(torch.cat(grads, dim=1)).split([g.shape[1] for g in grads], 1))
+
     @abc.abstractmethod
     def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
         """``grad`` already in ``dtype``; cast meta-parameters with ``_p``."""
@@ -215,6 +225,32 @@ class LowRankFamily(Family):
         R = [torch.cat([u, q.T], dim=1) for u, q in zip(U_parts, q_parts, strict=True)]
         return L, R
 
+    def apply_blocks(self, grads: list[Tensor], meta_constant: bool = False) -> list[Tensor]:
+        """``B^{-1} G A^{-1} / c`` block by block: ``G_i - L R_i^T`` (no copy of ``G``).
+
+        With ``meta_constant=True`` (e.g. ``M^{-1} v`` inside ``implicit_grad``) the factors
+        that depend on ``U``, ``V`` alone come from the ``accumulate_`` cache, as constants
+        (still differentiable in ``grads``)."""
+        dtype = torch.promote_types(grads[0].dtype, self.U.dtype)
+        if meta_constant:
+            gs = [self._p(g, dtype) for g in grads]
+            L, Rts, inv_c = self._cached_woodbury(gs, dtype)
+            out = []
+            for g, g0, Rt in zip(gs, grads, Rts, strict=True):
+                g = g if inv_c is None else g * inv_c  # L is already divided by c
+                out.append(torch.addmm(g, L, Rt, alpha=-1).to(g0.dtype))
+            return out
+        L, R = self.woodbury_factors([self._p(g, dtype) for g in grads], dtype)
+        if self.learn_scale:
+            inv_c = self._p(torch.exp(-self.log_scale), dtype)
+            out = [(self._p(g, dtype) - L @ r.T) * inv_c for g, r in zip(grads, R, strict=True)]
+        else:
+            out = [
+                torch.addmm(self._p(g, dtype), L, r.T, alpha=-1)
+                for g, r in zip(grads, R, strict=True)
+            ]
+        return [o.to(g.dtype) for o, g in zip(out, grads, strict=True)]
+
     def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
         L, (R,) = self.woodbury_factors([grad], dtype)
         out = torch.addmm(grad, L, R.T, alpha=-1)
@@ -236,18 +272,9 @@ class LowRankFamily(Family):
         that depends on ``U``, ``V`` (and ``c``) alone is cached (see ``_deploy_factors``).
         """
         dtype = torch.promote_types(grads[0].dtype, self.U.dtype)
-        sizes = tuple(g.shape[1] for g in grads)
-        U_parts, Ua_t_parts, V_t, V_beta, inv_c = self._deploy_factors(dtype, sizes)
         gs = [self._p(g, dtype) for g in grads]
-        p = gs[0] @ U_parts[0]  # G U (out x r)
-        for g, u in zip(gs[1:], U_parts[1:], strict=True):
-            p.addmm_(g, u)
-        q = [V_t @ g for g in gs]  # V^T G, r x k_i
-        # L = [(p - V beta s) | V beta] with s = V^T p, R_i^T = [(U alpha)_i^T ; q_i]
-        L = torch.cat([torch.addmm(p, V_beta, V_t @ p, alpha=-1), V_beta], dim=1)
-        if inv_c is not None:
-            L = L * inv_c
-        for target, g, ua_t, q_i in zip(targets, gs, Ua_t_parts, q, strict=True):
+        L, Rts, inv_c = self._cached_woodbury(gs, dtype)
+        for target, g, Rt in zip(targets, gs, Rts, strict=True):
             g = self._p(g, target.dtype)
             if inv_c is not None:
                 if beta != 1.0:
@@ -259,8 +286,25 @@ class LowRankFamily(Family):
                 torch.add(g, target, alpha=beta, out=target)  # one pass: g + beta * target
             else:
                 target.mul_(beta).add_(g, alpha=alpha)
-            Rt = torch.cat([ua_t, q_i], dim=0).to(target.dtype)
-            target.addmm_(L.to(target.dtype), Rt, alpha=-alpha)
+            target.addmm_(L.to(target.dtype), Rt.to(target.dtype), alpha=-alpha)
+
+    def _cached_woodbury(
+        self, gs: list[Tensor], dtype: torch.dtype
+    ) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """No-grad ``(L / c, [R_i^T], 1/c or None)`` of ``woodbury_factors`` for blocks
+        ``gs`` (already in ``dtype``), from the cached ``_deploy_factors``: the fewest ops."""
+        U_parts, Ua_t_parts, V_t, V_beta, inv_c = self._deploy_factors(
+            dtype, tuple(g.shape[1] for g in gs)
+        )
+        p = gs[0] @ U_parts[0]  # G U (out x r)
+        for g, u in zip(gs[1:], U_parts[1:], strict=True):
+            p.addmm_(g, u)
+        # L = [(p - V beta s) | V beta] with s = V^T p, R_i^T = [(U alpha)_i^T ; V^T G_i]
+        L = torch.cat([torch.addmm(p, V_beta, V_t @ p, alpha=-1), V_beta], dim=1)
+        if inv_c is not None:
+            L = L * inv_c
+        Rts = [torch.cat([ua_t, V_t @ g], dim=0) for g, ua_t in zip(gs, Ua_t_parts, strict=True)]
+        return L, Rts, inv_c
 
     def _deploy_factors(
         self, dtype: torch.dtype, sizes: tuple[int, ...]

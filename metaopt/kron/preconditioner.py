@@ -99,18 +99,24 @@ class KroneckerPreconditioner(nn.Module):
     def block(self, view: LayerView) -> Family:
         return self.blocks[_module_key(view.name)]  # type: ignore[return-value]
 
-    def apply(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def apply(
+        self, grads: Mapping[str, Tensor], *, meta_constant: bool = False
+    ) -> dict[str, Tensor]:
         """Update direction for every gradient in ``grads`` (keyed like ``named_parameters``).
 
         Parameters the preconditioner does not cover (skipped) pass through unchanged.
-        Differentiable in the meta-parameters (and in ``grads``).
+        Differentiable in the meta-parameters (and in ``grads``). ``meta_constant=True``
+        (default ``False``) promises that no derivative with respect to the
+        meta-parameters is wanted (e.g. ``M^{-1} v`` for ``implicit_grad``'s
+        ``inverse_hvp``): the lowrank family then reuses factors cached from ``U``, ``V``
+        (fewer small ops); the result is the same.
         """
         out = dict(grads)
         for view in self.views:
             if view.weight not in grads:
                 continue
-            direction = self.block(view).apply(view.to_matrix(grads))
-            out.update(view.from_matrix(direction))
+            directions = self.block(view).apply_blocks(view.column_blocks(grads), meta_constant)
+            out.update(view.from_column_blocks(directions))
         return out
 
     def forward(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
