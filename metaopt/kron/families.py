@@ -352,22 +352,26 @@ class LowRankFamily(Family):
         backward through ``bregman``.
         """
         dtype = torch.promote_types(torch.promote_types(X[0].dtype, delta[0].dtype), self.U.dtype)
-        Xs, Ds = [x.to(dtype) for x in X], [d.to(dtype) for d in delta]
+        Xs, Ds = [self._p(x, dtype) for x in X], [self._p(d, dtype) for d in delta]
         U, V = self._p(self.U.detach(), dtype), self._p(self.V.detach(), dtype)
-        Us = U.split([x.shape[1] for x in Xs], dim=0)
+        sizes = [x.shape[1] for x in Xs]
+        Us = U.split(sizes, dim=0)
         Vt = V.T
-        XU = sum(x @ u for x, u in zip(Xs, Us, strict=True))  # out x r
-        DU = sum(d @ u for d, u in zip(Ds, Us, strict=True))
+        XU, DU = Xs[0] @ Us[0], Ds[0] @ Us[0]  # out x r
+        for x, d, u in zip(Xs[1:], Ds[1:], Us[1:], strict=True):
+            XU.addmm_(x, u)
+            DU.addmm_(d, u)
         XtV = torch.cat([x.T @ V for x in Xs])  # in x r
         DtV = torch.cat([d.T @ V for d in Ds])
         BXU, BDU = torch.addmm(XU, V, Vt @ XU), torch.addmm(DU, V, Vt @ DU)  # B (.)
         ADtV, AXtV = torch.addmm(DtV, U, U.T @ DtV), torch.addmm(XtV, U, U.T @ XtV)  # A (.)
-        dU = torch.cat([d.T @ BXU + x.T @ BDU for x, d in zip(Xs, Ds, strict=True)])
-        sizes = [x.shape[1] for x in Xs]
-        dV = sum(
-            x @ a + d @ b
-            for x, d, a, b in zip(Xs, Ds, ADtV.split(sizes), AXtV.split(sizes), strict=True)
-        )
+        dU = torch.cat([torch.addmm(x.T @ BDU, d.T, BXU) for x, d in zip(Xs, Ds, strict=True)])
+        dV = torch.addmm(Xs[0] @ ADtV[: sizes[0]], Ds[0], AXtV[: sizes[0]])
+        start = sizes[0]
+        for x, d in zip(Xs[1:], Ds[1:], strict=True):
+            stop = start + x.shape[1]
+            dV.addmm_(x, ADtV[start:stop]).addmm_(d, AXtV[start:stop])
+            start = stop
         out: list[Tensor] = [dU, dV]
         if self.learn_scale:
             c = torch.exp(self.log_scale.detach()).to(dtype)
@@ -375,7 +379,7 @@ class LowRankFamily(Family):
             f = sum((x * d).sum() for x, d in zip(Xs, Ds, strict=True))
             f = f + (XU * DU).sum() + (XtV * DtV).sum() + ((Vt @ XU) * (Vt @ DU)).sum()
             out = [c * dU, c * dV, c * f]
-        return tuple(t.to(m.dtype) for t, m in zip(out, self.parameters(), strict=True))
+        return tuple(self._p(t, m.dtype) for t, m in zip(out, self.parameters(), strict=True))
 
     def dense(self) -> Tensor:
         return torch.linalg.inv(self.dense_forward())
