@@ -183,6 +183,9 @@ def test_preconditioner_apply_equals_dense(family, options):
     out = pre.apply(grads)
     P = pre.dense()
     torch.testing.assert_close(_vec(out, names), P @ _vec(grads, names))
+    for _ in range(2):  # lowrank's cached-factor path must agree (and its cache be reused)
+        got = pre.apply(grads, meta_constant=True)
+        torch.testing.assert_close(_vec(got, names), P @ _vec(grads, names))
     torch.testing.assert_close(P, P.T)
     assert torch.linalg.eigvalsh(P).min() > -1e-9
     assert pre.num_meta_parameters() == sum(p.numel() for p in pre.parameters())
@@ -254,3 +257,68 @@ def test_bf16_gradient_with_fp32_preconditioner():
     ref = pre.apply({n: g.float() for n, g in g16.items()})
     for n in ref:
         torch.testing.assert_close(out16[n].float(), ref[n], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "family, shape, options",
+    [
+        ("lowrank", (4, 5), {"rank": 1}),
+        ("lowrank", (6, 3), {"rank": 2, "learn_scale": True}),
+        ("lowrank", (3, 3), {"rank": 3}),
+        ("diag", (2, 5), {}),
+        ("scalar", (3, 4), {}),
+    ],
+)
+def test_forward_mixed_matches_dense_oracle_and_autograd(family, shape, options):
+    """``forward_mixed(X, D) = d/d phi <X, M(phi) D>`` against autograd of the dense
+    ``x^T inv(P) d`` (float64) and against autograd of ``<X, forward_apply(D)>``."""
+    fam = make_family(family, shape, **options).double()
+    _randomize(fam, 0.7, seed=3)
+    g = torch.Generator().manual_seed(4)
+    X, D = (torch.randn(shape, generator=g, dtype=F64) for _ in range(2))
+    got = fam.forward_mixed([X], [D])
+    if family != "diag":  # as column blocks (a layer with a bias column): the same
+        cut = shape[1] - 1
+        blocks = fam.forward_mixed([X[:, :cut], X[:, cut:]], [D[:, :cut], D[:, cut:]])
+        for a, b in zip(blocks, got, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    params = tuple(fam.parameters())
+    M = torch.linalg.inv(fam.dense())  # the forward matrix, from the family's dense P
+    want = torch.autograd.grad(X.reshape(-1) @ M @ D.reshape(-1), params)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    if family == "lowrank":
+        auto = torch.autograd.grad((X * fam.forward_apply(D)).sum(), params)
+        for a, b in zip(got, auto, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # <X, M D> = <D, M X> (M symmetric): swapping the arguments must not change it
+    for a, b in zip(fam.forward_mixed([D], [X]), got, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_preconditioner_bregman_mixed_matches_autograd_of_bregman():
+    """Whole-model mixed product (bias columns, BatchNorm diag blocks, a skipped layer)
+    against the double backward it replaces: d/d phi of <x, d_theta B_M(theta, ref)>."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, 4), nn.Linear(4, 2)
+    ).double()
+    pre = KroneckerPreconditioner.for_model(
+        model, "lowrank", rank=2, learn_scale=True, skip=r"^4\."
+    ).double()
+    _randomize(pre, 0.5, seed=5)
+    names = [n for n, _ in model.named_parameters()]
+    g = torch.Generator().manual_seed(6)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    theta = {n: (ref[n] + torch.randn(ref[n].shape, generator=g, dtype=F64)) for n in names}
+    x = {n: torch.randn(ref[n].shape, generator=g, dtype=F64) for n in names}
+    got = pre.bregman_mixed(x, theta, ref)
+    th = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
+    gth = torch.autograd.grad(pre.bregman(th, ref), list(th.values()), create_graph=True)
+    inner = sum((x[n] * gi).sum() for n, gi in zip(th, gth, strict=True))
+    want = torch.autograd.grad(inner, tuple(pre.parameters()), allow_unused=True)
+    for (pname, _), a, b in zip(pre.named_parameters(), got, want, strict=True):
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=pname)

@@ -214,3 +214,51 @@ def test_eps_root_keeps_meta_gradient_finite_at_zero_second_moment():
 
     assert torch.isnan(meta_grad(0.0))
     assert torch.isfinite(meta_grad(1e-12))
+
+
+@pytest.mark.parametrize(
+    "hp",
+    [
+        dict(momentum=0.0),
+        dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+        dict(momentum=0.5),
+    ],
+)
+@pytest.mark.parametrize(
+    "family, options",
+    [("rank1", {}), ("lowrank", {"rank": 2}), ("lowrank", {"rank": 2, "learn_scale": True})],
+)
+def test_lowrank_steps_match_dense_oracle_all_paths(family, options, hp):
+    """Every branch of the in-place lowrank path (plain, heavy ball, Nesterov, weight decay,
+    learn_scale, rank > 1, a bias-free layer, a skipped parameter) against the dense P."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3, bias=False), nn.Linear(3, 2))
+    model = model.double()
+    pre = KroneckerPreconditioner.for_model(model, family, skip=r"^3\.bias$", **options).double()
+    with torch.no_grad():
+        for p in pre.parameters():
+            p.normal_(std=0.5)
+    P = pre.dense()
+    lr, mom, wd = 0.1, hp.get("momentum", 0.0), hp.get("weight_decay", 0.0)
+    names = [n for n, _ in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    buf = torch.zeros_like(theta)
+    opt = Preconditioned(model.named_parameters(), pre, lr=lr, **hp)
+    for i in range(4):
+        x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        g = torch.cat([dict(model.named_parameters())[n].grad.reshape(-1) for n in names])
+        d = P @ (g + wd * theta)
+        if mom:
+            buf = d if i == 0 else mom * buf + d
+            d = d + mom * buf if hp.get("nesterov") else buf
+        theta = theta - lr * d
+        opt.step()
+        if i == 1:  # the cached factors must follow an in-place change of U, V
+            with torch.no_grad():
+                for p in pre.parameters():
+                    p.mul_(0.8)
+            P = pre.dense()
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, theta)

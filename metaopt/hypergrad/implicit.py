@@ -46,7 +46,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "exact": {"inner_grad": None},
     "neumann": {"iterations": 20, "alpha": 1.0, "inner_grad": None},
     "cg": {"iterations": 20, "tol": 1e-10, "inner_grad": None},
-    "closed_form": {"inverse_hvp": None, "inner_grad": None},
+    "closed_form": {"inverse_hvp": None, "inner_grad": None, "mixed_product": None},
 }
 
 
@@ -79,7 +79,12 @@ def implicit_grad(
             relative residual or ``None`` for no early stop and no host sync; ``H`` must be
             SPD), ``"closed_form"`` (``inverse_hvp=callable`` mapping a tuple shaped like
             ``params`` to ``H^{-1}`` of it, e.g. MetaMD's ``M^{-1} v`` through the lowrank
-            family's ``apply``: no Hessian product at all; called under ``no_grad``).
+            family's ``apply``: no Hessian product at all; called under ``no_grad``;
+            optionally ``mixed_product=callable(u, params, hparams) -> tuple`` shaped like
+            ``hparams`` giving ``(d^2 inner / d lambda d theta)^T u`` in closed form, e.g.
+            ``KroneckerPreconditioner.bregman_mixed(u, theta, theta_1)`` for MetaMD's
+            Bregman potential: then no graph of ``d_theta inner`` is built at all and
+            ``inner_objective`` may be ``None``).
         **options: also, for every method, ``inner_grad=callable(params, hparams) ->
             tuple`` giving ``d_theta inner`` in closed form (differentiable in ``params``
             and ``hparams``); products then backpropagate through it once instead of
@@ -100,8 +105,11 @@ def implicit_grad(
     opts = take_options(method, options, _DEFAULTS[method])
     if method in ("neumann", "cg"):
         positive_int("iterations", opts["iterations"])
-    if inner_objective is None and opts["inner_grad"] is None:
-        raise ValueError("inner_objective=None: give inner_grad= then")
+    mixed_product = opts.get("mixed_product")
+    if mixed_product is not None and not callable(mixed_product):
+        raise ValueError(f"mixed_product={mixed_product!r}: must be a callable or None")
+    if inner_objective is None and opts["inner_grad"] is None and mixed_product is None:
+        raise ValueError("inner_objective=None: give inner_grad= (or mixed_product=) then")
     if method == "closed_form" and not callable(opts["inverse_hvp"]):
         raise ValueError(
             f"inverse_hvp={opts['inverse_hvp']!r}: method='closed_form' needs a callable "
@@ -121,6 +129,15 @@ def implicit_grad(
         guard.add(v, "outer_grad")
         guard.add(direct, "direct")
 
+        if mixed_product is not None:  # closed_form with both terms given: no graph of g
+            u = _inverse_hvp(opts["inverse_hvp"], v, theta)
+            guard.add(u, "inverse_hvp")
+            with torch.no_grad():
+                mixed = tuple(mixed_product(u, theta, lam))
+            _check_shapes("mixed_product", mixed, lam, "hparams")
+            guard.add(mixed, "mixed")
+            guard.check()
+            return tuple((d - m).detach() for d, m in zip(direct, mixed, strict=True))
         # the graph of g = d_theta inner, built once and reused by every product
         if opts["inner_grad"] is not None:
             g = tuple(opts["inner_grad"](theta, lam))
@@ -145,13 +162,7 @@ def implicit_grad(
         elif method == "cg":
             u = cg_solve(hvp, v, iterations=opts["iterations"], tol=opts["tol"])
         else:
-            with torch.no_grad():
-                u = tuple(opts["inverse_hvp"](tuple(v)))
-            if len(u) != n_theta or any(a.shape != b.shape for a, b in zip(u, theta, strict=False)):
-                raise ValueError(
-                    f"inverse_hvp returned shapes {[tuple(a.shape) for a in u]}, "
-                    f"expected those of params {[tuple(b.shape) for b in theta]}"
-                )
+            u = _inverse_hvp(opts["inverse_hvp"], v, theta)
         guard.add(u, "inverse_hvp")
 
         # mixed term (d^2 inner / d lambda d theta)^T u: one more product, into lambda
@@ -160,6 +171,22 @@ def implicit_grad(
         guard.add(mixed, "mixed")
         guard.check()
         return tuple((d - m).detach() for d, m in zip(direct, mixed, strict=True))
+
+
+def _check_shapes(what: str, got: Vec, like: Vec, name: str) -> None:
+    if len(got) != len(like) or any(a.shape != b.shape for a, b in zip(got, like, strict=False)):
+        raise ValueError(
+            f"{what} returned shapes {[tuple(a.shape) for a in got]}, "
+            f"expected those of {name} {[tuple(b.shape) for b in like]}"
+        )
+
+
+def _inverse_hvp(fn: Callable[[Vec], Vec], v: Vec, theta: Vec) -> Vec:
+    """``closed_form``'s ``H^{-1} v`` from the user's callable, under ``no_grad``."""
+    with torch.no_grad():
+        u = tuple(fn(tuple(v)))
+    _check_shapes("inverse_hvp", u, theta, "params")
+    return u
 
 
 def _dense_solve(hvp: Callable[[Vec], Vec], theta: Vec, v: Vec) -> Vec:

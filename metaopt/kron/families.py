@@ -59,6 +59,16 @@ class Family(nn.Module, abc.ABC):
         dtype = torch.promote_types(grad.dtype, meta_dtype)
         return self._direction(grad.to(dtype), dtype).to(grad.dtype)
 
+    def apply_blocks(self, grads: list[Tensor], meta_constant: bool = False) -> list[Tensor]:
+        """``apply`` on column blocks ``G = [grads[0] | ...]`` (``LayerView.column_blocks``),
+        returning the direction's matching blocks. The default concatenates; families
+        override it to avoid copying ``G``. ``meta_constant=True`` promises that no
+        derivative (reverse or forward mode) with respect to the meta-parameters is needed,
+        so a family may use cached factors; families without a cache ignore it."""
+        if len(grads) == 1:
+            return [self.apply(grads[0])]
+        return list(self.apply(torch.cat(grads, dim=1)).split([g.shape[1] for g in grads], 1))
+
     @abc.abstractmethod
     def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
         """``grad`` already in ``dtype``; cast meta-parameters with ``_p``."""
@@ -89,6 +99,14 @@ class Family(nn.Module, abc.ABC):
             if beta != 1.0:
                 target.mul_(beta)
             target.add_(part, alpha=alpha)
+
+    def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+        """``d/d phi <X, M(phi) delta>`` for each meta-parameter (``self.parameters()``
+        order), without autograd. ``X``, ``delta``: the ``out x in`` matrices as matching
+        column blocks (``LayerView.column_blocks``; ``[X]`` for a whole matrix). This is
+        ``(d^2 B_M / d phi d theta)^T x`` for ``B_M = 1/2 delta^T M delta``, the mixed
+        product of MetaMD's implicit hypergradient. Families with a forward matrix only."""
+        raise ValueError(f"{type(self).__name__} has no explicit forward matrix M")
 
     @staticmethod
     def _p(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -207,6 +225,32 @@ class LowRankFamily(Family):
         R = [torch.cat([u, q.T], dim=1) for u, q in zip(U_parts, q_parts, strict=True)]
         return L, R
 
+    def apply_blocks(self, grads: list[Tensor], meta_constant: bool = False) -> list[Tensor]:
+        """``B^{-1} G A^{-1} / c`` block by block: ``G_i - L R_i^T`` (no copy of ``G``).
+
+        With ``meta_constant=True`` (e.g. ``M^{-1} v`` inside ``implicit_grad``) the factors
+        that depend on ``U``, ``V`` alone come from the ``accumulate_`` cache, as constants
+        (still differentiable in ``grads``)."""
+        dtype = torch.promote_types(grads[0].dtype, self.U.dtype)
+        if meta_constant:
+            gs = [self._p(g, dtype) for g in grads]
+            L, Rts, inv_c = self._cached_woodbury(gs, dtype)
+            out = []
+            for g, g0, Rt in zip(gs, grads, Rts, strict=True):
+                g = g if inv_c is None else g * inv_c  # L is already divided by c
+                out.append(torch.addmm(g, L, Rt, alpha=-1).to(g0.dtype))
+            return out
+        L, R = self.woodbury_factors([self._p(g, dtype) for g in grads], dtype)
+        if self.learn_scale:
+            inv_c = self._p(torch.exp(-self.log_scale), dtype)
+            out = [(self._p(g, dtype) - L @ r.T) * inv_c for g, r in zip(grads, R, strict=True)]
+        else:
+            out = [
+                torch.addmm(self._p(g, dtype), L, r.T, alpha=-1)
+                for g, r in zip(grads, R, strict=True)
+            ]
+        return [o.to(g.dtype) for o, g in zip(out, grads, strict=True)]
+
     def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
         L, (R,) = self.woodbury_factors([grad], dtype)
         out = torch.addmm(grad, L, R.T, alpha=-1)
@@ -218,20 +262,75 @@ class LowRankFamily(Family):
     def accumulate_(
         self, targets: list[Tensor], grads: list[Tensor], alpha: float, beta: float = 1.0
     ) -> None:
-        # target = beta * target - alpha L R^T (one addmm) + alpha G / c: one pass over the
-        # target fewer than scaling it separately
+        """``targets = beta * targets + alpha * (G - L R^T) / c`` block by block.
+
+        The deploy optimizer's hot path, so it minimises passes over ``out x in`` memory:
+        two thin products that read ``G`` (``G U`` and ``V^T G``), one pass
+        ``target = G + beta * target`` (a separate ``mul_`` then ``add_``, as
+        ``torch.optim.SGD`` does on CPU, is two; BLAS's own ``beta`` scaling in ``addmm`` is
+        a pass of its own too) and one rank-``2r`` ``addmm_`` with ``beta=1``. Everything
+        that depends on ``U``, ``V`` (and ``c``) alone is cached (see ``_deploy_factors``).
+        """
         dtype = torch.promote_types(grads[0].dtype, self.U.dtype)
-        L, R = self.woodbury_factors([g.to(dtype) for g in grads], dtype)
-        inv_c = None
-        if self.learn_scale:
-            inv_c = torch.exp(-self.log_scale)
-            L = L * inv_c
-        for target, g, r in zip(targets, grads, R, strict=True):
-            target.addmm_(L.to(target.dtype), r.T.to(target.dtype), beta=beta, alpha=-alpha)
-            if inv_c is None:
+        gs = [self._p(g, dtype) for g in grads]
+        L, Rts, inv_c = self._cached_woodbury(gs, dtype)
+        for target, g, Rt in zip(targets, gs, Rts, strict=True):
+            g = self._p(g, target.dtype)
+            if inv_c is not None:
+                if beta != 1.0:
+                    target.mul_(beta)
+                target.addcmul_(g, inv_c.to(target.dtype), value=alpha)
+            elif beta == 1.0:
                 target.add_(g, alpha=alpha)
+            elif alpha == 1.0:
+                torch.add(g, target, alpha=beta, out=target)  # one pass: g + beta * target
             else:
-                target.addcmul_(g, inv_c.to(g.dtype), value=alpha)
+                target.mul_(beta).add_(g, alpha=alpha)
+            target.addmm_(L.to(target.dtype), Rt.to(target.dtype), alpha=-alpha)
+
+    def _cached_woodbury(
+        self, gs: list[Tensor], dtype: torch.dtype
+    ) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """No-grad ``(L / c, [R_i^T], 1/c or None)`` of ``woodbury_factors`` for blocks
+        ``gs`` (already in ``dtype``), from the cached ``_deploy_factors``: the fewest ops."""
+        U_parts, Ua_t_parts, V_t, V_beta, inv_c = self._deploy_factors(
+            dtype, tuple(g.shape[1] for g in gs)
+        )
+        p = gs[0] @ U_parts[0]  # G U (out x r)
+        for g, u in zip(gs[1:], U_parts[1:], strict=True):
+            p.addmm_(g, u)
+        # L = [(p - V beta s) | V beta] with s = V^T p, R_i^T = [(U alpha)_i^T ; V^T G_i]
+        L = torch.cat([torch.addmm(p, V_beta, V_t @ p, alpha=-1), V_beta], dim=1)
+        if inv_c is not None:
+            L = L * inv_c
+        Rts = [torch.cat([ua_t, V_t @ g], dim=0) for g, ua_t in zip(gs, Ua_t_parts, strict=True)]
+        return L, Rts, inv_c
+
+    def _deploy_factors(
+        self, dtype: torch.dtype, sizes: tuple[int, ...]
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor, Tensor | None]:
+        """No-grad factors of ``accumulate_`` that depend on the meta-parameters alone.
+
+        ``(U_i, (U alpha)_i^T, V^T, V beta, 1/c or None)`` with ``U_i`` the row blocks of
+        ``U`` matching column blocks of widths ``sizes``. Cached, and recomputed whenever
+        ``U``, ``V`` or ``log_scale`` change (in-place updates bump their version counters;
+        a new tensor has a new storage), or the dtype or block sizes differ.
+        """
+        metas = [self.U, self.V] + ([self.log_scale] if self.learn_scale else [])
+        key = (dtype, sizes) + tuple((m._version, m.data_ptr(), m.device) for m in metas)
+        cached = getattr(self, "_deploy_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        U, V = self._p(self.U.detach(), dtype), self._p(self.V.detach(), dtype)
+        eye = torch.eye(self.rank, dtype=dtype, device=U.device)
+        alpha = torch.linalg.inv(eye + U.T @ U)  # r x r, symmetric
+        beta = torch.linalg.inv(eye + V.T @ V)
+        inv_c = torch.exp(-self.log_scale.detach()).to(dtype) if self.learn_scale else None
+        U_parts = list(U.split(list(sizes), dim=0))
+        Ua_t_parts = [t.T.contiguous() for t in (U @ alpha).split(list(sizes), dim=0)]
+        value = (U_parts, Ua_t_parts, V.T.contiguous(), V @ beta, inv_c)
+        self._deploy_cache = (key, value)
+        return value
 
     def forward_apply(self, X: Tensor) -> Tensor:
         """``M vec(X)`` reshaped: ``c B X A`` (no inverse)."""
@@ -241,6 +340,46 @@ class LowRankFamily(Family):
         XA = X + (X @ U) @ U.T
         out = XA + V @ (V.T @ XA)
         return out * self._p(self.scale(), dtype) if self.learn_scale else out
+
+    @torch.no_grad()
+    def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+        """``(dU, dV[, d log_scale])`` of ``f = c <X, B delta A>`` in thin products.
+
+        With ``S = delta^T B X``: ``df/dA = S``, ``df/dB = X A delta^T``, hence
+        ``dU = c (delta^T B X U + X^T B delta U)``, ``dV = c (X A delta^T V + delta A X^T V)``
+        and ``df/d log c = f``: eight ``out x in`` matrix-vector products per rank (plus one
+        pass for ``f``), done on the column blocks (no concatenation), against a double
+        backward through ``bregman``.
+        """
+        dtype = torch.promote_types(torch.promote_types(X[0].dtype, delta[0].dtype), self.U.dtype)
+        Xs, Ds = [self._p(x, dtype) for x in X], [self._p(d, dtype) for d in delta]
+        U, V = self._p(self.U.detach(), dtype), self._p(self.V.detach(), dtype)
+        sizes = [x.shape[1] for x in Xs]
+        Us = U.split(sizes, dim=0)
+        Vt = V.T
+        XU, DU = Xs[0] @ Us[0], Ds[0] @ Us[0]  # out x r
+        for x, d, u in zip(Xs[1:], Ds[1:], Us[1:], strict=True):
+            XU.addmm_(x, u)
+            DU.addmm_(d, u)
+        XtV = torch.cat([x.T @ V for x in Xs])  # in x r
+        DtV = torch.cat([d.T @ V for d in Ds])
+        BXU, BDU = torch.addmm(XU, V, Vt @ XU), torch.addmm(DU, V, Vt @ DU)  # B (.)
+        ADtV, AXtV = torch.addmm(DtV, U, U.T @ DtV), torch.addmm(XtV, U, U.T @ XtV)  # A (.)
+        dU = torch.cat([torch.addmm(x.T @ BDU, d.T, BXU) for x, d in zip(Xs, Ds, strict=True)])
+        dV = torch.addmm(Xs[0] @ ADtV[: sizes[0]], Ds[0], AXtV[: sizes[0]])
+        start = sizes[0]
+        for x, d in zip(Xs[1:], Ds[1:], strict=True):
+            stop = start + x.shape[1]
+            dV.addmm_(x, ADtV[start:stop]).addmm_(d, AXtV[start:stop])
+            start = stop
+        out: list[Tensor] = [dU, dV]
+        if self.learn_scale:
+            c = torch.exp(self.log_scale.detach()).to(dtype)
+            # f = c (<X, D> + <XU, DU> + <X^T V, D^T V> + <V^T X U, V^T D U>)
+            f = sum((x * d).sum() for x, d in zip(Xs, Ds, strict=True))
+            f = f + (XU * DU).sum() + (XtV * DtV).sum() + ((Vt @ XU) * (Vt @ DU)).sum()
+            out = [c * dU, c * dV, c * f]
+        return tuple(self._p(t, m.dtype) for t, m in zip(out, self.parameters(), strict=True))
 
     def dense(self) -> Tensor:
         return torch.linalg.inv(self.dense_forward())
@@ -315,6 +454,12 @@ class DiagFamily(Family):
                 target.mul_(beta)
             target.addcmul_(g, sc.to(g.dtype), value=alpha)
 
+    @torch.no_grad()
+    def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+        """``d/ds <X, exp(-s) * delta> = -exp(-s) * X * delta`` (one block)."""
+        (x,), (d,) = X, delta
+        return ((-torch.exp(-self.log_scale) * x * d).to(self.log_scale.dtype),)
+
     def dense(self) -> Tensor:
         return torch.diag(self.log_scale.exp().reshape(-1))
 
@@ -349,6 +494,12 @@ class ScalarFamily(Family):
             if beta != 1.0:
                 target.mul_(beta)
             target.addcmul_(g, scale.to(g.dtype), value=alpha)
+
+    @torch.no_grad()
+    def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+        """``d/ds exp(-s) <X, delta> = -exp(-s) <X, delta>``."""
+        xd = sum((x * d).sum() for x, d in zip(X, delta, strict=True))
+        return ((-torch.exp(-self.log_scale) * xd).to(self.log_scale.dtype),)
 
     def dense(self) -> Tensor:
         n = self.shape[0] * self.shape[1]

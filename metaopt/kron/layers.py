@@ -81,6 +81,12 @@ class LayerView:
         blocks = self.column_blocks(tensors)
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
+    def from_column_blocks(self, blocks: list[Tensor]) -> dict[str, Tensor]:
+        """Inverse of ``column_blocks``: parameter-shaped tensors from the blocks."""
+        return {
+            n: b.reshape(s) for n, b, s in zip(self.params, blocks, self.param_shapes, strict=True)
+        }
+
     def from_matrix(self, mat: Tensor) -> dict[str, Tensor]:
         """Split an ``out x in`` matrix back into this block's parameter-shaped tensors."""
         if self.bias is None:

@@ -105,18 +105,24 @@ class KroneckerPreconditioner(nn.Module):
     def block(self, view: LayerView) -> Family:
         return self.blocks[_module_key(view.name)]  # type: ignore[return-value]
 
-    def apply(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def apply(
+        self, grads: Mapping[str, Tensor], *, meta_constant: bool = False
+    ) -> dict[str, Tensor]:
         """Update direction for every gradient in ``grads`` (keyed like ``named_parameters``).
 
         Parameters the preconditioner does not cover (skipped) pass through unchanged.
-        Differentiable in the meta-parameters (and in ``grads``).
+        Differentiable in the meta-parameters (and in ``grads``). ``meta_constant=True``
+        (default ``False``) promises that no derivative with respect to the
+        meta-parameters is wanted (e.g. ``M^{-1} v`` for ``implicit_grad``'s
+        ``inverse_hvp``): the lowrank family then reuses factors cached from ``U``, ``V``
+        (fewer small ops); the result is the same.
         """
         out = dict(grads)
         for view in self.views:
             if view.weight not in grads:
                 continue
-            direction = self.block(view).apply(view.to_matrix(grads))
-            out.update(view.from_matrix(direction))
+            directions = self.block(view).apply_blocks(view.column_blocks(grads), meta_constant)
+            out.update(view.from_column_blocks(directions))
         return out
 
     def forward(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -153,6 +159,33 @@ class KroneckerPreconditioner(nn.Module):
         if total is None:
             raise ValueError("bregman: no parameters given")
         return total
+
+    @torch.no_grad()
+    def bregman_mixed(
+        self,
+        x: Mapping[str, Tensor],
+        theta: Mapping[str, Tensor],
+        theta_ref: Mapping[str, Tensor],
+    ) -> tuple[Tensor, ...]:
+        """``d/d phi <x, M(phi) (theta - theta_ref)>`` for every meta-parameter.
+
+        One tensor per ``self.parameters()`` entry, in that order (zeros for blocks whose
+        layers are not in ``theta``). This is the mixed product
+        ``(d^2 B_M / d phi d theta)^T x`` that MetaMD's implicit hypergradient needs
+        (``x = M^{-1} d_theta outer``), computed analytically block by block
+        (``Family.forward_mixed``: thin matrix products, no autograd graph); pass it to
+        ``implicit_grad(method="closed_form", mixed_product=...)``.
+        """
+        grads: dict[int, Tensor] = {}
+        for view, blk in self._forward_blocks():
+            if view.weight not in theta:
+                continue
+            cols = zip(view.column_blocks(theta), view.column_blocks(theta_ref), strict=True)
+            delta = [a - b for a, b in cols]
+            mixed = blk.forward_mixed(view.column_blocks(x), delta)
+            for p, g in zip(blk.parameters(), mixed, strict=True):
+                grads[id(p)] = g
+        return tuple(grads.get(id(p), torch.zeros_like(p)) for p in self.parameters())
 
     def min_eigenvalue(self) -> Tensor:
         """``lambda = min over blocks of lambda_min(M_block)`` (MetaMD appendix A.5)."""

@@ -115,6 +115,7 @@ class Preconditioned(torch.optim.Optimizer):
             # buf = mom * buf + P g (the decay folded into the family's own update, one pass
             # over the buffer fewer), or, without momentum, p -= lr * P g directly
             target, alpha, beta = (bufs, 1.0, mom) if mom != 0 else (owners, -lr, 1.0)
+            heavy_ball = mom != 0 and not nesterov
             covered: set[str] = set()
             for view in pre.views:
                 if view.weight not in grads:
@@ -122,24 +123,28 @@ class Preconditioned(torch.optim.Optimizer):
                 pre.block(view).accumulate_(
                     view.column_blocks(target), view.column_blocks(grads), alpha, beta
                 )
+                if heavy_ball:  # p -= lr * buf while the block's buffer is still in cache
+                    for name in view.params:
+                        owners[name].add_(bufs[name], alpha=-lr)
                 covered.update(view.params)
-            for name in grads.keys() - covered:  # skipped parameters: identity
+            rest = [n for n in owners if n not in covered]  # skipped parameters: identity
+            for name in rest:
                 if beta != 1.0:
                     target[name].mul_(beta)
                 target[name].add_(grads[name], alpha=alpha)
-            if mom != 0:
+            if heavy_ball and rest:
+                torch._foreach_add_([owners[n] for n in rest], [bufs[n] for n in rest], alpha=-lr)
+            elif nesterov:
+                # p -= lr * (P g + mom * buf)
+                for view in pre.views:
+                    if view.weight in grads:
+                        pre.block(view).accumulate_(
+                            view.column_blocks(owners), view.column_blocks(grads), -lr
+                        )
+                for name in rest:
+                    owners[name].add_(grads[name], alpha=-lr)
                 names = list(owners)
-                params = [owners[n] for n in names]
-                if nesterov:
-                    # p -= lr * (P g + mom * buf)
-                    for view in pre.views:
-                        if view.weight in grads:
-                            pre.block(view).accumulate_(
-                                view.column_blocks(owners), view.column_blocks(grads), -lr
-                            )
-                    for name in grads.keys() - covered:
-                        owners[name].add_(grads[name], alpha=-lr)
-                    torch._foreach_add_(params, [bufs[n] for n in names], alpha=-lr * mom)
-                else:
-                    torch._foreach_add_(params, [bufs[n] for n in names], alpha=-lr)
+                torch._foreach_add_(
+                    [owners[n] for n in names], [bufs[n] for n in names], alpha=-lr * mom
+                )
         return loss
