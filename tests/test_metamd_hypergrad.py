@@ -189,7 +189,7 @@ def test_forward_mode_equals_reverse_mode():
 
 
 def test_paper_implicit_gradient_is_not_the_unrolled_one():
-    """Documented property (docs/readme/metamd.md): with gamma = k = 0, Eq. 13 on the
+    """Documented property (README, MetaMD section): with gamma = k = 0, Eq. 13 on the
     rephrased objective gives -d_M B_M(theta_T||theta_1), the negative of the direct term."""
     task = regression_task(8)
     learner = _learner(task, engine="closed_form", learn_scale=False)

@@ -1,6 +1,6 @@
-"""Figures for docs/readme/metamd.md from the outputs of ``bench/metamd_claims.py``.
+"""Figures for the README MetaMD section from the outputs of ``experiments/metamd_claims.py``.
 
-    python bench/metamd_figures.py --runs /tmp/mdexp --out docs/readme
+    python experiments/metamd_figures.py --runs /tmp/mdexp --out docs/figures
 
 Reads ``quad-<variant>/comparison/results.json`` (loss curves; ``f - f*`` on a log scale)
 and ``digits-<holdout>.log`` (the JSON summaries) and writes PNGs. Prints one JSON object
@@ -169,7 +169,7 @@ def tables(runs: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="/tmp/mdexp")
-    p.add_argument("--out", default="docs/readme")
+    p.add_argument("--out", default="docs/figures")
     p.add_argument("--tables", action="store_true", help="also print markdown tables")
     args = p.parse_args()
     runs, out = Path(args.runs), Path(args.out)

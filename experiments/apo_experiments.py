@@ -5,13 +5,14 @@ Every configuration of a grid trains from the same seed for the same number of s
 best configuration of each method is the one with the lowest final loss on the full
 training split (the papers select on final training loss, ``000_`` C.3-C.4).
 
-    OMP_NUM_THREADS=1 python bench/apo_experiments.py rosenbrock
-    OMP_NUM_THREADS=1 python bench/apo_experiments.py ill-conditioned
-    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-lr [--base sgdm|rmsprop]
-    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-initial-lr [--base B]
+    OMP_NUM_THREADS=1 python experiments/apo_experiments.py rosenbrock
+    OMP_NUM_THREADS=1 python experiments/apo_experiments.py ill-conditioned
+    OMP_NUM_THREADS=1 python experiments/apo_experiments.py digits-lr [--base sgdm|rmsprop]
+    OMP_NUM_THREADS=1 python experiments/apo_experiments.py digits-initial-lr [--base B]
         [--lambda-sgdm L] [--lambda-rmsprop L]
-    OMP_NUM_THREADS=1 python bench/apo_experiments.py digits-eps-rho --rmsprop-lr LR [--fixed-lr]
-    OMP_NUM_THREADS=1 python bench/apo_experiments.py bf16-lenet
+    OMP_NUM_THREADS=1 python experiments/apo_experiments.py digits-eps-rho --rmsprop-lr LR
+        [--fixed-lr]
+    OMP_NUM_THREADS=1 python experiments/apo_experiments.py bf16-lenet
 
 (LR for digits-eps-rho: the best RMSprop lr of digits-lr; L: the best lambdas of digits-lr.)
 """

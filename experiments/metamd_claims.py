@@ -1,9 +1,9 @@
 """MetaMD's done-when experiments: meta-train, save, and compare through the harness.
 
-    OMP_NUM_THREADS=1 python bench/metamd_claims.py quadratics --variant mild --out DIR
-    OMP_NUM_THREADS=1 python bench/metamd_claims.py linreg --out DIR
-    OMP_NUM_THREADS=1 python bench/metamd_claims.py digits --holdout 0 --out DIR
-    OMP_NUM_THREADS=1 python bench/metamd_claims.py agreement
+    OMP_NUM_THREADS=1 python experiments/metamd_claims.py quadratics --variant mild --out DIR
+    OMP_NUM_THREADS=1 python experiments/metamd_claims.py linreg --out DIR
+    OMP_NUM_THREADS=1 python experiments/metamd_claims.py digits --holdout 0 --out DIR
+    OMP_NUM_THREADS=1 python experiments/metamd_claims.py agreement
 
 Each learner is meta-trained on training tasks only, saved with ``save_preconditioner`` and
 deployed on a held-out task as ``learned:<path>`` beside tuned baselines by
