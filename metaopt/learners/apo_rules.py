@@ -11,6 +11,7 @@ tensors) and the real update (``lookahead=False``, ``meta`` detached): the looka
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 from collections.abc import Mapping
@@ -152,7 +153,7 @@ def _preconditioner(model: nn.Module, family: str, **options: Any) -> KroneckerP
     return pre.to(dtype=meta_dtype(next(model.parameters())))
 
 
-class Rule:
+class Rule(abc.ABC):
     """Base class: ``meta`` holds ``phi``; subclasses implement ``update`` and ``current``."""
 
     preconditioner: KroneckerPreconditioner | None = None
@@ -165,6 +166,7 @@ class Rule:
     def meta_parameters(self) -> dict[str, nn.Parameter]:
         return self.meta
 
+    @abc.abstractmethod
     def update(
         self,
         params: Params,
@@ -175,7 +177,8 @@ class Rule:
         lookahead: bool,
         step: int,
     ) -> Step:
-        raise NotImplementedError
+        """``(new params, new state)`` of the base step under ``meta``: differentiable in
+        ``meta`` when ``lookahead`` (theta'(phi)), the real update otherwise."""
 
     def apply_(
         self, params: Params, grads: Params, state: dict[str, Tensor], meta: Params, *, step: int
@@ -188,15 +191,15 @@ class Rule:
                 p.copy_(new[n])
         return new_state
 
+    @abc.abstractmethod
     def current(self, meta: Params) -> dict[str, Tensor]:
         """Adapted hyperparameters as 0-dim tensors (no host sync)."""
-        raise NotImplementedError
 
     def paused(self) -> contextlib.AbstractContextManager[None]:
         """Context for the meta-objective's extra forward/backward passes."""
         return contextlib.nullcontext()
 
-    def after_step(self) -> None:
+    def after_step(self) -> None:  # noqa: B027  (an optional hook: most rules need none)
         """Called after every real update."""
 
     def extra_state(self) -> dict[str, Any]:
