@@ -32,6 +32,33 @@ Params = Mapping[str, Tensor]
 Step = tuple[dict[str, Tensor], dict[str, Tensor]]
 
 
+_FUNCTIONAL = {"sgd": sgd_step, "sgdm": sgd_step, "rmsprop": rmsprop_step, "adam": adam_step}
+_IN_PLACE = {"sgd": sgd_step_, "sgdm": sgd_step_, "rmsprop": rmsprop_step_, "adam": adam_step_}
+
+
+def _base_options(
+    cfg: APOConfig, base: str, eps: Tensor | float | None, power: Tensor | float | None
+) -> dict[str, Any]:
+    """Hyperparameters of ``base`` other than ``lr`` (``eps``/``power`` override the config's
+    for RMSprop, where APO adapts them)."""
+    wd = cfg.weight_decay
+    if base == "sgd":
+        return {"weight_decay": wd}
+    if base == "sgdm":
+        return {"momentum": cfg.momentum, "nesterov": cfg.nesterov, "weight_decay": wd}
+    if base == "rmsprop":
+        return {
+            "alpha": cfg.alpha,
+            "eps": cfg.eps if eps is None else eps,
+            "eps_root": cfg.eps_root,
+            "power": cfg.power if power is None else power,
+            "weight_decay": wd,
+        }
+    if base == "adam":
+        return {"betas": cfg.betas, "eps": cfg.eps, "eps_root": cfg.eps_root, "weight_decay": wd}
+    raise ValueError(f"base={base!r}: must be one of {sorted(_FUNCTIONAL)}")
+
+
 def base_step(
     cfg: APOConfig,
     base: str,
@@ -44,44 +71,16 @@ def base_step(
     eps: Tensor | float | None = None,
     power: Tensor | float | None = None,
 ) -> Step:
-    """One step of ``base`` (``sgd | sgdm | rmsprop | adam``) with learning rate ``lr``."""
-    wd = cfg.weight_decay
-    if base == "sgd" or (base == "sgdm" and lookahead):
-        return sgd_step(params, grads, None, lr=lr, weight_decay=wd)
-    if base == "sgdm":
-        return sgd_step(
-            params,
-            grads,
-            state,
-            lr=lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-            weight_decay=wd,
-        )
-    if base == "rmsprop":
-        return rmsprop_step(
-            params,
-            grads,
-            state,
-            lr=lr,
-            alpha=cfg.alpha,
-            eps=cfg.eps if eps is None else eps,
-            eps_root=cfg.eps_root,
-            power=cfg.power if power is None else power,
-            weight_decay=wd,
-        )
-    if base == "adam":
-        return adam_step(
-            params,
-            grads,
-            state,
-            lr=lr,
-            betas=cfg.betas,
-            eps=cfg.eps,
-            eps_root=cfg.eps_root,
-            weight_decay=wd,
-        )
-    raise ValueError(f"base={base!r}: not a functional base step")
+    """One step of ``base`` (``sgd | sgdm | rmsprop | adam``) with learning rate ``lr``.
+
+    SGDm's lookahead is a plain SGD step: momentum is applied on top of the adapted step
+    (APO's earlier version, Eq. 18-19)."""
+    if base == "sgdm" and lookahead:
+        return sgd_step(params, grads, None, lr=lr, weight_decay=cfg.weight_decay)
+    options = _base_options(cfg, base, eps, power)
+    if base == "sgd":
+        state = None
+    return _FUNCTIONAL[base](params, grads, state, lr=lr, **options)
 
 
 def base_step_(
@@ -98,45 +97,10 @@ def base_step_(
 ) -> None:
     """The real (non-lookahead) :func:`base_step`, in place on ``params`` and ``state``
     (``workspace``: scratch kept between steps, see :mod:`metaopt.optim.inplace`)."""
-    wd = cfg.weight_decay
-    if base == "sgd":
-        sgd_step_(params, grads, state, lr=lr, weight_decay=wd, workspace=workspace)
-    elif base == "sgdm":
-        sgd_step_(
-            params,
-            grads,
-            state,
-            lr=lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-            weight_decay=wd,
-            workspace=workspace,
-        )
-    elif base == "rmsprop":
-        rmsprop_step_(
-            params,
-            grads,
-            state,
-            lr=lr,
-            alpha=cfg.alpha,
-            eps=cfg.eps if eps is None else eps,
-            eps_root=cfg.eps_root,
-            power=cfg.power if power is None else power,
-            weight_decay=wd,
-        )
-    elif base == "adam":
-        adam_step_(
-            params,
-            grads,
-            state,
-            lr=lr,
-            betas=cfg.betas,
-            eps=cfg.eps,
-            eps_root=cfg.eps_root,
-            weight_decay=wd,
-        )
-    else:
-        raise ValueError(f"base={base!r}: not an in-place base step")
+    options = _base_options(cfg, base, eps, power)
+    if base in ("sgd", "sgdm"):
+        options["workspace"] = workspace
+    _IN_PLACE[base](params, grads, state, lr=lr, **options)
 
 
 def meta_dtype(like: Tensor) -> torch.dtype:
