@@ -5,6 +5,12 @@
 * APO-Precond's time per step (K=10, after warm-up) relative to the ``ekfac`` and ``kfac``
   baselines (target: <= EKFAC's).
 
+Like with like: every method amortises its periodic work over each chunk -- APO's meta
+steps (K=10, the paper's default), the baselines' curvature statistics (every 10 steps) and
+eigendecompositions (every 100 steps, their defaults; the paper does not state the
+schedule of its K-FAC). APO-Precond runs without warm-up (``warmup=0``), so every step is
+a preconditioned one, as in EKFAC.
+
 Methods are timed in interleaved chunks of ``--chunk`` steps (a multiple of 100, so every
 chunk holds the same number of meta steps and K-FAC inversions) over ``--reps`` rounds;
 the report gives the median seconds per step and ratios of medians.

@@ -51,14 +51,12 @@ def test_inplace_step_is_bitwise_its_functional_twin_and_matches_torch_optim(
     fun_p, fun_s = dict(start), {}
     inp_p = {n: v.clone() for n, v in start.items()}
     inp_s: dict = {}
-    workspace: dict = {}
     ref = {n: torch.nn.Parameter(v.clone()) for n, v in start.items()}
     opt = torch_cls(list(ref.values()), **torch_hp)
     for t in range(5):
         grads = _grads(t, shapes)
         fun_p, fun_s = functional(fun_p, grads, fun_s, **hp)
-        extra = {"workspace": workspace} if inplace is I.sgd_step_ else {}
-        inplace(inp_p, {n: g.clone() for n, g in grads.items()}, inp_s, **hp, **extra)
+        inplace(inp_p, {n: g.clone() for n, g in grads.items()}, inp_s, **hp)
         for n, p in ref.items():
             p.grad = grads[n].clone()
         opt.step()

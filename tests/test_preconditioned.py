@@ -226,7 +226,12 @@ def test_eps_root_keeps_meta_gradient_finite_at_zero_second_moment():
 )
 @pytest.mark.parametrize(
     "family, options",
-    [("rank1", {}), ("lowrank", {"rank": 2}), ("lowrank", {"rank": 2, "learn_scale": True})],
+    [
+        ("rank1", {}),
+        ("lowrank", {"rank": 2}),
+        ("lowrank", {"rank": 2, "learn_scale": True}),
+        ("ekfac", {}),
+    ],
 )
 def test_lowrank_steps_match_dense_oracle_all_paths(family, options, hp):
     """Every branch of the in-place lowrank path (plain, heavy ball, Nesterov, weight decay,

@@ -132,6 +132,41 @@ class EKFACFamily(Family):
         A, B, S = (self._p(t, dtype) for t in (self.A, self.B, self.S))
         return B @ ((S * S) * (B.T @ grad @ A)) @ A.T
 
+    @torch.no_grad()
+    def accumulate_(
+        self, targets: list[Tensor], grads: list[Tensor], alpha: float, beta: float = 1.0
+    ) -> None:
+        """``targets = beta * targets + alpha * B (S^2 * (B^T G A)) A^T`` block by block.
+
+        The four products of :meth:`_direction` without concatenating ``G`` or writing the
+        direction: ``G A = sum_i G_i A_i`` (``A_i`` the rows of ``A`` matching block ``i``),
+        and the last product is an ``addmm_`` into each target (``A_i^T``). ``S^2`` and the
+        casts depend on the meta-parameters alone and are cached until they change."""
+        dtype = torch.promote_types(grads[0].dtype, self.A.dtype)
+        A, B, S2 = self._factors(dtype)
+        rows = A.split([g.shape[1] for g in grads], dim=0)
+        ga = self._p(grads[0], dtype) @ rows[0]
+        for g, a in zip(grads[1:], rows[1:], strict=True):
+            ga.addmm_(self._p(g, dtype), a)
+        bn = B @ torch.mul(B.T @ ga, S2)
+        for target, a in zip(targets, rows, strict=True):
+            if beta != 1.0:
+                target.mul_(beta)
+            target.addmm_(self._p(bn, target.dtype), self._p(a.T, target.dtype), alpha=alpha)
+
+    def _factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """No-grad ``(A, B, S^2)`` in ``dtype``, cached until ``A``, ``B`` or ``S`` change
+        (in-place updates bump their version counters; a new tensor has a new storage)."""
+        metas = (self.A, self.B, self.S)
+        key = (dtype,) + tuple((m._version, m.data_ptr(), m.device) for m in metas)
+        cached = getattr(self, "_factor_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        A, B, S = (self._p(m.detach(), dtype) for m in metas)
+        value = (A, B, S * S)
+        self._factor_cache = (key, value)
+        return value
+
     def dense(self) -> Tensor:
         C = torch.kron(self.B, self.A)
         return C @ torch.diag((self.S * self.S).reshape(-1)) @ C.T

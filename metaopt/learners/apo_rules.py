@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,7 +23,13 @@ from torch import Tensor, nn
 from metaopt.func import functional_forward
 from metaopt.kron.preconditioner import KroneckerPreconditioner
 from metaopt.learners.apo_config import APOConfig
-from metaopt.optim.functional import adam_step, preconditioned_step, rmsprop_step, sgd_step
+from metaopt.optim.functional import (
+    adam_step,
+    preconditioned_step,
+    rmsprop_step,
+    scaled_sub,
+    sgd_step,
+)
 from metaopt.optim.inplace import adam_step_, rmsprop_step_, sgd_step_
 
 __all__ = ["make_rule"]
@@ -93,14 +99,80 @@ def base_step_(
     *,
     eps: Tensor | float | None = None,
     power: Tensor | float | None = None,
-    workspace: dict | None = None,
 ) -> None:
-    """The real (non-lookahead) :func:`base_step`, in place on ``params`` and ``state``
-    (``workspace``: scratch kept between steps, see :mod:`metaopt.optim.inplace`)."""
-    options = _base_options(cfg, base, eps, power)
-    if base in ("sgd", "sgdm"):
-        options["workspace"] = workspace
-    _IN_PLACE[base](params, grads, state, lr=lr, **options)
+    """The real (non-lookahead) :func:`base_step`, in place on ``params`` and ``state``."""
+    _IN_PLACE[base](params, grads, state, lr=lr, **_base_options(cfg, base, eps, power))
+
+
+def _sgd_direction(cfg: APOConfig, params: Params, grads: Params) -> dict[str, Tensor]:
+    """``g + weight_decay * theta``: SGD's (and SGDm's lookahead) step per unit lr."""
+    if cfg.weight_decay == 0:
+        return dict(grads)
+    with torch.no_grad():
+        return {n: g + cfg.weight_decay * params[n] for n, g in grads.items()}
+
+
+class _ScaledStep(torch.autograd.Function):
+    """``theta_i - s * d_i`` for a 0-dim ``s``; only ``s`` is differentiated.
+
+    ``d/ds = -sum_i <v_i, d_i>``: one dot product per tensor in the backward pass, where
+    autograd through ``theta - s * d`` would write ``s * d``, ``-v`` and ``v * d`` (three
+    parameter-sized temporaries and their passes over memory)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, s: Tensor, outs: list[Tensor], n: int, *tensors: Tensor
+    ) -> tuple[Tensor, ...]:
+        thetas, dirs = tensors[:n], tensors[n:]
+        ctx.save_for_backward(*dirs)
+        ctx.s_dtype = s.dtype
+        for t, d, out in zip(thetas, dirs, outs, strict=True):
+            torch.addcmul(t, d, s, value=-1, out=out)  # scaled_sub's op, into ``out``
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *vs: Tensor | None) -> tuple[Tensor | None, ...]:
+        dirs = ctx.saved_tensors
+        total = None
+        for v, d in zip(vs, dirs, strict=True):
+            if v is None:
+                continue
+            acc = torch.promote_types(ctx.s_dtype, d.dtype)  # fp32 at least (bf16 models)
+            dot = torch.dot(v.reshape(-1).to(acc), d.reshape(-1).to(acc))
+            total = dot if total is None else total + dot
+        grad_s = None if total is None else (-total).to(ctx.s_dtype)
+        return (grad_s, None, None, *([None] * (2 * len(dirs))))
+
+
+def scaled_lookahead(
+    params: Params,
+    directions: Params,
+    groups: list[tuple[Tensor | float, list[str]]],
+    buffers: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """theta' = theta - s_k d on each group ``(s_k, names)``, differentiable in the (0-dim)
+    tensor ``s_k`` only: the lookahead of a rule that is linear in its learning rate(s).
+
+    theta' is written into ``buffers`` (kept by the rule between meta steps: a fresh
+    parameter-sized tensor per meta step costs page faults on CPU); it is valid until the
+    next call."""
+    out: dict[str, Tensor] = {}
+    for s, names in groups:
+        thetas = [params[n].detach() for n in names]
+        dirs = [directions[n].detach() for n in names]
+        if isinstance(s, Tensor) and s.requires_grad:
+            outs = []
+            for n, t in zip(names, thetas, strict=True):
+                buf = buffers.get(n)  # s is 0-dim: theta' has theta's dtype
+                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                    buf = buffers[n] = torch.empty_like(t)
+                outs.append(buf.detach())  # a fresh alias: autograd history is per call
+            new = _ScaledStep.apply(s, outs, len(names), *thetas, *dirs)
+        else:
+            with torch.no_grad():
+                new = tuple(scaled_sub(t, d, s) for t, d in zip(thetas, dirs, strict=True))
+        out.update(zip(names, new, strict=True))
+    return out
 
 
 def meta_dtype(like: Tensor) -> torch.dtype:
@@ -125,10 +197,26 @@ class Rule(abc.ABC):
     def __init__(self, cfg: APOConfig, model: nn.Module) -> None:
         self.cfg = cfg
         self.meta: dict[str, nn.Parameter] = {}
-        self.workspace: dict = {}  # scratch of the in-place steps (not state)
+        self._floats: dict[str, tuple[tuple[int, int], float]] = {}
+        self.buffers: dict[str, Tensor] = {}  # scratch of the lookahead (not state)
 
     def meta_parameters(self) -> dict[str, nn.Parameter]:
         return self.meta
+
+    def host_value(self, name: str, fn: Callable[[Tensor], Tensor]) -> float:
+        """``float(fn(meta[name]))``, cached until ``meta[name]`` changes (its version
+        counter moves with every in-place update: the meta-optimizer's, ``load_state_dict``'s).
+
+        The one host sync happens on the step after a change, i.e. on meta steps, which
+        sync anyway; plain steps then pass a Python number to the in-place base step (one
+        fused ``add_(alpha=-lr)`` pass per parameter, as ``torch.optim.SGD``)."""
+        p = self.meta[name]
+        key = (p._version, p.data_ptr())
+        hit = self._floats.get(name)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = self._floats[name] = (key, float(fn(p.detach())))
+        return hit[1]
 
     @abc.abstractmethod
     def update(
@@ -143,6 +231,14 @@ class Rule(abc.ABC):
     ) -> Step:
         """``(new params, new state)`` of the base step under ``meta``: differentiable in
         ``meta`` when ``lookahead`` (theta'(phi)), the real update otherwise."""
+
+    def lookahead(
+        self, params: Params, grads: Params, state: Params, meta: Params, *, step: int
+    ) -> dict[str, Tensor]:
+        """theta'(phi), differentiable in ``meta``: :meth:`update` with ``lookahead=True``
+        (rules whose lookahead is linear in a scalar override it with
+        :func:`scaled_lookahead`)."""
+        return self.update(params, grads, state, meta, lookahead=True, step=step)[0]
 
     def apply_(
         self, params: Params, grads: Params, state: dict[str, Tensor], meta: Params, *, step: int
@@ -185,9 +281,16 @@ class LrRule(Rule):
         lr = meta["log_lr"].exp()
         return base_step(self.cfg, self.cfg.base, params, grads, state, lr, lookahead=lookahead)
 
+    def lookahead(self, params, grads, state, meta, *, step):
+        if self.cfg.base not in ("sgd", "sgdm"):
+            return super().lookahead(params, grads, state, meta, step=step)
+        direction = _sgd_direction(self.cfg, params, grads)
+        groups = [(meta["log_lr"].exp(), list(params))]
+        return scaled_lookahead(params, direction, groups, self.buffers)
+
     def apply_(self, params, grads, state, meta, *, step):
-        lr = meta["log_lr"].exp()
-        base_step_(self.cfg, self.cfg.base, params, grads, state, lr, workspace=self.workspace)
+        lr = self.host_value("log_lr", torch.exp)
+        base_step_(self.cfg, self.cfg.base, params, grads, state, lr)
         return state
 
     def current(self, meta):
@@ -262,6 +365,16 @@ class LayerLrRule(Rule):
             new_state.update(st)
         return new_params, new_state
 
+    def lookahead(self, params, grads, state, meta, *, step):
+        if self.cfg.base not in ("sgd", "sgdm"):
+            return super().lookahead(params, grads, state, meta, step=step)
+        direction = _sgd_direction(self.cfg, params, grads)
+        groups: list[tuple[Tensor | float, list[str]]]
+        groups = [(meta[key].exp() * self.cfg.lr, names) for _, key, names in self.groups]
+        if self.rest:
+            groups.append((self.cfg.lr, self.rest))
+        return scaled_lookahead(params, direction, groups, self.buffers)
+
     def current(self, meta):
         return {
             f"lr/{view}": meta[key].detach().exp() * self.cfg.lr for view, key, _ in self.groups
@@ -313,6 +426,32 @@ class PrecondRule(Rule):
             momentum=cfg.precond_momentum,
             weight_decay=cfg.weight_decay,
         )
+
+    def apply_(self, params, grads, state, meta, *, step):
+        """In place: the warm-up's base step, then (without momentum)
+        ``theta -= lr * precond_scale * P (g + wd theta)`` through ``Family.accumulate_``
+        (no direction or new parameter tensors; ``S^2`` cached between meta steps)."""
+        cfg = self.cfg
+        if step < cfg.warmup:
+            base_step_(cfg, cfg.base, params, grads, state, cfg.warmup_lr)
+            return state
+        if cfg.precond_momentum:
+            return super().apply_(params, grads, state, meta, step=step)
+        pre = self.preconditioner
+        assert pre is not None
+        with torch.no_grad():
+            g = _sgd_direction(cfg, params, grads)
+            alpha = -cfg.lr * cfg.precond_scale
+            covered: set[str] = set()
+            for view in pre.views:
+                if view.weight in g:
+                    blocks = view.column_blocks(params)
+                    pre.block(view).accumulate_(blocks, view.column_blocks(g), alpha)
+                    covered.update(view.params)
+            for n, p in params.items():
+                if n not in covered:  # skipped parameters: P = I
+                    p.add_(g[n], alpha=alpha)
+        return {}
 
     def current(self, meta):
         if not hasattr(self, "_lr"):  # created once: no host-to-device copy per step

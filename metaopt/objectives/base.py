@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor
 
 from metaopt.kron.preconditioner import KroneckerPreconditioner
@@ -53,6 +54,9 @@ class MetaContext:
         preconditioner: the preconditioner being learned (MetaMD) or used (APO), or ``None``.
         step: the learner's step counter (APO: training step; MetaMD: outer step).
         extras: learner-specific additions (documented by each learner).
+        rowwise: the model treats the rows of a batch independently (no batch norm or
+            dropout in training mode), so :meth:`forward_rows` may run several batches as
+            one concatenated batch (fewer, larger products; the same outputs).
     """
 
     params_before: Mapping[str, Tensor]
@@ -64,6 +68,7 @@ class MetaContext:
     preconditioner: KroneckerPreconditioner | None = None
     step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    rowwise: bool = False
 
     def require(self, *names: str) -> None:
         """Raise ``ValueError`` naming the first of ``names`` this context lacks."""
@@ -72,6 +77,17 @@ class MetaContext:
                 raise ValueError(
                     f"meta-objective needs ctx.{name}, which this learner does not provide"
                 )
+
+    def forward_rows(self, params: Mapping[str, Tensor], xs: list[Tensor]) -> list[Tensor]:
+        """``[forward(params, x) for x in xs]``; one forward of ``cat(xs)`` split back into
+        rows when :attr:`rowwise` (and the inputs' trailing shapes agree)."""
+        self.require("forward")
+        forward = self.forward
+        assert forward is not None
+        if not self.rowwise or len(xs) < 2 or len({tuple(x.shape[1:]) for x in xs}) != 1:
+            return [forward(params, x) for x in xs]
+        out = forward(params, torch.cat(xs))
+        return list(out.split([x.shape[0] for x in xs]))
 
     def squared_distance(self) -> Tensor:
         """``||params_after - params_before||^2`` over all parameters."""

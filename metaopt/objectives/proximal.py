@@ -89,14 +89,16 @@ def proximal(
     if fsd not in FSD_DIVERGENCES:
         raise ValueError(f"fsd={fsd!r} is unknown; choose one of {sorted(FSD_DIVERGENCES)}")
     x, y = ctx.extras.get("loss_batch") or ctx.batch
-    value = ctx.loss(ctx.forward(ctx.params_after, x), y)
     if lambda_fsd:
         ctx.require("fsd_batch")
         xf, yf = ctx.fsd_batch
         with torch.no_grad():
             old = ctx.forward(ctx.params_before, xf)
-        new = ctx.forward(ctx.params_after, xf)
-        value = value + lambda_fsd * fsd_divergence(fsd, new, old, yf, ctx.loss)
+        # both terms at theta': one forward of [x; x'] when the model allows it
+        out, new = ctx.forward_rows(ctx.params_after, [x, xf])
+        value = ctx.loss(out, y) + lambda_fsd * fsd_divergence(fsd, new, old, yf, ctx.loss)
+    else:
+        value = ctx.loss(ctx.forward(ctx.params_after, x), y)
     if lambda_wsd:
         value = value + 0.5 * lambda_wsd * ctx.squared_distance()
     return value

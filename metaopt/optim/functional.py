@@ -21,7 +21,7 @@ from torch import Tensor
 
 from metaopt.kron.preconditioner import KroneckerPreconditioner
 
-__all__ = ["adam_step", "preconditioned_step", "rmsprop_step", "sgd_step"]
+__all__ = ["adam_step", "preconditioned_step", "rmsprop_step", "scaled_sub", "sgd_step"]
 
 Params = Mapping[str, Tensor]
 Scalar = float | Tensor
@@ -31,6 +31,15 @@ def _decayed(grads: Params, params: Params, weight_decay: Scalar) -> dict[str, T
     if isinstance(weight_decay, float | int) and weight_decay == 0:
         return dict(grads)
     return {n: g + weight_decay * params[n] for n, g in grads.items()}
+
+
+def scaled_sub(param: Tensor, step: Tensor, lr: Scalar) -> Tensor:
+    """``param - lr * step`` as one fused op (``torch.optim.SGD``'s ``add(alpha=-lr)`` for
+    a float ``lr``, ``addcmul`` for a tensor one). The in-place steps use the same op in
+    place, so both compute the same bits."""
+    if isinstance(lr, Tensor):
+        return torch.addcmul(param, step, lr, value=-1)
+    return torch.add(param, step, alpha=-lr)
 
 
 def _momentum(
@@ -61,7 +70,7 @@ def sgd_step(
     """SGD with optional heavy-ball / Nesterov momentum (``torch.optim.SGD`` semantics)."""
     g = _decayed(grads, params, weight_decay)
     step, new_state = _momentum(g, state or {}, momentum, nesterov)
-    return {n: params[n] - lr * step[n] for n in step}, new_state
+    return {n: scaled_sub(params[n], step[n], lr) for n in step}, new_state
 
 
 def preconditioned_step(
@@ -81,7 +90,7 @@ def preconditioned_step(
     direction = preconditioner.apply(_decayed(grads, params, weight_decay))
     direction = {n: direction[n] for n in grads}
     step, new_state = _momentum(direction, state or {}, momentum, nesterov)
-    return {n: params[n] - lr * step[n] for n in step}, new_state
+    return {n: scaled_sub(params[n], step[n], lr) for n in step}, new_state
 
 
 def rmsprop_step(

@@ -8,10 +8,10 @@ order (so a run is bit-for-bit the same whichever is used; the tests check this)
 ``hparams`` may be Python numbers or 0-dim tensors (never synced to the host). ``grads``
 entries may be reused as momentum buffers: pass gradients that are not used afterwards.
 
-``workspace`` (a dict the caller keeps between steps) holds one flat scratch buffer per
-device and dtype, as large as the largest parameter, so that ``lr * step`` with a tensor
-``lr`` needs no fresh allocation each step (on CPU a fresh multi-MB tensor costs page
-faults: with it, an SGDm step costs what ``torch.optim.SGD``'s does).
+SGD's ``theta - lr * step`` is one fused pass (:func:`~metaopt.optim.functional.scaled_sub`
+in place: ``add_(alpha=-lr)`` as ``torch.optim.SGD`` for a float ``lr``, ``addcmul_`` for a
+tensor one), so an SGDm step makes the passes over memory ``torch.optim.SGD``'s does and
+allocates nothing.
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from collections.abc import Mapping, MutableMapping
 import torch
 from torch import Tensor
 
-__all__ = ["adam_step_", "rmsprop_step_", "sgd_step_"]
+__all__ = ["adam_step_", "rmsprop_step_", "scaled_sub_", "sgd_step_"]
 
 Params = Mapping[str, Tensor]
 State = MutableMapping[str, Tensor]
 Scalar = float | Tensor
-Workspace = dict[tuple[torch.device, torch.dtype], Tensor]
 
 
 def _is_zero(value: Scalar) -> bool:
@@ -37,15 +36,12 @@ def _decayed(g: Tensor, p: Tensor, weight_decay: Scalar) -> Tensor:
     return g if _is_zero(weight_decay) else g + weight_decay * p
 
 
-def _scaled(lr: Scalar, step: Tensor, workspace: Workspace | None) -> Tensor:
-    """``lr * step`` (the same multiplication), into ``workspace``'s buffer when given."""
-    if workspace is None:
-        return lr * step
-    key = (step.device, step.dtype)
-    buf = workspace.get(key)
-    if buf is None or buf.numel() < step.numel():
-        buf = workspace[key] = torch.empty(step.numel(), device=step.device, dtype=step.dtype)
-    return torch.mul(step, lr, out=buf[: step.numel()].view(step.shape))
+def scaled_sub_(param: Tensor, step: Tensor, lr: Scalar) -> None:
+    """In place ``param -= lr * step``: :func:`~metaopt.optim.functional.scaled_sub`'s op."""
+    if isinstance(lr, Tensor):
+        param.addcmul_(step, lr, value=-1)
+    else:
+        param.add_(step, alpha=-lr)
 
 
 def _momentum_(d: Tensor, state: State, key: str, momentum: Scalar, nesterov: bool) -> Tensor:
@@ -69,13 +65,12 @@ def sgd_step_(
     momentum: Scalar = 0.0,
     nesterov: bool = False,
     weight_decay: Scalar = 0.0,
-    workspace: Workspace | None = None,
 ) -> None:
     """In-place :func:`metaopt.optim.functional.sgd_step` (state keys ``"<name>:momentum"``)."""
     for n, g in grads.items():
         p = params[n]
         step = _momentum_(_decayed(g, p, weight_decay), state, f"{n}:momentum", momentum, nesterov)
-        p.sub_(_scaled(lr, step, workspace))
+        scaled_sub_(p, step, lr)
 
 
 @torch.no_grad()
