@@ -150,6 +150,13 @@ def test_param_group_options_and_errors():
     other = nn.Linear(4, 2)
     with pytest.raises(ValueError, match=r"'weight' has shape \(2, 4\)"):
         Preconditioned(other.named_parameters(), pre, lr=0.1)
+    # a Kronecker block couples a layer's weight and bias: splitting them across groups
+    # (as "no weight decay on biases" recipes do) is refused with the block named
+    kron = KroneckerPreconditioner.for_model(model, "rank1")
+    split = Preconditioned(groups, kron, lr=1.0)
+    model(torch.randn(4, 3)).sum().backward()
+    with pytest.raises(ValueError, match=r"block '<root>' couples \['weight', 'bias'\]"):
+        split.step()
 
 
 # --- functional twins ----------------------------------------------------------------------

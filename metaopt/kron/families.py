@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -299,8 +300,9 @@ class LowRankFamily(Family):
     ) -> None:
         """``targets = beta * targets + alpha * (G - L R^T) / c`` block by block.
 
-        The deploy optimizer's hot path, so it minimises passes over ``out x in`` memory:
-        two thin products that read ``G`` (``G U`` and ``V^T G``), one pass
+        The deploy optimizer's hot path, so it minimises passes over ``out x in`` memory
+        and kernel launches: two thin products that read ``G`` (``G U`` and ``V^T G``,
+        written straight into a cached workspace, no ``cat``), one pass
         ``target = G + beta * target`` (a separate ``mul_`` then ``add_``, as
         ``torch.optim.SGD`` does on CPU, is two; BLAS's own ``beta`` scaling in ``addmm`` is
         a pass of its own too) and one rank-``2r`` ``addmm_`` with ``beta=1``. Everything
@@ -308,9 +310,13 @@ class LowRankFamily(Family):
         """
         dtype = torch.promote_types(grads[0].dtype, self.U.dtype)
         gs = [self._p(g, dtype) for g in grads]
-        L, Rts, inv_c = self._cached_woodbury(gs, dtype)
+        Lt, Rts, inv_c = self._workspace_woodbury(gs, dtype)
+        L = Lt.T
         for target, g, Rt in zip(targets, gs, Rts, strict=True):
-            g = self._p(g, target.dtype)
+            if target.dtype != dtype:
+                g, L_, Rt = g.to(target.dtype), L.to(target.dtype), Rt.to(target.dtype)
+            else:
+                L_ = L
             if inv_c is not None:
                 if beta != 1.0:
                     target.mul_(beta)
@@ -321,35 +327,53 @@ class LowRankFamily(Family):
                 torch.add(g, target, alpha=beta, out=target)  # one pass: g + beta * target
             else:
                 target.mul_(beta).add_(g, alpha=alpha)
-            target.addmm_(L.to(target.dtype), Rt.to(target.dtype), alpha=-alpha)
+            target.addmm_(L_, Rt, alpha=-alpha)
+
+    def _workspace_woodbury(
+        self, gs: list[Tensor], dtype: torch.dtype
+    ) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """No-grad ``(L^T / c, [R_i^T], 1/c or None)`` of ``woodbury_factors`` for blocks
+        ``gs`` (already in ``dtype``), written into the cached workspace of
+        ``_deploy_factors``: the halves that depend on ``U``, ``V`` alone are filled once,
+        each call writes ``(p - V beta s)^T`` and ``V^T G_i`` in place. The returned
+        tensors are overwritten by the next call."""
+        f = self._deploy_factors(dtype, tuple(g.shape[1] for g in gs))
+        r = self.rank
+        p_t = f.Lt[:r]  # p^T = U^T G^T (r x out), then p^T - (p^T V) (V beta)^T
+        torch.mm(f.U_t[0], gs[0].T, out=p_t)
+        for g, u_t in zip(gs[1:], f.U_t[1:], strict=True):
+            p_t.addmm_(u_t, g.T)
+        p_t.addmm_(p_t @ f.V, f.V_beta_t, alpha=-1)
+        if f.inv_c is not None:
+            p_t.mul_(f.inv_c)
+        for g, Rt in zip(gs, f.Rts, strict=True):
+            torch.mm(f.V_t, g, out=Rt[r:])  # q_i = V^T G_i
+        return f.Lt, f.Rts, f.inv_c
 
     def _cached_woodbury(
         self, gs: list[Tensor], dtype: torch.dtype
     ) -> tuple[Tensor, list[Tensor], Tensor | None]:
-        """No-grad ``(L / c, [R_i^T], 1/c or None)`` of ``woodbury_factors`` for blocks
-        ``gs`` (already in ``dtype``), from the cached ``_deploy_factors``: the fewest ops."""
-        U_parts, Ua_t_parts, V_t, V_beta, inv_c = self._deploy_factors(
-            dtype, tuple(g.shape[1] for g in gs)
-        )
-        p = gs[0] @ U_parts[0]  # G U (out x r)
-        for g, u in zip(gs[1:], U_parts[1:], strict=True):
-            p.addmm_(g, u)
+        """``(L / c, [R_i^T], 1/c or None)`` of ``woodbury_factors`` for blocks ``gs``
+        (already in ``dtype``) from the cached ``_deploy_factors``: differentiable in
+        ``gs`` (no workspace), constant in the meta-parameters."""
+        f = self._deploy_factors(dtype, tuple(g.shape[1] for g in gs))
+        p = gs[0] @ f.U_t[0].T  # G U (out x r)
+        for g, u_t in zip(gs[1:], f.U_t[1:], strict=True):
+            p = p + g @ u_t.T
         # L = [(p - V beta s) | V beta] with s = V^T p, R_i^T = [(U alpha)_i^T ; V^T G_i]
-        L = torch.cat([torch.addmm(p, V_beta, V_t @ p, alpha=-1), V_beta], dim=1)
-        if inv_c is not None:
-            L = L * inv_c
-        Rts = [torch.cat([ua_t, V_t @ g], dim=0) for g, ua_t in zip(gs, Ua_t_parts, strict=True)]
-        return L, Rts, inv_c
+        L = torch.cat([torch.addmm(p, f.V_beta_t.T, f.V_t @ p, alpha=-1), f.V_beta_t.T], dim=1)
+        if f.inv_c is not None:
+            L = L * f.inv_c
+        r = self.rank
+        Rts = [torch.cat([Rt[:r], f.V_t @ g], dim=0) for g, Rt in zip(gs, f.Rts, strict=True)]
+        return L, Rts, f.inv_c
 
-    def _deploy_factors(
-        self, dtype: torch.dtype, sizes: tuple[int, ...]
-    ) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor, Tensor | None]:
-        """No-grad factors of ``accumulate_`` that depend on the meta-parameters alone.
-
-        ``(U_i, (U alpha)_i^T, V^T, V beta, 1/c or None)`` with ``U_i`` the row blocks of
-        ``U`` matching column blocks of widths ``sizes``. Cached, and recomputed whenever
-        ``U``, ``V`` or ``log_scale`` change (in-place updates bump their version counters;
-        a new tensor has a new storage), or the dtype or block sizes differ.
+    def _deploy_factors(self, dtype: torch.dtype, sizes: tuple[int, ...]) -> _DeployFactors:
+        """No-grad factors that depend on the meta-parameters alone (see
+        :class:`_DeployFactors`), for column blocks of widths ``sizes``. Cached, and
+        recomputed whenever ``U``, ``V`` or ``log_scale`` change (in-place updates bump
+        their version counters; a new tensor has a new storage), or the dtype or block
+        sizes differ.
         """
         metas = [self.U, self.V] + ([self.log_scale] if self.learn_scale else [])
         key = (dtype, sizes) + tuple((m._version, m.data_ptr(), m.device) for m in metas)
@@ -361,9 +385,24 @@ class LowRankFamily(Family):
         alpha = torch.linalg.inv(eye + U.T @ U)  # r x r, symmetric
         beta = torch.linalg.inv(eye + V.T @ V)
         inv_c = torch.exp(-self.log_scale.detach()).to(dtype) if self.learn_scale else None
-        U_parts = list(U.split(list(sizes), dim=0))
-        Ua_t_parts = [t.T.contiguous() for t in (U @ alpha).split(list(sizes), dim=0)]
-        value = (U_parts, Ua_t_parts, V.T.contiguous(), V @ beta, inv_c)
+        scale = 1.0 if inv_c is None else inv_c
+        V_beta_t = (V @ beta).T.contiguous()
+        Lt = torch.empty(2 * self.rank, V.shape[0], dtype=dtype, device=U.device)
+        Lt[self.rank :] = V_beta_t * scale
+        Rts = []
+        for ua in (U @ alpha).split(list(sizes), dim=0):
+            Rt = torch.empty(2 * self.rank, ua.shape[0], dtype=dtype, device=U.device)
+            Rt[: self.rank] = ua.T
+            Rts.append(Rt)
+        value = _DeployFactors(
+            U_t=[u.T.contiguous() for u in U.split(list(sizes), dim=0)],
+            V=V,
+            V_t=V.T.contiguous(),
+            V_beta_t=V_beta_t,
+            inv_c=inv_c,
+            Lt=Lt,
+            Rts=Rts,
+        )
         self._deploy_cache = (key, value)
         return value
 
@@ -453,6 +492,26 @@ class LowRankFamily(Family):
         c = self.scale()
         tr_x = tP * dB + dA * tQ + tP * tQ
         return (c - 1) ** 2 * (dA * dB) + 2 * c * (c - 1) * tr_x + c * c * x_sq
+
+
+@dataclass
+class _DeployFactors:
+    """``LowRankFamily``'s no-grad factors for column blocks ``G = [G_0 | G_1 | ...]``.
+
+    ``U_t[i]``: ``(U_i)^T`` (r x k_i); ``V`` (out x r), ``V_t = V^T``;
+    ``V_beta_t = (V beta)^T`` (r x out) with ``beta = (I + V^T V)^{-1}``; ``inv_c = 1/c``
+    or ``None``. Workspace: ``Lt`` (2r x out) whose lower half is ``(V beta)^T / c`` and
+    ``Rts[i]`` (2r x k_i) whose upper half is ``(U alpha)_i^T`` (``alpha =
+    (I + U^T U)^{-1}``); the other halves are written per call.
+    """
+
+    U_t: list[Tensor]
+    V: Tensor
+    V_t: Tensor
+    V_beta_t: Tensor
+    inv_c: Tensor | None
+    Lt: Tensor
+    Rts: list[Tensor]
 
 
 def _identity_plus(U: Tensor) -> Tensor:

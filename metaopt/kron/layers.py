@@ -19,7 +19,7 @@ conv weight or unfolds an input on its own.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,13 +68,16 @@ class LayerView:
         """The matrix as column blocks without copying: ``[W (out x k)]`` or
         ``[W (out x k), b (out x 1)]`` (views of contiguous tensors, so in-place updates of
         the blocks update the tensors)."""
-        w = tensors[self.weight]
+        return self.blocks_of([tensors[n] for n in self.params])
+
+    def blocks_of(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """``column_blocks`` for the block's tensors given in ``params`` order."""
+        w = tensors[0]
         if self.kind == "diag":
             return [w.reshape(1, -1)]
-        blocks = [w.reshape(w.shape[0], -1)]
-        if self.bias is not None:
-            blocks.append(tensors[self.bias].reshape(-1, 1))
-        return blocks
+        if len(tensors) == 1:
+            return [w.reshape(w.shape[0], -1)]
+        return [w.reshape(w.shape[0], -1), tensors[1].reshape(-1, 1)]
 
     def to_matrix(self, tensors: Mapping[str, Tensor]) -> Tensor:
         """Stack this block's tensors (grads or params) into its ``out x in`` matrix."""

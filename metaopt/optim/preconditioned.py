@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from metaopt.kron.families import Family
+from metaopt.kron.layers import LayerView
 from metaopt.kron.preconditioner import KroneckerPreconditioner
 
 __all__ = ["Preconditioned"]
@@ -53,6 +56,7 @@ class Preconditioned(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.preconditioner = preconditioner
         self._names = self._resolve_names(preconditioner)
+        self._plans: dict[int, tuple[tuple[int, ...], _GroupPlan]] = {}
 
     def _resolve_names(self, pre: KroneckerPreconditioner) -> dict[Tensor, str]:
         """Map each parameter tensor to its name in the preconditioner."""
@@ -79,6 +83,39 @@ class Preconditioned(torch.optim.Optimizer):
             names[p] = n
         return names
 
+    def _plan(self, group: dict[str, Any]) -> _GroupPlan:
+        """The group's parameters sorted into preconditioner blocks (cached per group)."""
+        key = tuple(map(id, group["params"]))
+        cached = self._plans.get(id(group))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        pre = self.preconditioner
+        by_name = {self._names[p]: p for p in group["params"]}
+        blocks, covered = [], set()
+        for view in pre.views:
+            present = [n for n in view.params if n in by_name]
+            if not present:
+                continue
+            if len(present) != len(view.params):
+                missing = sorted(set(view.params) - set(present))
+                raise ValueError(
+                    f"params: block {view.name!r} couples {list(view.params)} but {missing} "
+                    "are not in the same param group; put a layer's weight and bias in one group"
+                )
+            blocks.append((pre.block(view), view, tuple(by_name[n] for n in view.params)))
+            covered.update(view.params)
+        rest = [p for n, p in by_name.items() if n not in covered]  # skipped: identity
+        plan = _GroupPlan(blocks, rest)
+        self._plans[id(group)] = (key, plan)
+        return plan
+
+    def _momentum_buffer(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.zeros_like(p)
+        return buf
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update. Works in place, block by block (``Family.accumulate_``), so the
@@ -87,64 +124,50 @@ class Preconditioned(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pre = self.preconditioner
         for group in self.param_groups:
-            wd, mom, lr, nesterov = (
-                group["weight_decay"],
-                group["momentum"],
-                group["lr"],
-                group["nesterov"],
-            )
-            grads: dict[str, Tensor] = {}
-            owners: dict[str, Tensor] = {}
-            for p in group["params"]:
+            plan = self._plan(group)
+            wd, mom, lr = group["weight_decay"], group["momentum"], group["lr"]
+            nesterov = group["nesterov"]
+            for family, view, params in plan.blocks:
+                if params[0].grad is None:
+                    continue
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                if wd != 0:
+                    grads = [g.add(p, alpha=wd) for g, p in zip(grads, params, strict=True)]
+                g_blocks = view.blocks_of(grads)
+                if mom == 0:  # p -= lr * P g
+                    family.accumulate_(view.blocks_of(params), g_blocks, -lr)
+                    continue
+                # buf = mom * buf + P g (the decay folded into the family's own update)
+                bufs = [self._momentum_buffer(p) for p in params]
+                family.accumulate_(view.blocks_of(bufs), g_blocks, 1.0, mom)
+                if nesterov:  # p -= lr * (P g + mom * buf)
+                    family.accumulate_(view.blocks_of(params), g_blocks, -lr)
+                    for p, buf in zip(params, bufs, strict=True):
+                        p.add_(buf, alpha=-lr * mom)
+                else:  # p -= lr * buf while the block's buffer is still in cache
+                    for p, buf in zip(params, bufs, strict=True):
+                        p.add_(buf, alpha=-lr)
+            for p in plan.rest:
                 if p.grad is None:
                     continue
-                name = self._names[p]
-                grads[name] = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-                owners[name] = p
-            if not grads:
-                continue
-            bufs: dict[str, Tensor] = {}
-            if mom != 0:
-                for name, p in owners.items():
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    bufs[name] = state["momentum_buffer"]
-            # buf = mom * buf + P g (the decay folded into the family's own update, one pass
-            # over the buffer fewer), or, without momentum, p -= lr * P g directly
-            target, alpha, beta = (bufs, 1.0, mom) if mom != 0 else (owners, -lr, 1.0)
-            heavy_ball = mom != 0 and not nesterov
-            covered: set[str] = set()
-            for view in pre.views:
-                if view.weight not in grads:
+                g = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+                if mom == 0:
+                    p.add_(g, alpha=-lr)
                     continue
-                pre.block(view).accumulate_(
-                    view.column_blocks(target), view.column_blocks(grads), alpha, beta
-                )
-                if heavy_ball:  # p -= lr * buf while the block's buffer is still in cache
-                    for name in view.params:
-                        owners[name].add_(bufs[name], alpha=-lr)
-                covered.update(view.params)
-            rest = [n for n in owners if n not in covered]  # skipped parameters: identity
-            for name in rest:
-                if beta != 1.0:
-                    target[name].mul_(beta)
-                target[name].add_(grads[name], alpha=alpha)
-            if heavy_ball and rest:
-                torch._foreach_add_([owners[n] for n in rest], [bufs[n] for n in rest], alpha=-lr)
-            elif nesterov:
-                # p -= lr * (P g + mom * buf)
-                for view in pre.views:
-                    if view.weight in grads:
-                        pre.block(view).accumulate_(
-                            view.column_blocks(owners), view.column_blocks(grads), -lr
-                        )
-                for name in rest:
-                    owners[name].add_(grads[name], alpha=-lr)
-                names = list(owners)
-                torch._foreach_add_(
-                    [owners[n] for n in names], [bufs[n] for n in names], alpha=-lr * mom
-                )
+                buf = self._momentum_buffer(p)
+                torch.add(g, buf, alpha=mom, out=buf)
+                if nesterov:
+                    p.add_(g, alpha=-lr).add_(buf, alpha=-lr * mom)
+                else:
+                    p.add_(buf, alpha=-lr)
         return loss
+
+
+@dataclass
+class _GroupPlan:
+    """A param group's parameters as ``(family, view, params in view order)`` blocks plus
+    the parameters the preconditioner skips (updated as plain SGD)."""
+
+    blocks: list[tuple[Family, LayerView, tuple[Tensor, ...]]]
+    rest: list[Tensor]
