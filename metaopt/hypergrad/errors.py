@@ -23,15 +23,14 @@ class NonFiniteHypergradient(FloatingPointError):
         super().__init__(f"{msg}: {detail}" if detail else msg)
 
 
-def _finite_flag(tensors: Sequence[Tensor]) -> Tensor:
-    """0-dim bool: every entry finite. One sum per tensor (a NaN/Inf entry makes the sum
-    NaN/Inf), accumulated in at least float32 so fp16/bf16 sums do not overflow."""
-    sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
-    return torch.isfinite(torch.stack(sums)).all()
+def _sums(tensors: Sequence[Tensor]) -> Tensor:
+    """One sum per tensor (a NaN/Inf entry makes the sum NaN/Inf), accumulated in at
+    least float32 so fp16/bf16 sums do not overflow, stacked into a 1-dim tensor."""
+    return torch.stack([t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors])
 
 
 class FiniteGuard:
-    """Collects finiteness flags of named terms without syncing; ``check()`` syncs once.
+    """Collects finiteness evidence of named terms without syncing; ``check()`` syncs once.
 
     ``check()`` raises :class:`NonFiniteHypergradient` naming the FIRST term added that
     is not finite (later terms usually inherit the NaN). A term whose finite entries sum
@@ -40,20 +39,21 @@ class FiniteGuard:
 
     def __init__(self) -> None:
         self.terms: list[str] = []
-        self.flags: list[Tensor] = []
+        self.sums: list[Tensor] = []
 
     def add(self, tensors: Sequence[Tensor], term: str) -> None:
         if tensors:
             self.terms.append(term)
-            self.flags.append(_finite_flag(tensors))
+            self.sums.append(_sums(tensors))
 
     def check(self) -> None:
-        if not self.flags:
+        if not self.sums:
             return
-        ok = torch.stack([f.to(self.flags[0].device) for f in self.flags])
-        if bool(ok.all()):  # the one host sync
+        device = self.sums[0].device
+        sums = [s.to(device) for s in self.sums]
+        if bool(torch.isfinite(torch.cat(sums)).all()):  # the one host sync
             return
-        first = next(i for i, flag in enumerate(ok.tolist()) if not flag)
+        first = next(i for i, s in enumerate(sums) if not bool(torch.isfinite(s).all()))
         raise NonFiniteHypergradient(self.terms[first])
 
 

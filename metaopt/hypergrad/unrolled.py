@@ -5,12 +5,22 @@
 * ``mode="reverse"``: backpropagation through the unroll (``steps=1`` is APO's one-step
   lookahead). Memory grows with the number of steps kept; ``truncate=k`` backpropagates
   through the last ``k`` steps only (the first ``T - k`` are run and detached).
-* ``mode="forward"``: forward-mode differentiation (MetaMD appendix A.6, Franceschi et al.
-  2017) with ``torch.func.jvp``: tangents ``d theta_t / d lambda`` are carried along with
-  ``theta_t``, so memory does not grow with ``T``, and the cost is proportional to the
-  number of hyperparameter scalars ``n`` (one tangent per scalar, vectorised with
-  ``torch.func.vmap`` when ``n > 1``). ``truncate=k`` starts the tangents at zero ``k``
-  steps before the end, matching reverse mode's truncation.
+* ``mode="forward"``: forward-mode differentiation (MetaMD appendix A.6, Eq. 49 and 53;
+  Franceschi et al. 2017) with ``torch.func.jvp``: tangents ``Z_t = d theta_t / d lambda``
+  are carried along with ``theta_t``, so memory does not grow with ``T``, and the cost is
+  proportional to the number of hyperparameter scalars ``n`` (one tangent per scalar,
+  vectorised with ``torch.func.vmap`` when ``n > 1``). The first step of the window
+  starts from ``Z = 0``, so only ``lambda`` is dual there: the step's own gradient in
+  ``theta`` is then an ordinary one, not forward-over-reverse. The result is
+  ``d_lambda outer + (d_theta outer)^T Z_T`` with ``d_theta outer`` from one reverse
+  pass (Eq. 49), whatever ``n``. ``truncate=k`` starts the tangents at zero ``k`` steps
+  before the end, matching reverse mode's truncation.
+
+  Cost on CPU (``bench/hypergrad_cost.py``): PyTorch's forward AD gives a tensor that is
+  not dual a ``ZeroTensor`` tangent wherever it meets a dual one, and arithmetic on
+  ``ZeroTensor`` goes through Python meta kernels (~0.1-0.4 ms per op, measured with
+  torch 2.14), so each op of the step that mixes ``lambda`` with ``theta`` or its
+  gradient (``theta - exp(s) * g``: two per parameter tensor) costs far more than the op.
 """
 
 from __future__ import annotations
@@ -51,8 +61,13 @@ def unrolled_grad(
             ``preconditioner.apply`` with ``hparams = tuple(preconditioner.parameters())``;
             ``.grad`` is never written). In forward mode it is transformed by ``torch.func.jvp``
             and must be pure: take gradients with ``torch.func.grad`` (not
-            ``torch.autograd.grad``) and use the ``hparams`` passed in.
-        outer_objective: ``outer(params, hparams) -> 0-dim tensor`` at ``theta_T``.
+            ``torch.autograd.grad``) and use the ``hparams`` passed in. Its first call
+            gets ``params`` that are not dual (only ``hparams`` are); torch 2.x's
+            ``mse_loss`` forward-over-reverse formula then fails ("ZeroTensors are
+            immutable") if its target is dual and its prediction not: add ``0 * hparam`` to
+            both (see ``metaopt.learners.task_hypergrad``).
+        outer_objective: ``outer(params, hparams) -> 0-dim tensor`` at ``theta_T``; in
+            both modes differentiated by ``torch.autograd`` (one reverse pass).
         params: initial ``theta_0``; hparams: ``lambda`` (floating point tensors).
         steps: ``T >= 1``.
         mode: ``"reverse"`` or ``"forward"``.
@@ -128,29 +143,25 @@ def _forward(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, kee
         for _ in range(steps - keep):
             theta = _apply(step, theta, lam)
 
-        def push(th: Vec, t_th: Vec, t_lam: Vec) -> tuple[Vec, Vec]:
-            out, t_out = jvp(lambda a, b: _apply(step, a, b), (th, lam), (t_th, t_lam))
-            return out, t_out
+        def start(th: Vec, t_lam: Vec) -> tuple[Vec, Vec]:
+            # the window's first step: d theta / d lambda is zero there, so only lambda is
+            # dual and the step's inner gradient in theta is an ordinary (primal) one
+            return jvp(lambda b: _apply(step, th, b), (lam,), (t_lam,))
 
-        def total(th: Vec, t_th: Vec, t_lam: Vec) -> Tensor:
-            return jvp(outer, (th, lam), (t_th, t_lam))[1]
+        def push(th: Vec, t_th: Vec, t_lam: Vec) -> tuple[Vec, Vec]:
+            return jvp(lambda a, b: _apply(step, a, b), (th, lam), (t_th, t_lam))
 
         if n == 1:  # one scalar: no vmap, a plain jvp per step
             t_lam = tuple(b[0] for b in basis)
-            # materialised zero tangents (not ZeroTensors: some forward-over-reverse
-            # formulas write into their inputs' tangents)
-            t_theta = tuple(torch.zeros_like(p) for p in theta)
-            for _ in range(keep):
+            theta, t_theta = start(theta, t_lam)
+            for _ in range(keep - 1):
                 theta, t_theta = push(theta, t_theta, t_lam)
-            derivs = total(theta, t_theta, t_lam).reshape(1)
         else:
-            t_theta = tuple(
-                torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) for p in theta
-            )
+            theta, t_theta = vmap(start, in_dims=(None, 0), out_dims=(None, 0))(theta, basis)
             batched = vmap(push, in_dims=(None, 0, 0), out_dims=(None, 0))
-            for _ in range(keep):
+            for _ in range(keep - 1):
                 theta, t_theta = batched(theta, t_theta, basis)
-            derivs = vmap(total, in_dims=(None, 0, 0))(theta, t_theta, basis)
+    derivs = _contract(outer, theta, t_theta, lam, n)
     sizes = [h.numel() for h in lam]
     out = tuple(
         d.reshape(h.shape).to(h.dtype) for d, h in zip(derivs.split(sizes), lam, strict=True)
@@ -160,3 +171,21 @@ def _forward(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, kee
     guard.add(out, "hypergradient")
     guard.check()
     return out
+
+
+def _contract(outer: Objective, theta: Vec, t_theta: Vec, lam: Vec, n: int) -> Tensor:
+    """``d_lambda outer + (d_theta outer)^T t_theta`` at ``theta_T``: shape ``(n,)``.
+
+    ``d_theta outer`` is one reverse pass whatever ``n`` (MetaMD Eq. 49, Franceschi et
+    al.'s forward-mode hypergradient ``nabla E(s_T) Z_T``); it costs a forward and a
+    backward, where a jvp of ``outer`` costs ``n`` forwards with tangents.
+    """
+    th = tuple(t.detach().requires_grad_(True) for t in theta)
+    lm = tuple(h.detach().requires_grad_(True) for h in lam)
+    with torch.enable_grad():
+        grads = torch.autograd.grad(outer(th, lm), th + lm, allow_unused=True)
+    grads = zeros_for_none(grads, th + lm)
+    derivs = torch.cat([g.reshape(-1) for g in grads[len(th) :]])
+    for g, t in zip(grads[: len(th)], t_theta, strict=True):
+        derivs = derivs + (t.reshape(n, -1) @ g.reshape(-1)).to(derivs.dtype)
+    return derivs

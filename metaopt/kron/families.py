@@ -421,39 +421,49 @@ class LowRankFamily(Family):
 
         With ``S = delta^T B X``: ``df/dA = S``, ``df/dB = X A delta^T``, hence
         ``dU = c (delta^T B X U + X^T B delta U)``, ``dV = c (X A delta^T V + delta A X^T V)``
-        and ``df/d log c = f``: eight ``out x in`` matrix-vector products per rank (plus one
-        pass for ``f``), done on the column blocks (no concatenation), against a double
-        backward through ``bregman``.
+        and ``df/d log c = f``, against a double backward through ``bregman``. Done on the
+        column blocks (no concatenation) with the thin factors as rows (``r x n``, the
+        fast orientation of a thin-times-matrix product on CPU) in six passes over
+        ``out x in`` memory: ``(X U)^T``, ``V^T X``, ``[U^T; (A X^T V)^T] delta^T``,
+        ``[V^T; (B X U)^T] delta``, ``(B delta U)^T X``, ``(A delta^T V)^T X^T`` (plus one
+        pass over ``X`` and ``delta`` for ``f``).
         """
         dtype = torch.promote_types(torch.promote_types(X[0].dtype, delta[0].dtype), self.U.dtype)
         Xs, Ds = [self._p(x, dtype) for x in X], [self._p(d, dtype) for d in delta]
         U, V = self._p(self.U.detach(), dtype), self._p(self.V.detach(), dtype)
-        sizes = [x.shape[1] for x in Xs]
-        Us = U.split(sizes, dim=0)
-        Vt = V.T
-        XU, DU = Xs[0] @ Us[0], Ds[0] @ Us[0]  # out x r
-        for x, d, u in zip(Xs[1:], Ds[1:], Us[1:], strict=True):
-            XU.addmm_(x, u)
-            DU.addmm_(d, u)
-        XtV = torch.cat([x.T @ V for x in Xs])  # in x r
-        DtV = torch.cat([d.T @ V for d in Ds])
-        BXU, BDU = torch.addmm(XU, V, Vt @ XU), torch.addmm(DU, V, Vt @ DU)  # B (.)
-        ADtV, AXtV = torch.addmm(DtV, U, U.T @ DtV), torch.addmm(XtV, U, U.T @ XtV)  # A (.)
-        dU = torch.cat([torch.addmm(x.T @ BDU, d.T, BXU) for x, d in zip(Xs, Ds, strict=True)])
-        dV = torch.addmm(Xs[0] @ ADtV[: sizes[0]], Ds[0], AXtV[: sizes[0]])
-        start = sizes[0]
-        for x, d in zip(Xs[1:], Ds[1:], strict=True):
-            stop = start + x.shape[1]
-            dV.addmm_(x, ADtV[start:stop]).addmm_(d, AXtV[start:stop])
-            start = stop
+        r, sizes = U.shape[1], [x.shape[1] for x in Xs]
+        Us, Ut = U.split(sizes), U.T.contiguous().split(sizes, dim=1)  # k_i x r, r x k_i
+        Vt = V.T.contiguous()
+        # rows: PX = (X U)^T (r x out), QX_i = V^T X_i (r x k_i); then B, A applied
+        PX = _row_products(Ut, [x.T for x in Xs])
+        QX = [Vt @ x for x in Xs]
+        BPX = torch.addmm(PX, PX @ V, Vt)  # (B X U)^T
+        AQX = _times_A(QX, Us, Ut)  # (A X^T V)^T blocks
+        # delta, two products per pass: [(delta U)^T; (delta A X^T V)^T] and
+        # [V^T delta_i; (B X U)^T delta_i]
+        rows = [torch.cat(p) for p in zip(Ut, AQX, strict=True)]
+        DL = _row_products(rows, [d.T for d in Ds])  # 2r x out
+        VB = torch.cat([Vt, BPX])
+        DR = [VB @ d for d in Ds]  # 2r x k_i
+        PD = DL[:r]
+        BPD = torch.addmm(PD, PD @ V, Vt)  # (B delta U)^T
+        QD = [t[:r] for t in DR]
+        AQD = _times_A(QD, Us, Ut)  # (A delta^T V)^T blocks
+        dUt = [torch.addmm(t[r:], BPD, x) for t, x in zip(DR, Xs, strict=True)]
+        dVt = DL[r:].clone()
+        for a, x in zip(AQD, Xs, strict=True):
+            dVt.addmm_(a, x.T)
+        dU, dV = (dUt[0] if len(dUt) == 1 else torch.cat(dUt, dim=1)).T, dVt.T
         out: list[Tensor] = [dU, dV]
         if self.learn_scale:
             c = torch.exp(self.log_scale.detach()).to(dtype)
             # f = c (<X, D> + <XU, DU> + <X^T V, D^T V> + <V^T X U, V^T D U>)
             f = sum((x * d).sum() for x, d in zip(Xs, Ds, strict=True))
-            f = f + (XU * DU).sum() + (XtV * DtV).sum() + ((Vt @ XU) * (Vt @ DU)).sum()
+            f = f + (PX * PD).sum() + ((PX @ V) * (PD @ V)).sum()
+            f = f + sum((a * b).sum() for a, b in zip(QX, QD, strict=True))
             out = [c * dU, c * dV, c * f]
-        return tuple(self._p(t, m.dtype) for t, m in zip(out, self.parameters(), strict=True))
+        metas = (self.U, self.V, self.log_scale) if self.learn_scale else (self.U, self.V)
+        return tuple(self._p(t, m.dtype) for t, m in zip(out, metas, strict=True))
 
     def dense(self) -> Tensor:
         return torch.linalg.inv(self.dense_forward())
@@ -512,6 +522,20 @@ class _DeployFactors:
     inv_c: Tensor | None
     Lt: Tensor
     Rts: list[Tensor]
+
+
+def _row_products(rows: list[Tensor], mats: list[Tensor]) -> Tensor:
+    """``sum_i rows[i] @ mats[i]`` (row blocks of a thin factor times matching blocks)."""
+    out = rows[0] @ mats[0]
+    for a, m in zip(rows[1:], mats[1:], strict=True):
+        out.addmm_(a, m)
+    return out
+
+
+def _times_A(blocks: list[Tensor], Us: tuple[Tensor, ...], Ut: tuple[Tensor, ...]) -> list[Tensor]:
+    """Column blocks of ``W A = W + (W U) U^T`` for ``W`` (``r' x in``) given as blocks."""
+    wu = _row_products(blocks, list(Us))  # r' x r
+    return [torch.addmm(w, wu, u) for w, u in zip(blocks, Ut, strict=True)]
 
 
 def _identity_plus(U: Tensor) -> Tensor:

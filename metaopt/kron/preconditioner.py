@@ -185,7 +185,9 @@ class KroneckerPreconditioner(nn.Module):
             mixed = blk.forward_mixed(view.column_blocks(x), delta)
             for p, g in zip(blk.parameters(), mixed, strict=True):
                 grads[id(p)] = g
-        return tuple(grads.get(id(p), torch.zeros_like(p)) for p in self.parameters())
+        return tuple(
+            grads[id(p)] if id(p) in grads else torch.zeros_like(p) for p in self.parameters()
+        )
 
     def min_eigenvalue(self) -> Tensor:
         """``lambda = min over blocks of lambda_min(M_block)`` (MetaMD appendix A.5)."""

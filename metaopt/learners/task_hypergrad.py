@@ -163,14 +163,23 @@ def task_hypergradient(
             theta = dict(zip(names, ps[: len(names)], strict=True))
             state = {f"{n}:momentum": b for n, b in zip(names, ps[len(names) :], strict=False)}
             x, y = next(window)
+            zero = None
             if forward_mode and y.is_floating_point():
-                # torch 2.x: mse_loss's forward-over-reverse formula writes into the target's
-                # tangent, which is an immutable ZeroTensor when the target has none; a
-                # materialised zero tangent (y + 0 * hparam) avoids it and changes nothing
-                y = y + 0 * hp[0].reshape(-1)[0].to(y.dtype)
+                # torch 2.x: mse_loss's forward-over-reverse formula writes into the tangent
+                # of whichever input has none (an immutable ZeroTensor) when the other has
+                # one -- the target in general, the prediction in the engine's first step,
+                # where the params are not dual; a materialised zero tangent on both
+                # (+ 0 * hparam) avoids it and changes nothing
+                zero = 0 * hp[0].reshape(-1)[0]
+                y = y + zero.to(y.dtype)
+
+            def loss(th: dict[str, Tensor]) -> Tensor:
+                pred = forward(th, x)
+                return task.loss(pred if zero is None else pred + zero.to(pred.dtype), y)
+
             # torch.func.grad: pure (forward mode transforms it) and differentiable by
             # reverse-mode autograd (second order through the step)
-            g = torch.func.grad(lambda th: task.loss(forward(th, x), y))(theta)
+            g = torch.func.grad(loss)(theta)
             new, new_state = call(
                 hp, lambda p: preconditioned_step(theta, g, p, state, lr=lr, momentum=mom)
             )
