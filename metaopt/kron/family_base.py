@@ -1,0 +1,91 @@
+"""The family interface: one layer block's meta-parameters and how they act on ``G``.
+
+A family acts on the ``out x in`` matrix ``G`` of a :class:`~metaopt.kron.layers.LayerView`
+and returns the update direction ``P(phi) vec(G)`` reshaped the same way. ``vec`` is
+row-major throughout (``G.reshape(-1)``), so for ``X`` of shape ``out x in``,
+``vec(B X A) = (B kron A^T) vec(X)``. The families themselves are in
+:mod:`metaopt.kron.families` (EKFAC, diag, scalar) and :mod:`metaopt.kron.lowrank`.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Family"]
+
+
+class Family(nn.Module, abc.ABC):
+    """One block's meta-parameters. Subclasses implement ``_direction`` and ``dense``.
+
+    ``apply`` computes in the wider of the gradient's and the meta-parameters' dtypes and
+    returns the gradient's dtype, so a bf16 model can use an fp32 preconditioner.
+    """
+
+    #: whether ``bregman`` / ``min_eigenvalue`` / ``squared_distance_to_identity`` exist
+    has_forward_matrix: bool = False
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.shape = (int(shape[0]), int(shape[1]))
+
+    def apply(self, grad: Tensor) -> Tensor:
+        """``grad`` (out x in) -> update direction (out x in), same dtype as ``grad``."""
+        meta_dtype = next(self.parameters()).dtype
+        dtype = torch.promote_types(grad.dtype, meta_dtype)
+        return self._direction(grad.to(dtype), dtype).to(grad.dtype)
+
+    def apply_blocks(self, grads: list[Tensor], meta_constant: bool = False) -> list[Tensor]:
+        """``apply`` on column blocks ``G = [grads[0] | ...]`` (``LayerView.column_blocks``),
+        returning the direction's matching blocks. The default concatenates; families
+        override it to avoid copying ``G``. ``meta_constant=True`` promises that no
+        derivative (reverse or forward mode) with respect to the meta-parameters is needed,
+        so a family may use cached factors; families without a cache ignore it."""
+        if len(grads) == 1:
+            return [self.apply(grads[0])]
+        return list(self.apply(torch.cat(grads, dim=1)).split([g.shape[1] for g in grads], 1))
+
+    @abc.abstractmethod
+    def _direction(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
+        """``grad`` already in ``dtype``; cast meta-parameters with ``_p``."""
+
+    @abc.abstractmethod
+    def dense(self) -> Tensor:
+        """The ``(out*in) x (out*in)`` preconditioner ``P`` (row-major vec)."""
+
+    def forward(self, grad: Tensor) -> Tensor:
+        return self.apply(grad)
+
+    @torch.no_grad()
+    def accumulate_(
+        self, targets: list[Tensor], grads: list[Tensor], alpha: float, beta: float = 1.0
+    ) -> None:
+        """In place: ``targets = beta * targets + alpha * P G`` with ``G = [grads[0] | ...]``.
+
+        ``targets`` and ``grads`` are matching column blocks (see
+        ``LayerView.column_blocks``). ``beta`` is the momentum decay when ``targets`` are
+        momentum buffers (families fold it into an op they do anyway). The default
+        concatenates; families override it to avoid temporaries the size of ``G`` and extra
+        passes over memory (the deploy optimizer's hot path).
+        """
+        sizes = [g.shape[1] for g in grads]
+        grad = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+        direction = self.apply(grad)
+        for target, part in zip(targets, direction.split(sizes, dim=1), strict=True):
+            if beta != 1.0:
+                target.mul_(beta)
+            target.add_(part, alpha=alpha)
+
+    def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+        """``d/d phi <X, M(phi) delta>`` for each meta-parameter (``self.parameters()``
+        order), without autograd. ``X``, ``delta``: the ``out x in`` matrices as matching
+        column blocks (``LayerView.column_blocks``; ``[X]`` for a whole matrix). This is
+        ``(d^2 B_M / d phi d theta)^T x`` for ``B_M = 1/2 delta^T M delta``, the mixed
+        product of MetaMD's implicit hypergradient. Families with a forward matrix only."""
+        raise ValueError(f"{type(self).__name__} has no explicit forward matrix M")
+
+    @staticmethod
+    def _p(t: Tensor, dtype: torch.dtype) -> Tensor:
+        return t if t.dtype == dtype else t.to(dtype)
