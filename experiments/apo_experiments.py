@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fixed-lr", action="store_true", help="digits-eps-rho: adapt eps and rho only (D.7)"
     )
     parser.add_argument("--base", choices=("sgdm", "rmsprop"), help="digits-lr/-initial-lr: one")
-    parser.add_argument("--lambda-sgdm", type=float, default=0.01, help="digits-initial-lr")
+    parser.add_argument("--lambda-sgdm", type=float, default=0.1, help="digits-initial-lr")
     parser.add_argument("--lambda-rmsprop", type=float, default=1e-3, help="digits-initial-lr")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
