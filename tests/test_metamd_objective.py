@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -73,6 +75,61 @@ def test_bregman_rate_needs_a_preconditioner():
     p = {"w": torch.zeros(2)}
     with pytest.raises(ValueError, match="ctx.preconditioner"):
         evaluate_meta_objective("bregman-rate", MetaContext(params_before=p, params_after=p))
+
+
+def _quadratic_ctx(theta, with_task=True):
+    """``log-final-loss`` context on ``f = theta^T Q theta - b^T theta`` (a real task)."""
+    from metaopt.func import functional_forward
+    from tasks import get_family
+
+    q = torch.tensor([0.5, 4.0], dtype=torch.float64)
+    b = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    task = get_family("meta-quadratics", dtype=torch.float64).task(q, b)
+    model = task.make_model(0)
+    fstar = float(-(b * b / q).sum() / 4)
+    ctx = MetaContext(
+        params_before={"theta": torch.zeros(2, dtype=torch.float64)},
+        params_after={"theta": theta},
+        forward=functional_forward(model),
+        loss=task.loss,
+        batch=next(task.train_batches(0)),
+        extras={"task": task} if with_task else {},
+    )
+    t = theta.detach()
+    return ctx, float(t @ (q * t) - b @ t), fstar
+
+
+def test_log_final_loss_is_the_log_gap_to_the_minimum():
+    theta = torch.tensor([0.3, -0.1], dtype=torch.float64)
+    ctx, f, fstar = _quadratic_ctx(theta)
+    value = evaluate_meta_objective("log-final-loss", ctx)  # floor from task.info
+    assert float(value) == pytest.approx(math.log(f - fstar + 1e-12), rel=1e-12)
+    value = evaluate_meta_objective("log-final-loss", ctx, floor=fstar - 1.0, eps=1e-3)
+    assert float(value) == pytest.approx(math.log(f - fstar + 1.0 + 1e-3), rel=1e-12)
+    plain, f, _ = _quadratic_ctx(theta + 10.0, with_task=False)  # no task: floor 0
+    assert float(evaluate_meta_objective("log-final-loss", plain)) == pytest.approx(
+        math.log(f + 1e-12), rel=1e-12
+    )
+
+
+def test_log_final_loss_gradient_is_the_final_loss_gradient_over_the_gap():
+    theta = torch.tensor([0.3, -0.1], dtype=torch.float64, requires_grad=True)
+    ctx, f, fstar = _quadratic_ctx(theta)
+    (grad,) = torch.autograd.grad(evaluate_meta_objective("log-final-loss", ctx), theta)
+    q = torch.tensor([0.5, 4.0], dtype=torch.float64)
+    b = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    expected = (2 * q * theta.detach() - b) / (f - fstar + 1e-12)  # closed form of grad f
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=0)
+
+
+def test_log_final_loss_is_floored_at_eps_at_the_minimum():
+    star = torch.tensor([1.0, -0.25], dtype=torch.float64)  # (2Q)^-1 b
+    ctx, f, fstar = _quadratic_ctx(star)
+    assert f == pytest.approx(fstar, abs=1e-15)
+    value = evaluate_meta_objective("log-final-loss", ctx, eps=1e-10)
+    assert float(value) == pytest.approx(math.log(1e-10), abs=1e-4)  # finite, not log(0)
+    with pytest.raises(ValueError, match="eps=0"):
+        evaluate_meta_objective("log-final-loss", ctx, eps=0)
 
 
 @pytest.mark.parametrize(

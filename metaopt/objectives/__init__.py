@@ -17,5 +17,5 @@ __all__ = [
     "register_meta_objective",
 ]
 
-# registers "bregman-rate" and "final-loss"
+# registers "bregman-rate", "final-loss" and "log-final-loss"
 from metaopt.objectives import bregman_rate as _bregman_rate  # noqa: E402,F401
