@@ -169,7 +169,8 @@ def run_training(
         torch.cuda.reset_peak_memory_stats(device)
     if eval_every is not None:
         eval_now(0)
-    losses = torch.full((steps,), math.nan, device=device, dtype=torch.float32)
+    # float64: float32 resolves a loss of 14 only to ~1e-6 (f - f* targets need better)
+    losses = torch.full((steps,), math.nan, device=device, dtype=torch.float64)
     timer = _StepTimer(device)
     checked = 0
     for t in range(steps):
