@@ -157,8 +157,7 @@ class LowRankFamily(Family):
         """
         dtype = torch.promote_types(grads[0].dtype, self.U.dtype)
         gs = [self._p(g, dtype) for g in grads]
-        Lt, Rts, inv_c = self._workspace_woodbury(gs, dtype)
-        L = Lt.T
+        L, Rts, inv_c = self._workspace_woodbury(gs, dtype)
         for target, g, Rt in zip(targets, gs, Rts, strict=True):
             if target.dtype != dtype:
                 g, L_, Rt = g.to(target.dtype), L.to(target.dtype), Rt.to(target.dtype)
@@ -179,23 +178,22 @@ class LowRankFamily(Family):
     def _workspace_woodbury(
         self, gs: list[Tensor], dtype: torch.dtype
     ) -> tuple[Tensor, list[Tensor], Tensor | None]:
-        """No-grad ``(L^T / c, [R_i^T], 1/c or None)`` of ``woodbury_factors`` for blocks
+        """No-grad ``(L / c, [R_i^T], 1/c or None)`` of ``woodbury_factors`` for blocks
         ``gs`` (already in ``dtype``), written into the cached workspace of
         ``_deploy_factors``: the halves that depend on ``U``, ``V`` alone are filled once,
         each call writes ``(p - V beta s)^T`` and ``V^T G_i`` in place. The returned
         tensors are overwritten by the next call."""
         f = self._deploy_factors(dtype, tuple(g.shape[1] for g in gs))
-        r = self.rank
-        p_t = f.Lt[:r]  # p^T = U^T G^T (r x out), then p^T - (p^T V) (V beta)^T
+        p_t = f.p_t  # p^T = U^T G^T (r x out), then p^T - (p^T V) (V beta)^T
         torch.mm(f.U_t[0], gs[0].T, out=p_t)
         for g, u_t in zip(gs[1:], f.U_t[1:], strict=True):
             p_t.addmm_(u_t, g.T)
         p_t.addmm_(p_t @ f.V, f.V_beta_t, alpha=-1)
         if f.inv_c is not None:
             p_t.mul_(f.inv_c)
-        for g, Rt in zip(gs, f.Rts, strict=True):
-            torch.mm(f.V_t, g, out=Rt[r:])  # q_i = V^T G_i
-        return f.Lt, f.Rts, f.inv_c
+        for g, q_t in zip(gs, f.q_t, strict=True):
+            torch.mm(f.V_t, g, out=q_t)  # q_i = V^T G_i
+        return f.L, f.Rts, f.inv_c
 
     def _cached_woodbury(
         self, gs: list[Tensor], dtype: torch.dtype
@@ -211,8 +209,7 @@ class LowRankFamily(Family):
         L = torch.cat([torch.addmm(p, f.V_beta_t.T, f.V_t @ p, alpha=-1), f.V_beta_t.T], dim=1)
         if f.inv_c is not None:
             L = L * f.inv_c
-        r = self.rank
-        Rts = [torch.cat([Rt[:r], f.V_t @ g], dim=0) for g, Rt in zip(gs, f.Rts, strict=True)]
+        Rts = [torch.cat([ua, f.V_t @ g], dim=0) for g, ua in zip(gs, f.Ua_t, strict=True)]
         return L, Rts, f.inv_c
 
     def _deploy_factors(self, dtype: torch.dtype, sizes: tuple[int, ...]) -> _DeployFactors:
@@ -369,6 +366,15 @@ class _DeployFactors:
     inv_c: Tensor | None
     Lt: Tensor
     Rts: list[Tensor]
+
+    def __post_init__(self) -> None:
+        """Views of the workspace, made once: ``L = Lt^T``; ``p_t`` / ``q_t[i]`` the halves
+        written per call; ``Ua_t[i]`` the constant halves of ``Rts``."""
+        r = self.Lt.shape[0] // 2
+        self.L = self.Lt.T
+        self.p_t = self.Lt[:r]
+        self.q_t = [Rt[r:] for Rt in self.Rts]
+        self.Ua_t = [Rt[:r] for Rt in self.Rts]
 
 
 def _row_products(rows: list[Tensor], mats: list[Tensor]) -> Tensor:
