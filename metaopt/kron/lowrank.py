@@ -217,7 +217,9 @@ class LowRankFamily(Family):
         :class:`_DeployFactors`), for column blocks of widths ``sizes``. Cached, and
         recomputed whenever ``U``, ``V`` or ``log_scale`` change (in-place updates bump
         their version counters; a new tensor has a new storage), or the dtype or block
-        sizes differ.
+        sizes differ. PyTorch's fused optimizers (``fused=True``) update in place without
+        bumping version counters: after such a step on ``U``, ``V`` call
+        ``torch.autograd.graph.increment_version`` on them (APO does).
         """
         metas = [self.U, self.V] + ([self.log_scale] if self.learn_scale else [])
         key = (dtype, sizes) + tuple((m._version, m.data_ptr(), m.device) for m in metas)

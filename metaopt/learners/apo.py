@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import increment_version
 
 from metaopt.func import functional_forward, loss_and_grads, own_forward, trainable_params
 from metaopt.kron.preconditioner import KroneckerPreconditioner
@@ -239,6 +240,9 @@ class APO:
         for p, g in zip(hparams, meta_grads, strict=True):
             p.grad = g.detach().to(p.dtype)
         self.meta_optimizer.step()
+        # the fused kernel updates in place without bumping version counters, which the
+        # rules' caches (S^2, float lr) key on: bump them so every cache sees the update
+        increment_version(list(self.rule.meta_parameters().values()))
         self.meta_optimizer.zero_grad(set_to_none=True)
         self.meta_steps += 1
         self.history.append((t, self.hparam_log()))
