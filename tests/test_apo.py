@@ -663,3 +663,60 @@ def test_sgdm_lr_meta_gradient_on_an_mlp_with_kl_matches_finite_differences(adap
     after = list(apo.rule.meta_parameters().values())
     got = [-(a - b).item() for a, b in zip(after, before, strict=True)]
     np.testing.assert_allclose(got, fd, rtol=1e-6, atol=1e-9)
+
+
+class _Center(torch.nn.Module):
+    """Couples the rows of a batch (subtracts the batch mean), unknown to APO's check."""
+
+    def forward(self, h):
+        return h - h.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_joint_forward_can_be_turned_off_for_row_coupling_modules(joint):
+    """With a module that couples rows, only ``joint_forward=False`` gives the proximal
+    objective of separate forwards (central differences of Q recomputed from scratch)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), _Center(), torch.nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(4)
+    x, xf = (torch.randn(n, 4, generator=g, dtype=torch.float64) for n in (8, 6))
+    y = torch.randint(0, 3, (8,), generator=g)
+    lr, lam_f = 0.2, 0.5
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def q(log_lr):
+        th = {n: v.clone().requires_grad_(True) for n, v in theta.items()}
+        loss = F.cross_entropy(functional_call(model, th, (x,)), y)
+        grads = dict(zip(th, torch.autograd.grad(loss, list(th.values())), strict=True))
+        new = {n: theta[n] - math.exp(log_lr) * grads[n] for n in theta}
+        old = functional_call(model, theta, (xf,)).log_softmax(-1)
+        cur = functional_call(model, new, (xf,)).log_softmax(-1)
+        kl = (old.exp() * (old - cur)).sum(-1).mean()
+        return (F.cross_entropy(functional_call(model, new, (x,)), y) + lam_f * kl).item()
+
+    h = 1e-6
+    fd = (q(math.log(lr) + h) - q(math.log(lr) - h)) / (2 * h)
+    apo = APO(
+        model,
+        F.cross_entropy,
+        base="sgd",
+        lr=lr,
+        meta_interval=1,
+        meta_optimizer="sgd",
+        meta_lr=1.0,
+        lambda_fsd=lam_f,
+        lambda_wsd=0.0,
+        joint_forward=joint,
+    )
+    (before,) = [p.detach().clone() for p in apo.rule.meta_parameters().values()]
+    apo.step((x, y), (xf, None))
+    (after,) = apo.rule.meta_parameters().values()
+    got = -(after - before).item()
+    if joint:  # the concatenated batch is centred as a whole: a different objective
+        assert abs(got - fd) > 1e-4 * abs(fd)
+    else:
+        assert got == pytest.approx(fd, rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match="joint_forward=1"):
+        APOConfig(joint_forward=1)

@@ -222,7 +222,7 @@ class APO:
                 preconditioner=self.rule.preconditioner,
                 step=t,
                 extras={**extras, "hparams": dict(zip(meta_names, hparams, strict=True))},
-                rowwise=_rowwise(self.model),
+                rowwise=cfg.joint_forward and _rowwise(self.model),
             )
             value = evaluate_meta_objective(cfg.meta_objective, ctx, **options)
             values.append(value.detach())

@@ -86,6 +86,10 @@ class APOConfig:
             each meta step, naming the first non-finite step).
         fixed_lr: ``"rmsprop-eps-rho"`` only: keep ``lr`` fixed and adapt only eps and rho
             (``000_`` D.7's protocol; default ``False``: lr, eps and rho as in ``001_``).
+        joint_forward: run the lookahead's loss batch and FSD batch through theta' as one
+            concatenated batch (default ``True``; used only when no batch-norm or dropout
+            module is in training mode). Set ``False`` for a model with other modules that
+            couple the rows of a batch.
     """
 
     base: str | None = None
@@ -117,6 +121,7 @@ class APOConfig:
     precond_options: dict[str, Any] = field(default_factory=dict)
     check_every_step: bool = False
     fixed_lr: bool = False
+    joint_forward: bool = True
 
     def __post_init__(self) -> None:
         if self.adapt not in ADAPTS:
@@ -179,6 +184,8 @@ class APOConfig:
             self.warmup_lr = self.lr
         _positive("warmup_lr", self.warmup_lr)
         _positive("precond_scale", self.precond_scale)
+        if not isinstance(self.joint_forward, bool):
+            raise ValueError(f"joint_forward={self.joint_forward!r}: must be True or False")
         if not isinstance(self.fixed_lr, bool):
             raise ValueError(f"fixed_lr={self.fixed_lr!r}: must be True or False")
         if self.fixed_lr and self.adapt != "rmsprop-eps-rho":
