@@ -401,3 +401,21 @@ def test_precondition_rejects_partial_layers_and_unknown_names() -> None:
         opt.precondition({"weight": torch.zeros(3, 4, dtype=D64)})
     with pytest.raises(ValueError, match="unknown"):
         opt.precondition({"nope": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_a_second_param_group_is_refused_and_the_scheduler_still_drives_the_lr(cls):
+    """The step reads the one group built from the model: a second group (which it would
+    silently mis-scale) is refused, while schedulers edit that group's lr as usual."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = cls(model, lr=0.1)
+    extra = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=rf"param_group: {cls.__name__} keeps one param group"):
+        opt.add_param_group({"params": [extra]})
+    assert len(opt.param_groups) == 1
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    model(torch.randn(5, 3)).pow(2).mean().backward()
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)

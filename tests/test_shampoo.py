@@ -238,3 +238,11 @@ def test_bf16_model_trains_100_steps_at_default_epsilon(arch: str, grafting: str
 def test_bad_hyperparameters_name_the_field(kwargs, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         Shampoo(nn.Linear(2, 2), **kwargs)
+
+
+def test_a_second_param_group_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = Shampoo(model, lr=0.1)
+    with pytest.raises(ValueError, match="param_group: Shampoo keeps one param group"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    assert len(opt.param_groups) == 1

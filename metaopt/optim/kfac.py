@@ -73,6 +73,7 @@ from metaopt.optim.curvature import (
     eigenbasis_second_moment,
     symmetric_eigh,
 )
+from metaopt.optim.model_bound import ModelBoundOptimizer
 
 __all__ = ["EKFAC", "KFAC"]
 
@@ -80,7 +81,7 @@ DampingForm = Literal["split", "exact"]
 _TINY = 1e-30
 
 
-class KFAC(torch.optim.Optimizer):
+class KFAC(ModelBoundOptimizer):
     """KFAC-preconditioned SGD with momentum (see the module docstring for the maths).
 
     Args:
@@ -144,6 +145,7 @@ class KFAC(torch.optim.Optimizer):
         params = [named[n] for n in self._names]
         defaults = dict(lr=lr, momentum=momentum, damping=damping, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        self._fix_groups()
         self._name_of = {id(p): n for n, p in zip(self._names, params, strict=True)}
         self.kl_clip = kl_clip
         self.factor_update_freq = factor_update_freq

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from metaopt.kron.layers import LayerView, layer_views
+from metaopt.optim.model_bound import ModelBoundOptimizer
 
 __all__ = ["Shampoo", "matrix_inverse_root"]
 
@@ -54,7 +55,7 @@ def matrix_inverse_root(
     return ((evecs * scale) @ evecs.T).to(mat.dtype)
 
 
-class Shampoo(torch.optim.Optimizer):
+class Shampoo(ModelBoundOptimizer):
     """Shampoo with grafting and a diagonal fallback (maths in the module docstring).
 
     Args:
@@ -136,6 +137,7 @@ class Shampoo(torch.optim.Optimizer):
         params = [named[n] for n in names]
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        self._fix_groups()
         self._named = dict(zip(names, params, strict=True))
         self.epsilon = epsilon
         self.beta2 = beta2
