@@ -245,10 +245,17 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
         meta_lr=args.meta_lr,
     )
     unrolled = dict(engine_options={"truncate": args.truncate})
+    # default: the paper's MetaMD (Eq. 8, Neumann) against the competitors' own final-loss;
+    # --meta-objective gives all three the same objective (MetaMD then through the same
+    # truncated unroll as the competitors); --learn-scale adds MetaMD's learnable c
+    shared = {"meta_objective": args.meta_objective} if args.meta_objective else {}
+    metamd_opts = dict(shared, engine="unroll", **unrolled) if shared else {}
     learners = {
-        "metamd": MetaMD(train_tasks, **common, gamma=args.gamma),
-        "metasgd": MetaSGD(train_tasks, **common, **unrolled),
-        "metacurvature": MetaCurvature(train_tasks, **common, **unrolled),
+        "metamd": MetaMD(
+            train_tasks, **common, gamma=args.gamma, learn_scale=args.learn_scale, **metamd_opts
+        ),
+        "metasgd": MetaSGD(train_tasks, **common, **unrolled, **shared),
+        "metacurvature": MetaCurvature(train_tasks, **common, **unrolled, **shared),
     }
     training, specs = {}, {"sgdm": "sgdm", "adam": "adam"}
     for name, learner in learners.items():
@@ -388,6 +395,12 @@ def main() -> None:
         "fewest iterations to the target within --tune-steps (same rule for every optimizer)",
     )
     p.add_argument("--tol", type=float, default=1e-6)
+    p.add_argument(
+        "--meta-objective",
+        default=None,
+        help="digits: one meta-objective for all three learners (default: their own)",
+    )
+    p.add_argument("--learn-scale", action="store_true", help="digits: MetaMD learns c too")
     p.add_argument("--target", type=float, default=0.02)
     args = p.parse_args()
     torch.set_num_threads(1)
