@@ -130,9 +130,7 @@ def build(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], ob
 
     def inner_bregman_grad(theta, h):  # g + M (theta - theta_1), M block by block
         delta = {n: t - ref[n] for n, t in zip(names, theta, strict=True)}
-        m_delta = dict(delta)
-        for view in pre.views:
-            m_delta.update(view.from_matrix(pre.block(view).forward_apply(view.to_matrix(delta))))
+        m_delta = pre.forward_apply(delta)
         return tuple(a + m_delta[n] for a, n in zip(g1t, names, strict=True))
 
     def inverse_hvp(v):

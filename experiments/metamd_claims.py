@@ -262,20 +262,25 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
         path = out / f"{name}.safetensors"
         training[name] = _train(name, learner, args.outer_steps, path)
         specs[name] = f"learned:{path}"
-    summary = _compare(
-        suite.meta_test_task(args.holdout),
-        specs,
-        out / "comparison",
-        steps=args.steps,
-        seeds=(0, 1, 2),
-        hpo="grid",
-        grids={"weight_decay": (args.weight_decay,)},
-    )
+    summary = _compare_digits(suite.meta_test_task(args.holdout), specs, out / "comparison", args)
     return {
         "experiment": f"rotated-digits/holdout={args.holdout}",
         "training": training,
         "comparison": summary,
     }
+
+
+def _compare_digits(task: Any, specs: dict[str, str], out: Path, args: argparse.Namespace) -> Any:
+    """The rotated-digits protocol: lr grid per spec at a fixed weight decay, 3 seeds."""
+    return _compare(
+        task,
+        specs,
+        out,
+        steps=args.steps,
+        seeds=(0, 1, 2),
+        hpo="grid",
+        grids={"weight_decay": (args.weight_decay,)},
+    )
 
 
 # --- the same learned files deployed with momentum -------------------------------------------
@@ -300,15 +305,7 @@ def momentum(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("metamd", "metasgd", "metacurvature"):
         specs[f"{name}+momentum"] = f"learned-sgdm:{run_dir / (name + '.safetensors')}"
     task = get_suite("rotated-digits").meta_test_task(args.holdout)
-    summary = _compare(
-        task,
-        specs,
-        run_dir / "momentum",
-        steps=args.steps,
-        seeds=(0, 1, 2),
-        hpo="grid",
-        grids={"weight_decay": (args.weight_decay,)},
-    )
+    summary = _compare_digits(task, specs, run_dir / "momentum", args)
     return {
         "experiment": f"rotated-digits/holdout={args.holdout} deployed with momentum 0.9",
         "comparison": summary,

@@ -222,10 +222,28 @@ def test_preconditioner_skip_is_identity_and_lowrank_identities_match_dense():
     )
 
 
+@pytest.mark.parametrize(
+    ("family", "options"),
+    [("rank1", {}), ("lowrank", {"rank": 2, "learn_scale": True}), ("diag", {}), ("scalar", {})],
+)
+def test_preconditioner_forward_apply_equals_inverse_of_dense(family, options):
+    """``forward_apply(v) = M v`` with ``M = inv(dense())`` (skipped parameters: identity)."""
+    model = _model()
+    pre = KroneckerPreconditioner.for_model(model, family, skip=r"^5\.", **options).double()
+    _randomize(pre, 0.5)
+    names = [n for n, _ in model.named_parameters()]
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    got = pre.forward_apply(v)
+    want = torch.linalg.solve(pre.dense(), _vec(v, names))
+    torch.testing.assert_close(_vec(got, names), want)
+
+
 def test_identities_refused_for_ekfac():
     pre = KroneckerPreconditioner.for_model(_model(), "ekfac")
     with pytest.raises(ValueError, match="no explicit forward matrix"):
         pre.min_eigenvalue()
+    with pytest.raises(ValueError, match="no explicit forward matrix"):
+        pre.forward_apply({n: p for n, p in _model().named_parameters()})
 
 
 @pytest.mark.parametrize("family", ["ekfac", "lowrank", "diag", "scalar"])

@@ -83,16 +83,13 @@ class EKFACFamily(Family):
 
     def _factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """No-grad ``(A, B, S^2)`` in ``dtype``, cached until ``A``, ``B`` or ``S`` change
-        (in-place updates bump their version counters; a new tensor has a new storage)."""
-        metas = (self.A, self.B, self.S)
-        key = (dtype,) + tuple((m._version, m.data_ptr(), m.device) for m in metas)
-        cached = getattr(self, "_factor_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        A, B, S = (self._p(m.detach(), dtype) for m in metas)
-        value = (A, B, S * S)
-        self._factor_cache = (key, value)
-        return value
+        (:meth:`~metaopt.kron.family_base.Family._meta_cache`)."""
+
+        def build() -> tuple[Tensor, Tensor, Tensor]:
+            A, B, S = (self._p(m.detach(), dtype) for m in (self.A, self.B, self.S))
+            return A, B, S * S
+
+        return self._meta_cache("_factor_cache", (dtype,), build)
 
     def dense(self) -> Tensor:
         C = torch.kron(self.B, self.A)
@@ -122,6 +119,11 @@ class DiagFamily(Family):
             target.addcmul_(g, sc.to(g.dtype), value=alpha)
 
     @torch.no_grad()
+    def forward_apply(self, X: Tensor) -> Tensor:
+        """``M X = exp(-s) * X``."""
+        dtype = torch.promote_types(X.dtype, self.log_scale.dtype)
+        return self._p(torch.exp(-self.log_scale), dtype) * self._p(X, dtype)
+
     def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
         """``d/ds <X, exp(-s) * delta> = -exp(-s) * X * delta`` (one block)."""
         (x,), (d,) = X, delta
@@ -163,6 +165,11 @@ class ScalarFamily(Family):
             target.addcmul_(g, scale.to(g.dtype), value=alpha)
 
     @torch.no_grad()
+    def forward_apply(self, X: Tensor) -> Tensor:
+        """``M X = exp(-s) X``."""
+        dtype = torch.promote_types(X.dtype, self.log_scale.dtype)
+        return self._p(torch.exp(-self.log_scale), dtype) * self._p(X, dtype)
+
     def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
         """``d/ds exp(-s) <X, delta> = -exp(-s) <X, delta>``."""
         xd = sum((x * d).sum() for x, d in zip(X, delta, strict=True))

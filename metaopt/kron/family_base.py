@@ -10,6 +10,8 @@ row-major throughout (``G.reshape(-1)``), so for ``X`` of shape ``out x in``,
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -78,6 +80,11 @@ class Family(nn.Module, abc.ABC):
                 target.mul_(beta)
             target.add_(part, alpha=alpha)
 
+    def forward_apply(self, X: Tensor) -> Tensor:
+        """``M vec(X)`` reshaped (``X``: ``out x in``), differentiable in ``X`` and the
+        meta-parameters. Families with a forward matrix only."""
+        raise ValueError(f"{type(self).__name__} has no explicit forward matrix M")
+
     def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
         """``d/d phi <X, M(phi) delta>`` for each meta-parameter (``self.parameters()``
         order), without autograd. ``X``, ``delta``: the ``out x in`` matrices as matching
@@ -85,6 +92,22 @@ class Family(nn.Module, abc.ABC):
         ``(d^2 B_M / d phi d theta)^T x`` for ``B_M = 1/2 delta^T M delta``, the mixed
         product of MetaMD's implicit hypergradient. Families with a forward matrix only."""
         raise ValueError(f"{type(self).__name__} has no explicit forward matrix M")
+
+    def _meta_cache(self, slot: str, extra: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        """``build()``, cached in attribute ``slot`` until a meta-parameter changes or
+        ``extra`` (dtype, block sizes, ...) differs. Changes are seen through version
+        counters (bumped by every in-place update, ``load_state_dict``'s included) and
+        storage (a new tensor). PyTorch's fused optimizers (``fused=True``) update in place
+        without bumping version counters: after such a step call
+        ``torch.autograd.graph.increment_version`` on the meta-parameters (APO does)."""
+        metas = self._parameters.values()  # a family has no submodules; cheaper than parameters()
+        key = extra + tuple((m._version, m.data_ptr(), m.device) for m in metas)
+        cached = getattr(self, slot, None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = build()
+        setattr(self, slot, (key, value))
+        return value
 
     @staticmethod
     def _p(t: Tensor, dtype: torch.dtype) -> Tensor:

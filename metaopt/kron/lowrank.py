@@ -214,18 +214,14 @@ class LowRankFamily(Family):
 
     def _deploy_factors(self, dtype: torch.dtype, sizes: tuple[int, ...]) -> _DeployFactors:
         """No-grad factors that depend on the meta-parameters alone (see
-        :class:`_DeployFactors`), for column blocks of widths ``sizes``. Cached, and
-        recomputed whenever ``U``, ``V`` or ``log_scale`` change (in-place updates bump
-        their version counters; a new tensor has a new storage), or the dtype or block
-        sizes differ. PyTorch's fused optimizers (``fused=True``) update in place without
-        bumping version counters: after such a step on ``U``, ``V`` call
-        ``torch.autograd.graph.increment_version`` on them (APO does).
-        """
-        metas = [self.U, self.V] + ([self.log_scale] if self.learn_scale else [])
-        key = (dtype, sizes) + tuple((m._version, m.data_ptr(), m.device) for m in metas)
-        cached = getattr(self, "_deploy_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        :class:`_DeployFactors`), for column blocks of widths ``sizes``; cached until ``U``,
+        ``V`` or ``log_scale`` change or the dtype or block sizes differ
+        (:meth:`~metaopt.kron.family_base.Family._meta_cache`)."""
+        return self._meta_cache(
+            "_deploy_cache", (dtype, sizes), lambda: self._build_deploy_factors(dtype, sizes)
+        )
+
+    def _build_deploy_factors(self, dtype: torch.dtype, sizes: tuple[int, ...]) -> _DeployFactors:
         U, V = self._p(self.U.detach(), dtype), self._p(self.V.detach(), dtype)
         eye = torch.eye(self.rank, dtype=dtype, device=U.device)
         alpha = torch.linalg.inv(eye + U.T @ U)  # r x r, symmetric
@@ -240,7 +236,7 @@ class LowRankFamily(Family):
             Rt = torch.empty(2 * self.rank, ua.shape[0], dtype=dtype, device=U.device)
             Rt[: self.rank] = ua.T
             Rts.append(Rt)
-        value = _DeployFactors(
+        return _DeployFactors(
             U_t=[u.T.contiguous() for u in U.split(list(sizes), dim=0)],
             V=V,
             V_t=V.T.contiguous(),
@@ -249,8 +245,6 @@ class LowRankFamily(Family):
             Lt=Lt,
             Rts=Rts,
         )
-        self._deploy_cache = (key, value)
-        return value
 
     def forward_apply(self, X: Tensor) -> Tensor:
         """``M vec(X)`` reshaped: ``c B X A`` (no inverse)."""

@@ -139,6 +139,16 @@ class KroneckerPreconditioner(nn.Module):
             )
         return pairs
 
+    def forward_apply(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``M v`` block by block for ``tensors`` keyed like ``named_parameters()`` (the
+        Hessian of ``B_M`` applied to ``v``; skipped parameters: ``M = I``). Never forms ``M``;
+        differentiable in ``tensors`` and the meta-parameters."""
+        out = dict(tensors)
+        for view, blk in self._forward_blocks():
+            if view.weight in tensors:
+                out.update(view.from_matrix(blk.forward_apply(view.to_matrix(tensors))))
+        return out
+
     def bregman(self, theta: Mapping[str, Tensor], theta_ref: Mapping[str, Tensor]) -> Tensor:
         """``B_M(theta || theta_ref) = 1/2 (theta - theta_ref)^T M (theta - theta_ref)``.
 
