@@ -61,6 +61,7 @@ def _compare(
     :func:`_fewest_iterations`)."""
     from meta_test import run_comparison
 
+    kw = {"seeds": (0, 1, 2), "hpo": "grid", **kw}  # every experiment here: 3 seeds, grid
     if tune_on not in ("loss", "iterations"):
         raise ValueError(f"tune_on={tune_on!r}: must be 'loss' or 'iterations'")
     if tune_steps is not None:
@@ -163,8 +164,6 @@ def quadratics(args: argparse.Namespace) -> dict[str, Any]:
         specs,
         out / "comparison",
         steps=args.steps,
-        seeds=(0, 1, 2),
-        hpo="grid",
         grids={"lr": LOG_GRID, "weight_decay": (0.0,)},
         target_loss=target,
         select_on="loss",
@@ -215,8 +214,6 @@ def linreg(args: argparse.Namespace) -> dict[str, Any]:
         specs,
         out / "comparison",
         steps=args.steps,
-        seeds=(0, 1, 2),
-        hpo="grid",
         grids={"lr": LOG_GRID[4:], "weight_decay": (0.0,)},
         target_loss=args.target,
         select_on="loss",
@@ -277,8 +274,6 @@ def _compare_digits(task: Any, specs: dict[str, str], out: Path, args: argparse.
         specs,
         out,
         steps=args.steps,
-        seeds=(0, 1, 2),
-        hpo="grid",
         grids={"weight_decay": (args.weight_decay,)},
     )
 
