@@ -189,6 +189,39 @@ def test_forward_with_vector_hparams_matches_reverse_and_finite_differences():
     assert check_hypergradient(fn, (log_lr,), fwd) < 1e-6
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+def test_forward_when_lambda_enters_the_inner_gradient_and_skips_a_param(steps):
+    """The window's first tangent (double-vjp in lambda) where lambda = (log lr, log weight
+    decay) enters the step both outside and inside ``torch.func.grad`` and one param
+    (``phi``) never meets lambda in the first step: against central finite differences."""
+    A, b, c, theta0 = _problem(seed=3)
+    phi0 = torch.tensor([0.5, -1.0], dtype=D)
+
+    def step(params, hparams):
+        theta, phi = params
+        (h,) = hparams
+
+        def loss(t, p):
+            return _f(t, A, b) + 0.5 * h[1].exp() * (t * t).sum() + (p * p).sum() * (t @ c)
+
+        g_theta, g_phi = grad(loss, argnums=(0, 1))(theta, phi)
+        return theta - h[0].exp() * g_theta, phi - 0.1 * g_phi
+
+    def outer(params, hparams):
+        return 0.5 * ((params[0] - c) ** 2).sum() + (params[1] ** 2).sum()
+
+    hp = torch.log(torch.tensor([0.2, 0.05], dtype=D))
+    fwd = unrolled_grad(step, outer, (theta0, phi0), (hp,), steps=steps, mode="forward")
+
+    def fn(h):
+        params = (theta0, phi0)
+        for _ in range(steps):
+            params = step(params, h)
+        return outer(params, h)
+
+    assert check_hypergradient(fn, (hp,), fwd) < 1e-7
+
+
 @pytest.mark.parametrize("mode", ["reverse", "forward"])
 def test_float32_keeps_dtype(mode):
     A, b, c, theta0 = (t.float() for t in _problem())

@@ -10,17 +10,21 @@
   are carried along with ``theta_t``, so memory does not grow with ``T``, and the cost is
   proportional to the number of hyperparameter scalars ``n`` (one tangent per scalar,
   vectorised with ``torch.func.vmap`` when ``n > 1``). The first step of the window
-  starts from ``Z = 0``, so only ``lambda`` is dual there: the step's own gradient in
-  ``theta`` is then an ordinary one, not forward-over-reverse. The result is
-  ``d_lambda outer + (d_theta outer)^T Z_T`` with ``d_theta outer`` from one reverse
-  pass (Eq. 49), whatever ``n``. ``truncate=k`` starts the tangents at zero ``k`` steps
-  before the end, matching reverse mode's truncation.
+  starts from ``Z = 0``, so its tangent is ``Z_1 = d step / d lambda`` at a fixed
+  ``theta``; that one Jacobian-vector product goes by the double-vjp identity on a graph
+  of what depends on ``lambda`` only (the step's own gradient in ``theta`` stays an
+  ordinary one), every later step by ``torch.func.jvp`` (forward-over-reverse). The
+  result is ``d_lambda outer + (d_theta outer)^T Z_T`` with ``d_theta outer`` from one
+  reverse pass (Eq. 49), whatever ``n``. ``truncate=k`` starts the tangents at zero
+  ``k`` steps before the end, matching reverse mode's truncation.
 
-  Cost on CPU (``bench/hypergrad_cost.py``): PyTorch's forward AD gives a tensor that is
-  not dual a ``ZeroTensor`` tangent wherever it meets a dual one, and arithmetic on
-  ``ZeroTensor`` goes through Python meta kernels (~0.1-0.4 ms per op, measured with
-  torch 2.14), so each op of the step that mixes ``lambda`` with ``theta`` or its
-  gradient (``theta - exp(s) * g``: two per parameter tensor) costs far more than the op.
+  Why not ``torch.func.jvp`` for the first step too (``bench/hypergrad_cost.py``, CPU):
+  PyTorch's forward AD gives a tensor that is not dual a ``ZeroTensor`` tangent wherever
+  it meets a dual one, and arithmetic on ``ZeroTensor`` materialises through Python meta
+  kernels (~0.1-0.4 ms per op, torch 2.14), so with ``theta`` not dual each op that
+  mixes ``lambda`` with ``theta`` or its gradient (``theta - exp(s) * g``: two per
+  parameter tensor) costs far more than the op: a one-step hypergradient of the bench
+  MLP cost 4.3 training steps that way, 2.9-3.0 this way.
 """
 
 from __future__ import annotations
@@ -59,13 +63,14 @@ def unrolled_grad(
             receives require grad. It may use the ``hparams`` given or, when the hparams
             passed in require grad, capture those same tensors (e.g. call
             ``preconditioner.apply`` with ``hparams = tuple(preconditioner.parameters())``;
-            ``.grad`` is never written). In forward mode it is transformed by ``torch.func.jvp``
-            and must be pure: take gradients with ``torch.func.grad`` (not
-            ``torch.autograd.grad``) and use the ``hparams`` passed in. Its first call
-            gets ``params`` that are not dual (only ``hparams`` are); torch 2.x's
-            ``mse_loss`` forward-over-reverse formula then fails ("ZeroTensors are
-            immutable") if its target is dual and its prediction not: add ``0 * hparam`` to
-            both (see ``metaopt.learners.task_hypergrad``).
+            ``.grad`` is never written). In forward mode it must be pure: take gradients
+            with ``torch.func.grad`` (not ``torch.autograd.grad``) and use the ``hparams``
+            passed in. Its first call (per window) runs under ordinary autograd with
+            ``hparams`` requiring grad and ``params`` not; later calls are transformed by
+            ``torch.func.jvp`` with both dual. torch 2.x's ``mse_loss``
+            forward-over-reverse formula fails there ("ZeroTensors are immutable") if its
+            prediction is dual and its target not: add ``0 * hparam`` to both (see
+            ``metaopt.learners.task_hypergrad``).
         outer_objective: ``outer(params, hparams) -> 0-dim tensor`` at ``theta_T``; in
             both modes differentiated by ``torch.autograd`` (one reverse pass).
         params: initial ``theta_0``; hparams: ``lambda`` (floating point tensors).
@@ -143,24 +148,21 @@ def _forward(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, kee
         for _ in range(steps - keep):
             theta = _apply(step, theta, lam)
 
-        def start(th: Vec, t_lam: Vec) -> tuple[Vec, Vec]:
-            # the window's first step: d theta / d lambda is zero there, so only lambda is
-            # dual and the step's inner gradient in theta is an ordinary (primal) one
-            return jvp(lambda b: _apply(step, th, b), (lam,), (t_lam,))
-
         def push(th: Vec, t_th: Vec, t_lam: Vec) -> tuple[Vec, Vec]:
             return jvp(lambda a, b: _apply(step, a, b), (th, lam), (t_th, t_lam))
 
+        theta, t_theta = _first_tangent(step, theta, lam, basis, n)
         if n == 1:  # one scalar: no vmap, a plain jvp per step
             t_lam = tuple(b[0] for b in basis)
-            theta, t_theta = start(theta, t_lam)
+            t_theta = tuple(t[0] for t in t_theta)
             for _ in range(keep - 1):
                 theta, t_theta = push(theta, t_theta, t_lam)
         else:
-            theta, t_theta = vmap(start, in_dims=(None, 0), out_dims=(None, 0))(theta, basis)
             batched = vmap(push, in_dims=(None, 0, 0), out_dims=(None, 0))
             for _ in range(keep - 1):
                 theta, t_theta = batched(theta, t_theta, basis)
+    if n == 1:
+        t_theta = tuple(t.unsqueeze(0) for t in t_theta)
     derivs = _contract(outer, theta, t_theta, lam, n)
     sizes = [h.numel() for h in lam]
     out = tuple(
@@ -171,6 +173,48 @@ def _forward(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, kee
     guard.add(out, "hypergradient")
     guard.check()
     return out
+
+
+def _first_tangent(step: Step, theta: Vec, lam: Vec, basis: Vec, n: int) -> tuple[Vec, Vec]:
+    """``theta_1 = step(theta, lambda)`` and its tangents ``Z_1 = d theta_1 / d lambda``.
+
+    The window starts from ``Z = 0``, so ``Z_1 = (d step / d lambda) e_i`` at a fixed
+    ``theta``: a Jacobian-vector product in ``lambda`` alone. It goes by the double-vjp
+    identity ``J e = d/du (J^T u) e`` on a graph that records only what depends on
+    ``lambda`` (``theta`` does not require grad, so the step's own gradient in ``theta``
+    is an ordinary one), not by ``torch.func.jvp``: with ``theta`` not dual, forward AD
+    gives every tensor that meets ``lambda`` a ``ZeroTensor`` tangent, and on CPU those
+    cost ~0.1-0.4 ms per op (torch 2.14), 2-3 training steps per hypergradient on the
+    bench MLP, where this costs ~0.2. Returns tangents of shape ``(n, *param.shape)``.
+    """
+    lam_req = tuple(h.detach().requires_grad_(True) for h in lam)
+    found: dict[int, Tensor] = {}
+    with torch.enable_grad():
+        out = _apply(step, theta, lam_req)
+        live = [i for i, o in enumerate(out) if o.requires_grad]
+        dummy = tuple(torch.zeros_like(out[i]).requires_grad_(True) for i in live)
+        pulled = torch.autograd.grad(
+            [out[i] for i in live], lam_req, dummy, create_graph=True, allow_unused=True
+        )  # J^T u, linear in u
+        pairs = [(g, b) for g, b in zip(pulled, basis, strict=True) if g is not None]
+        pairs = [(g, b if n > 1 else b[0]) for g, b in pairs if g.requires_grad]
+        if pairs:
+            z = torch.autograd.grad(
+                [g for g, _ in pairs],
+                dummy,
+                [b for _, b in pairs],
+                allow_unused=True,
+                is_grads_batched=n > 1,
+            )
+            found = {
+                i: t.reshape(n, *out[i].shape)
+                for i, t in zip(live, z, strict=True)
+                if t is not None
+            }
+    tangents = tuple(
+        found[i] if i in found else out[i].new_zeros((n, *out[i].shape)) for i in range(len(out))
+    )
+    return tuple(o.detach() for o in out), tangents
 
 
 def _contract(outer: Objective, theta: Vec, t_theta: Vec, lam: Vec, n: int) -> Tensor:

@@ -167,9 +167,8 @@ def task_hypergradient(
             if forward_mode and y.is_floating_point():
                 # torch 2.x: mse_loss's forward-over-reverse formula writes into the tangent
                 # of whichever input has none (an immutable ZeroTensor) when the other has
-                # one -- the target in general, the prediction in the engine's first step,
-                # where the params are not dual; a materialised zero tangent on both
-                # (+ 0 * hparam) avoids it and changes nothing
+                # one -- the target, in the engine's jvp steps; a materialised zero tangent
+                # on both (+ 0 * hparam) avoids it and changes nothing
                 zero = 0 * hp[0].reshape(-1)[0]
                 y = y + zero.to(y.dtype)
 
