@@ -13,6 +13,7 @@ training split (the papers select on final training loss, ``000_`` C.3-C.4).
     OMP_NUM_THREADS=1 python experiments/apo_experiments.py digits-eps-rho --rmsprop-lr LR
         [--fixed-lr]
     OMP_NUM_THREADS=1 python experiments/apo_experiments.py bf16-lenet
+    OMP_NUM_THREADS=1 python experiments/apo_experiments.py rmsprop-greedy-probe
 
 (LR for digits-eps-rho: the best RMSprop lr of digits-lr; L: the best lambdas of digits-lr.)
 """
@@ -177,11 +178,15 @@ def digits_initial_lr(lambdas: dict[str, float]) -> dict[str, Any]:
         finals = [r["final_train_loss"] for r in runs]
         ok = [v for v in finals if v is not None]
         ratio = max(ok) / min(ok) if len(ok) == len(finals) else math.inf
+        lrs = [r["adapted_end"].get("lr") for r in runs]
+        lr_ratio = max(lrs) / min(lrs) if all(lrs) and len(ok) == len(finals) else math.inf
         out[base] = {
             "lambda_fsd": lam,
             "runs": runs,
-            "max_over_min": ratio,
+            "max_over_min": ratio,  # of the final training losses
             "claim_within_factor_2": ratio <= 2.0,
+            "lr_max_over_min": lr_ratio,  # of the adapted lrs the runs end at
+            "claim_lrs_within_factor_2": lr_ratio <= 2.0,
         }
     return out
 
@@ -253,6 +258,75 @@ def bf16_lenet() -> dict[str, Any]:
     return out
 
 
+PROBE_STEPS = (0, 10, 50, 200, 500, 1000, 1500, 2000)
+PROBE_ETAS = tuple(10 ** (e / 4) for e in range(-24, 1))  # 1e-6 .. 1, four per decade
+
+
+def _greedy_eta(model, loss_fn, batch, square_avg, alpha=0.99, eps=1e-8) -> dict[str, float]:
+    """The lr minimising ``J_B(theta - eta g / (sqrt(v') + eps))`` over ``PROBE_ETAS``, with
+    ``v' = alpha v + (1 - alpha) g^2`` the RMSprop step this batch would take: the objective
+    APO's meta-gradient descends at ``lambda = 0`` (its one-step lookahead on B)."""
+    x, y = batch
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss_fn(model(x), y), params)
+    dirs = []
+    for p, g in zip(params, grads, strict=True):
+        v = square_avg(p)
+        v = (1 - alpha) * g * g if v is None else alpha * v + (1 - alpha) * g * g
+        dirs.append(g / (v.sqrt() + eps))
+    values = []
+    with torch.no_grad():
+        saved = [p.clone() for p in params]
+        for eta in PROBE_ETAS:
+            for p, s, d in zip(params, saved, dirs, strict=True):
+                p.copy_(s - eta * d)
+            values.append(float(loss_fn(model(x), y)))
+        for p, s in zip(params, saved, strict=True):
+            p.copy_(s)
+    best = min(range(len(values)), key=values.__getitem__)
+    return {"greedy_lr": PROBE_ETAS[best], "loss_after_greedy_step": values[best]}
+
+
+def rmsprop_greedy_probe(steps: int = 2000) -> dict[str, Any]:
+    """Why RMSprop-APO stays at a small lr on the digits (diagnosis of the digits-lr row).
+
+    Along two trajectories -- RMSprop at its best fixed lr 0.01, and RMSprop-APO at
+    lambda = 0 (digits-lr's best) from lr 3e-4 -- the one-step-optimal lr on the current
+    batch (``_greedy_eta``) at the steps of ``PROBE_STEPS``, next to the lr in use.
+    """
+    from meta_test.runs import EXTRA_STREAM_OFFSET
+    from meta_test.specs import build_trainer
+
+    task = get_task("digits", **DIGITS)
+    out: dict[str, Any] = {"experiment": "rmsprop-greedy-probe", "steps": steps}
+    for spec, hp in (("rmsprop", {"lr": 0.01}), ("apo-lr:rmsprop", {"lambda_fsd": 0.0})):
+        model = task.make_model(0)
+        model.train()
+        trainer = build_trainer(spec, model, task, hp)
+        names = {id(p): n for n, p in model.named_parameters()}
+
+        def square_avg(p, trainer=trainer, names=names):
+            if hasattr(trainer, "apo"):  # APO's base state, keyed by parameter name
+                return trainer.apo.state.get(f"{names[id(p)]}:square_avg")
+            return trainer.optimizer.state.get(p, {}).get("square_avg")
+
+        batches = task.train_batches(0)
+        extra = task.train_batches(EXTRA_STREAM_OFFSET)
+        rows = []
+        for step in range(steps + 1):
+            batch = next(batches)
+            if step in PROBE_STEPS:
+                lr = trainer.hparam_log().get("lr", hp.get("lr"))
+                row = {"step": step, "lr_in_use": lr}
+                row.update(_greedy_eta(model, task.loss, batch, square_avg))
+                rows.append(row)
+                print(json.dumps({spec: row}), file=sys.stderr, flush=True)
+            if step < steps:
+                trainer.step(batch, lambda extra=extra: next(extra))
+        out[spec] = rows
+    return out
+
+
 EXPERIMENTS = {
     "rosenbrock": rosenbrock,
     "ill-conditioned": ill_conditioned,
@@ -260,6 +334,7 @@ EXPERIMENTS = {
     "digits-initial-lr": digits_initial_lr,
     "digits-eps-rho": digits_eps_rho,
     "bf16-lenet": bf16_lenet,
+    "rmsprop-greedy-probe": rmsprop_greedy_probe,
 }
 
 
@@ -272,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--base", choices=("sgdm", "rmsprop"), help="digits-lr/-initial-lr: one")
     parser.add_argument("--lambda-sgdm", type=float, default=0.1, help="digits-initial-lr")
-    parser.add_argument("--lambda-rmsprop", type=float, default=1e-3, help="digits-initial-lr")
+    parser.add_argument("--lambda-rmsprop", type=float, default=0.0, help="digits-initial-lr")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     bases = (args.base,) if args.base else ("sgdm", "rmsprop")
