@@ -73,6 +73,22 @@ def test_guard_names_the_first_bad_term_and_catches_overflowing_half_sums():
     ok.check()  # ... but is accumulated in float32: finite, no false alarm
 
 
+def test_guard_given_the_result_tests_it_first_and_names_the_term_behind_it():
+    nan = torch.tensor([float("nan")])
+    guard = FiniteGuard()
+    guard.add((torch.ones(3),), "outer_grad")
+    guard.add((nan,), "inverse_hvp")
+    guard.check((torch.ones(2),))  # a finite hypergradient passes, whatever the terms
+    with pytest.raises(NonFiniteHypergradient) as info:
+        guard.check((nan,))
+    assert info.value.term == "inverse_hvp"
+    clean = FiniteGuard()
+    clean.add((torch.ones(3),), "outer_grad")
+    with pytest.raises(NonFiniteHypergradient) as info:
+        clean.check((torch.tensor([float("inf")]),))  # only the result overflowed
+    assert info.value.term == "hypergradient"
+
+
 def test_higher_engine_raises_on_non_finite():
     model = nn.Linear(3, 1).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

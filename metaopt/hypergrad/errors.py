@@ -30,31 +30,38 @@ def _sums(tensors: Sequence[Tensor]) -> Tensor:
 
 
 class FiniteGuard:
-    """Collects finiteness evidence of named terms without syncing; ``check()`` syncs once.
+    """Collects named terms of a hypergradient; ``check()`` syncs the host once.
 
     ``check()`` raises :class:`NonFiniteHypergradient` naming the FIRST term added that
-    is not finite (later terms usually inherit the NaN). A term whose finite entries sum
-    beyond the float32/float64 range counts as non-finite too.
+    is not finite (later terms usually inherit the NaN). ``check(result)`` first tests
+    only ``result`` (the hypergradient itself, hparam-sized: cheap) and returns when it is
+    finite; otherwise it names the first non-finite term added, or ``"hypergradient"``
+    when every term is finite and only the result overflowed. A term whose finite entries
+    sum beyond the float32/float64 range counts as non-finite too.
     """
 
     def __init__(self) -> None:
-        self.terms: list[str] = []
-        self.sums: list[Tensor] = []
+        self.terms: list[tuple[str, Sequence[Tensor]]] = []
 
     def add(self, tensors: Sequence[Tensor], term: str) -> None:
         if tensors:
-            self.terms.append(term)
-            self.sums.append(_sums(tensors))
+            self.terms.append((term, tuple(tensors)))
 
-    def check(self) -> None:
-        if not self.sums:
+    def check(self, result: Sequence[Tensor] | None = None) -> None:
+        if result is not None:
+            if not result or bool(torch.isfinite(_sums(result)).all()):  # the one host sync
+                return
+        elif not self.terms:
             return
-        device = self.sums[0].device
-        sums = [s.to(device) for s in self.sums]
-        if bool(torch.isfinite(torch.cat(sums)).all()):  # the one host sync
-            return
-        first = next(i for i, s in enumerate(sums) if not bool(torch.isfinite(s).all()))
-        raise NonFiniteHypergradient(self.terms[first])
+        else:
+            sums = [_sums(t) for _, t in self.terms]
+            device = sums[0].device
+            if bool(torch.isfinite(torch.cat([s.to(device) for s in sums])).all()):
+                return
+        for term, tensors in self.terms:
+            if not bool(torch.isfinite(_sums(tensors)).all()):
+                raise NonFiniteHypergradient(term)
+        raise NonFiniteHypergradient("hypergradient")
 
 
 def check_finite(tensors: Sequence[Tensor], term: str) -> None:

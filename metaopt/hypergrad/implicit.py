@@ -96,8 +96,10 @@ def implicit_grad(
         one tensor per hparam, same shape/dtype/device, detached (no graph is kept).
 
     Raises:
-        NonFiniteHypergradient: with ``.term`` one of ``"outer_grad"`` (``d_theta outer``),
-            ``"direct"``, ``"inverse_hvp"``, ``"mixed"``.
+        NonFiniteHypergradient: when the result is not finite, with ``.term`` the first
+            term that is not: ``"outer_grad"`` (``d_theta outer``), ``"direct"``,
+            ``"inverse_hvp"``, ``"mixed"`` (or ``"hypergradient"``: only the difference
+            overflowed).
         ValueError: unknown method or option, bad option value.
     """
     if method not in _DEFAULTS:
@@ -125,7 +127,7 @@ def implicit_grad(
         both = zeros_for_none(both, theta + lam)
         v, direct = both[:n_theta], both[n_theta:]
         del value, both
-        guard = FiniteGuard()  # one host sync at the end, naming the first bad term
+        guard = FiniteGuard()  # one host sync on the result; names the first bad term
         guard.add(v, "outer_grad")
         guard.add(direct, "direct")
 
@@ -136,8 +138,9 @@ def implicit_grad(
                 mixed = tuple(mixed_product(u, theta, lam))
             _check_shapes("mixed_product", mixed, lam, "hparams")
             guard.add(mixed, "mixed")
-            guard.check()
-            return tuple((d - m).detach() for d, m in zip(direct, mixed, strict=True))
+            out = tuple((d - m).detach() for d, m in zip(direct, mixed, strict=True))
+            guard.check(out)
+            return out
         # the graph of g = d_theta inner, built once and reused by every product
         if opts["inner_grad"] is not None:
             g = tuple(opts["inner_grad"](theta, lam))
@@ -169,8 +172,9 @@ def implicit_grad(
         mixed = torch.autograd.grad(g, lam, u, allow_unused=True)
         mixed = zeros_for_none(mixed, lam)
         guard.add(mixed, "mixed")
-        guard.check()
-        return tuple((d - m).detach() for d, m in zip(direct, mixed, strict=True))
+        out = tuple((d - m).detach() for d, m in zip(direct, mixed, strict=True))
+        guard.check(out)
+        return out
 
 
 def _check_shapes(what: str, got: Vec, like: Vec, name: str) -> None:
