@@ -197,6 +197,14 @@ def test_bad_method_and_options_raise_value_error():
         implicit_grad(*args, method="closed_form")
     with pytest.raises(ValueError, match="inner_objective=None"):
         implicit_grad(None, *args[1:], method="cg")
+    with pytest.raises(ValueError, match="inverse_mixed= replaces"):
+        implicit_grad(
+            *args, method="closed_form", inverse_hvp=lambda v: v, inverse_mixed=lambda *a: a
+        )
+    with pytest.raises(ValueError, match="inverse_mixed=3"):
+        implicit_grad(*args, method="closed_form", inverse_mixed=3)
+    with pytest.raises(ValueError, match="unknown option"):
+        implicit_grad(*args, method="cg", inverse_mixed=lambda *a: a)
     with pytest.raises(ValueError, match="inner_grad returned shapes"):
         implicit_grad(*args, method="cg", inner_grad=lambda p, h: (p[0][:2],))
 

@@ -158,13 +158,24 @@ def test_closed_form_lowrank_bregman_matches_exact_cg_and_finite_differences():
             dict(zip(names, u, strict=True)), dict(zip(names, theta, strict=True)), ref
         ),
     )
+    cf_fused = implicit_grad(  # the whole implicit term in one call, M^{-1} v never formed
+        None,
+        outer,
+        theta_star,
+        meta,
+        method="closed_form",
+        inverse_mixed=lambda v, theta, h: pre.bregman_inverse_mixed(
+            dict(zip(names, v, strict=True)), dict(zip(names, theta, strict=True)), ref
+        ),
+    )
     cg = implicit_grad(inner, outer, theta_star, meta, method="cg", iterations=200, tol=1e-14)
     scale = max(float(t.abs().max()) for t in exact)
     assert scale > 1e-6
-    for a, b, c, d, e in zip(cf, exact, cg, cf_grad, cf_mixed, strict=True):
+    for a, b, c, d, e, f in zip(cf, exact, cg, cf_grad, cf_mixed, cf_fused, strict=True):
         assert float((a - b).abs().max()) <= 1e-8 * scale
         assert float((d - b).abs().max()) <= 1e-8 * scale
         assert float((e - b).abs().max()) <= 1e-8 * scale
+        assert float((f - b).abs().max()) <= 1e-8 * scale
         assert float((c - b).abs().max()) <= 1e-6 * scale
     assert all(p.grad is None for p in meta)  # engines never write .grad
 

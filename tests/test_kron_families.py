@@ -316,6 +316,70 @@ def test_forward_mixed_matches_dense_oracle_and_autograd(family, shape, options)
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    "family, shape, options",
+    [
+        ("lowrank", (4, 5), {"rank": 1}),
+        ("lowrank", (6, 3), {"rank": 2, "learn_scale": True}),
+        ("lowrank", (5, 7), {"rank": 4, "learn_scale": True}),
+        ("diag", (2, 5), {}),
+        ("scalar", (3, 4), {}),
+    ],
+)
+def test_forward_inverse_mixed_matches_dense_oracle(family, shape, options):
+    """``forward_inverse_mixed(V, D) = d/d phi <M0^{-1} v, M(phi) D>`` with ``M0^{-1}``
+    held constant: against autograd of the dense ``(P0 v)^T inv(P(phi)) d`` (float64),
+    whole and as column blocks (a layer with a bias column)."""
+    fam = make_family(family, shape, **options).double()
+    _randomize(fam, 0.7, seed=8)
+    g = torch.Generator().manual_seed(9)
+    v, D = (torch.randn(shape, generator=g, dtype=F64) for _ in range(2))
+    params = tuple(fam.parameters())
+    with torch.no_grad():
+        x = fam.dense() @ v.reshape(-1)  # M0^{-1} v, a constant
+    want = torch.autograd.grad(x @ torch.linalg.inv(fam.dense()) @ D.reshape(-1), params)
+    got = fam.forward_inverse_mixed([v], [D])
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    if family != "diag":
+        cut = shape[1] - 1
+        blocks = fam.forward_inverse_mixed([v[:, :cut], v[:, cut:]], [D[:, :cut], D[:, cut:]])
+        for a, b in zip(blocks, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_preconditioner_bregman_inverse_mixed_matches_autograd_of_bregman():
+    """Whole-model fused term against the double backward it replaces:
+    d/d phi of <stopgrad(M^{-1} v), d_theta B_M(theta, ref)> (bias columns, BatchNorm diag
+    blocks, a skipped layer), with and without a learnable scale."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, 4), nn.Linear(4, 2)
+    ).double()
+    for learn_scale in (False, True):
+        pre = KroneckerPreconditioner.for_model(
+            model, "lowrank", rank=2, learn_scale=learn_scale, skip=r"^4\."
+        ).double()
+        _randomize(pre, 0.5, seed=7)
+        names = [n for n, _ in model.named_parameters()]
+        g = torch.Generator().manual_seed(8)
+        ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+        theta = {n: ref[n] + torch.randn(ref[n].shape, generator=g, dtype=F64) for n in names}
+        v = {n: torch.randn(ref[n].shape, generator=g, dtype=F64) for n in names}
+        with torch.no_grad():
+            x = pre.apply(v)
+        th = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
+        gth = torch.autograd.grad(pre.bregman(th, ref), list(th.values()), create_graph=True)
+        inner = sum((x[n] * gi).sum() for n, gi in zip(th, gth, strict=True))
+        want = torch.autograd.grad(inner, tuple(pre.parameters()), allow_unused=True)
+        got = pre.bregman_inverse_mixed(v, theta, ref)
+        for (pname, _), a, b in zip(pre.named_parameters(), got, want, strict=True):
+            b = torch.zeros_like(a) if b is None else b
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=pname)
+
+
 def test_preconditioner_bregman_mixed_matches_autograd_of_bregman():
     """Whole-model mixed product (bias columns, BatchNorm diag blocks, a skipped layer)
     against the double backward it replaces: d/d phi of <x, d_theta B_M(theta, ref)>."""

@@ -46,7 +46,12 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "exact": {"inner_grad": None},
     "neumann": {"iterations": 20, "alpha": 1.0, "inner_grad": None},
     "cg": {"iterations": 20, "tol": 1e-10, "inner_grad": None},
-    "closed_form": {"inverse_hvp": None, "inner_grad": None, "mixed_product": None},
+    "closed_form": {
+        "inverse_hvp": None,
+        "inner_grad": None,
+        "mixed_product": None,
+        "inverse_mixed": None,
+    },
 }
 
 
@@ -84,7 +89,11 @@ def implicit_grad(
             ``hparams`` giving ``(d^2 inner / d lambda d theta)^T u`` in closed form, e.g.
             ``KroneckerPreconditioner.bregman_mixed(u, theta, theta_1)`` for MetaMD's
             Bregman potential: then no graph of ``d_theta inner`` is built at all and
-            ``inner_objective`` may be ``None``).
+            ``inner_objective`` may be ``None``; or, instead of both,
+            ``inverse_mixed=callable(v, params, hparams) -> tuple`` shaped like ``hparams``
+            giving ``(d^2 inner / d lambda d theta)^T H^{-1} v`` in one call, e.g.
+            ``KroneckerPreconditioner.bregman_inverse_mixed(v, theta, theta_1)``, which for
+            the lowrank family never forms ``H^{-1} v``).
         **options: also, for every method, ``inner_grad=callable(params, hparams) ->
             tuple`` giving ``d_theta inner`` in closed form (differentiable in ``params``
             and ``hparams``); products then backpropagate through it once instead of
@@ -107,15 +116,22 @@ def implicit_grad(
     opts = take_options(method, options, _DEFAULTS[method])
     if method in ("neumann", "cg"):
         positive_int("iterations", opts["iterations"])
-    mixed_product = opts.get("mixed_product")
-    if mixed_product is not None and not callable(mixed_product):
-        raise ValueError(f"mixed_product={mixed_product!r}: must be a callable or None")
-    if inner_objective is None and opts["inner_grad"] is None and mixed_product is None:
-        raise ValueError("inner_objective=None: give inner_grad= (or mixed_product=) then")
-    if method == "closed_form" and not callable(opts["inverse_hvp"]):
+    mixed_product, inverse_mixed = opts.get("mixed_product"), opts.get("inverse_mixed")
+    for name, fn in (("mixed_product", mixed_product), ("inverse_mixed", inverse_mixed)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name}={fn!r}: must be a callable or None")
+    given_too = opts.get("inverse_hvp") is not None or mixed_product is not None
+    if inverse_mixed is not None and given_too:
+        raise ValueError("inverse_mixed= replaces inverse_hvp= and mixed_product=: give one")
+    closed = mixed_product is not None or inverse_mixed is not None
+    if inner_objective is None and opts["inner_grad"] is None and not closed:
+        raise ValueError(
+            "inner_objective=None: give inner_grad= (or mixed_product= / inverse_mixed=) then"
+        )
+    if method == "closed_form" and inverse_mixed is None and not callable(opts["inverse_hvp"]):
         raise ValueError(
             f"inverse_hvp={opts['inverse_hvp']!r}: method='closed_form' needs a callable "
-            "mapping a tuple shaped like params to H^{-1} applied to it"
+            "mapping a tuple shaped like params to H^{-1} applied to it (or inverse_mixed=)"
         )
     theta = tuple(t.requires_grad_(True) for t in as_leaves(params, "params"))
     lam = hparam_inputs(hparams)
@@ -131,6 +147,14 @@ def implicit_grad(
         guard.add(v, "outer_grad")
         guard.add(direct, "direct")
 
+        if inverse_mixed is not None:  # the whole implicit term in one call
+            with torch.no_grad():
+                mixed = tuple(inverse_mixed(v, theta, lam))
+            _check_shapes("inverse_mixed", mixed, lam, "hparams")
+            guard.add(mixed, "mixed")
+            out = tuple((d - m).detach() for d, m in zip(direct, mixed, strict=True))
+            guard.check(out)
+            return out
         if mixed_product is not None:  # closed_form with both terms given: no graph of g
             u = _inverse_hvp(opts["inverse_hvp"], v, theta)
             guard.add(u, "inverse_hvp")

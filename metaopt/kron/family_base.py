@@ -93,6 +93,14 @@ class Family(nn.Module, abc.ABC):
         product of MetaMD's implicit hypergradient. Families with a forward matrix only."""
         raise ValueError(f"{type(self).__name__} has no explicit forward matrix M")
 
+    def forward_inverse_mixed(self, V: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+        """``forward_mixed(M^{-1} V, delta)`` with ``M^{-1}`` held constant: the closed-form
+        implicit term ``(d^2 B_M / d phi d theta)^T M^{-1} v`` in one call. The default
+        applies ``P = M^{-1}`` (``apply_blocks``) first; families override it to fuse the
+        two. Families with a forward matrix only."""
+        with torch.no_grad():
+            return self.forward_mixed(self.apply_blocks(V, meta_constant=True), delta)
+
     def _meta_cache(self, slot: str, extra: tuple[Any, ...], build: Callable[[], Any]) -> Any:
         """``build()``, cached in attribute ``slot`` until a meta-parameter changes or
         ``extra`` (dtype, block sizes, ...) differs. Changes are seen through version

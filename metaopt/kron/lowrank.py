@@ -305,6 +305,52 @@ class LowRankFamily(Family):
         metas = (self.U, self.V, self.log_scale) if self.learn_scale else (self.U, self.V)
         return tuple(self._p(t, m.dtype) for t, m in zip(out, metas, strict=True))
 
+    @torch.no_grad()
+    def forward_inverse_mixed(self, V: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+        """``forward_mixed(M^{-1} V, delta)`` fused: ``M^{-1} V`` is never formed.
+
+        With ``X = M^{-1} V = B^{-1} V A^{-1} / c`` (``V`` here the ``out x in`` vector
+        ``v``), ``B X = V A^{-1} / c`` and ``X A = B^{-1} V / c``, so ``forward_mixed``'s
+        ``dU = c (delta^T B X U + X^T B delta U)`` and ``dV = c (X A delta^T V' + delta A X^T V')``
+        (``V'`` the factor) become ``dU = delta^T v (U alpha) + A^{-1} v^T (delta U)`` and
+        ``dV = B^{-1} v (delta^T V') + delta v^T (V' beta)``, and ``d/d log c = <v, delta>``
+        (``alpha = (I + U^T U)^{-1}``, ``beta = (I + V'^T V')^{-1}``, ``U alpha = A^{-1} U``,
+        ``V' beta = B^{-1} V'``). Six passes over ``out x in`` memory, in thin products
+        with the factors as rows: ``(delta U)^T``, ``[(delta U)^T; (V' beta)^T] v``,
+        ``(v U alpha)^T``, ``[(v U alpha)^T; V'^T] delta``, ``(v delta^T V')^T``,
+        ``(delta v^T V' beta)^T``, against nine for ``apply`` then ``forward_mixed``.
+        """
+        dtype = torch.promote_types(torch.promote_types(V[0].dtype, delta[0].dtype), self.U.dtype)
+        f = self._deploy_factors(dtype, tuple(v.shape[1] for v in V))
+        Vs, Ds = [self._p(v, dtype) for v in V], [self._p(d, dtype) for d in delta]
+        r = f.V_t.shape[0]
+        # delta U (as rows, r x out), then [(delta U)^T; (V' beta)^T] v_i (2r x k_i)
+        DU = _row_products(f.U_t, [d.T for d in Ds])
+        left_v = torch.cat([DU, f.V_beta_t])
+        W = [left_v @ v for v in Vs]  # rows: (v^T delta U)^T_i ; (v^T V' beta)^T_i
+        # v U alpha (rows, r x out), then [(v U alpha)^T; V'^T] delta_i (2r x k_i)
+        VUa = _row_products(f.Ua_t, [v.T for v in Vs])
+        left_d = torch.cat([VUa, f.V_t])
+        S = [left_d @ d for d in Ds]  # rows: (delta^T v U alpha)^T_i ; (V'^T delta)_i
+        # dU_i^T = (delta^T v U alpha)^T_i + (A^{-1} w)^T_i, w = v^T delta U:
+        # A^{-1} w = w - U alpha (U^T w)
+        wt = [w[:r] for w in W]
+        wtU = _row_products(wt, [u.T for u in f.U_t])  # (U^T w)^T = w^T U (r x r)
+        dUt = [s[:r] + w - torch.mm(wtU, ua) for s, w, ua in zip(S, wt, f.Ua_t, strict=True)]
+        # dV^T = (B^{-1} y)^T + (delta z^T)^T with y = v (delta^T V'), z = V' beta^T v
+        y_t = _row_products([s[r:] for s in S], [v.T for v in Vs])  # (v delta^T V')^T
+        y_t = y_t - torch.mm(torch.mm(y_t, f.V), f.V_beta_t)  # (B^{-1} y)^T
+        dVt = y_t
+        for w, d in zip(W, Ds, strict=True):
+            dVt.addmm_(w[r:], d.T)
+        dU = (dUt[0] if len(dUt) == 1 else torch.cat(dUt, dim=1)).T
+        out: list[Tensor] = [dU, dVt.T]
+        metas: tuple[Tensor, ...] = (self.U, self.V)
+        if self.learn_scale:
+            out.append(sum((v * d).sum() for v, d in zip(Vs, Ds, strict=True)))
+            metas = (self.U, self.V, self.log_scale)
+        return tuple(self._p(t, m.dtype) for t, m in zip(out, metas, strict=True))
+
     def dense(self) -> Tensor:
         return torch.linalg.inv(self.dense_forward())
 

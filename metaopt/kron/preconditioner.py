@@ -186,13 +186,37 @@ class KroneckerPreconditioner(nn.Module):
         (``Family.forward_mixed``: thin matrix products, no autograd graph); pass it to
         ``implicit_grad(method="closed_form", mixed_product=...)``.
         """
+        return self._blockwise_mixed(x, theta, theta_ref, "forward_mixed")
+
+    @torch.no_grad()
+    def bregman_inverse_mixed(
+        self,
+        v: Mapping[str, Tensor],
+        theta: Mapping[str, Tensor],
+        theta_ref: Mapping[str, Tensor],
+    ) -> tuple[Tensor, ...]:
+        """``bregman_mixed(M^{-1} v, theta, theta_ref)`` with ``M^{-1}`` held constant, in
+        one pass per block (``Family.forward_inverse_mixed``; the lowrank family never forms
+        ``M^{-1} v``): the whole closed-form implicit term
+        ``(d^2 B_M / d phi d theta)^T H^{-1} v`` of a Bregman inner objective (``H = M``);
+        pass it to ``implicit_grad(method="closed_form", inverse_mixed=...)``.
+        """
+        return self._blockwise_mixed(v, theta, theta_ref, "forward_inverse_mixed")
+
+    def _blockwise_mixed(
+        self,
+        x: Mapping[str, Tensor],
+        theta: Mapping[str, Tensor],
+        theta_ref: Mapping[str, Tensor],
+        method: str,
+    ) -> tuple[Tensor, ...]:
         grads: dict[int, Tensor] = {}
         for view, blk in self._forward_blocks():
             if view.weight not in theta:
                 continue
             cols = zip(view.column_blocks(theta), view.column_blocks(theta_ref), strict=True)
             delta = [a - b for a, b in cols]
-            mixed = blk.forward_mixed(view.column_blocks(x), delta)
+            mixed = getattr(blk, method)(view.column_blocks(x), delta)
             for p, g in zip(blk.parameters(), mixed, strict=True):
                 grads[id(p)] = g
         return tuple(

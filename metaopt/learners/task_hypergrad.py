@@ -8,8 +8,10 @@ families; :func:`metaopt.optim.functional.preconditioned_step`), then the meta-o
 * implicit engines (``"neumann"``, ``"closed_form"``, ``"cg"``, ``"exact"``; MetaMD Eq. 13):
   the inner run carries no graph; :func:`metaopt.hypergrad.implicit_grad` is applied to the
   rephrased inner objective ``F(theta, M) = B_M(theta || theta_1)`` at ``theta_T``, whose
-  Hessian in ``theta`` is ``M`` itself, so ``"closed_form"`` passes
-  ``inverse_hvp = M^{-1} v`` (the preconditioner's own ``apply``: one Woodbury application).
+  Hessian in ``theta`` is ``M`` itself, so ``"closed_form"`` passes the whole implicit term
+  ``(d^2 B_M / d phi d theta)^T M^{-1} v`` in closed form
+  (``KroneckerPreconditioner.bregman_inverse_mixed``: thin products, no Hessian product,
+  no autograd graph of ``d_theta B_M``).
 * unrolled engines (``"unroll"`` with ``truncate``, ``"forward"``): the true derivative of
   ``E`` through the (last) inner steps, :func:`metaopt.hypergrad.unrolled_grad`.
 
@@ -131,14 +133,19 @@ def task_hypergradient(
             return call(hp, lambda p: p.bregman(dict(zip(names, ps, strict=True)), before))
 
         engine_opts = dict(config.engine_options)
-        if config.engine == "closed_form":
+        if config.engine == "closed_form" and not {"inverse_hvp", "inverse_mixed"} & set(
+            engine_opts
+        ):
 
-            @torch.no_grad()
-            def inverse_hvp(v: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-                out = pre.apply(dict(zip(names, v, strict=True)))
-                return tuple(out[n] for n in names)
+            def inverse_mixed(
+                v: tuple[Tensor, ...], ps: tuple[Tensor, ...], hp: tuple[Tensor, ...]
+            ) -> tuple[Tensor, ...]:
+                # (d^2 B_M / d phi d theta)^T M^{-1} v in one call (hp holds the values of
+                # pre's own parameters, which bregman_inverse_mixed reads)
+                named = dict(zip(names, ps, strict=True))
+                return pre.bregman_inverse_mixed(dict(zip(names, v, strict=True)), named, before)
 
-            engine_opts["inverse_hvp"] = inverse_hvp
+            engine_opts["inverse_mixed"] = inverse_mixed
         clock = time.perf_counter()
         try:
             grads = hypergrad.implicit_grad(
