@@ -350,57 +350,54 @@ def test_forward_inverse_mixed_matches_dense_oracle(family, shape, options):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-def test_preconditioner_bregman_inverse_mixed_matches_autograd_of_bregman():
-    """Whole-model fused term against the double backward it replaces:
-    d/d phi of <stopgrad(M^{-1} v), d_theta B_M(theta, ref)> (bias columns, BatchNorm diag
-    blocks, a skipped layer), with and without a learnable scale."""
+def _conv_bn_bregman_case(learn_scale, seed):
+    """A lowrank preconditioner (rank 2) on a conv / BatchNorm / linear model whose last
+    layer is skipped, with random meta-parameters (``seed``), a reference point, a point
+    ``theta`` and a random vector ``x`` (``seed + 1``), all float64."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, 4), nn.Linear(4, 2)
     ).double()
+    pre = KroneckerPreconditioner.for_model(
+        model, "lowrank", rank=2, learn_scale=learn_scale, skip=r"^4\."
+    ).double()
+    _randomize(pre, 0.5, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    theta = {n: r + torch.randn(r.shape, generator=g, dtype=F64) for n, r in ref.items()}
+    x = {n: torch.randn(r.shape, generator=g, dtype=F64) for n, r in ref.items()}
+    return pre, ref, theta, x
+
+
+def _mixed_by_double_backward(pre, x, theta, ref):
+    """The oracle: d/d phi of <x, d_theta B_M(theta, ref)> by autograd (zeros if unused)."""
+    th = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
+    gth = torch.autograd.grad(pre.bregman(th, ref), list(th.values()), create_graph=True)
+    inner = sum((x[n] * gi).sum() for n, gi in zip(th, gth, strict=True))
+    metas = tuple(pre.parameters())
+    want = torch.autograd.grad(inner, metas, allow_unused=True)
+    return [torch.zeros_like(p) if w is None else w for p, w in zip(metas, want, strict=True)]
+
+
+def test_preconditioner_bregman_inverse_mixed_matches_autograd_of_bregman():
+    """Whole-model fused term against the double backward it replaces:
+    d/d phi of <stopgrad(M^{-1} v), d_theta B_M(theta, ref)> (bias columns, BatchNorm diag
+    blocks, a skipped layer), with and without a learnable scale."""
     for learn_scale in (False, True):
-        pre = KroneckerPreconditioner.for_model(
-            model, "lowrank", rank=2, learn_scale=learn_scale, skip=r"^4\."
-        ).double()
-        _randomize(pre, 0.5, seed=7)
-        names = [n for n, _ in model.named_parameters()]
-        g = torch.Generator().manual_seed(8)
-        ref = {n: p.detach().clone() for n, p in model.named_parameters()}
-        theta = {n: ref[n] + torch.randn(ref[n].shape, generator=g, dtype=F64) for n in names}
-        v = {n: torch.randn(ref[n].shape, generator=g, dtype=F64) for n in names}
+        pre, ref, theta, v = _conv_bn_bregman_case(learn_scale, seed=7)
         with torch.no_grad():
             x = pre.apply(v)
-        th = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
-        gth = torch.autograd.grad(pre.bregman(th, ref), list(th.values()), create_graph=True)
-        inner = sum((x[n] * gi).sum() for n, gi in zip(th, gth, strict=True))
-        want = torch.autograd.grad(inner, tuple(pre.parameters()), allow_unused=True)
+        want = _mixed_by_double_backward(pre, x, theta, ref)
         got = pre.bregman_inverse_mixed(v, theta, ref)
         for (pname, _), a, b in zip(pre.named_parameters(), got, want, strict=True):
-            b = torch.zeros_like(a) if b is None else b
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=pname)
 
 
 def test_preconditioner_bregman_mixed_matches_autograd_of_bregman():
     """Whole-model mixed product (bias columns, BatchNorm diag blocks, a skipped layer)
     against the double backward it replaces: d/d phi of <x, d_theta B_M(theta, ref)>."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, 4), nn.Linear(4, 2)
-    ).double()
-    pre = KroneckerPreconditioner.for_model(
-        model, "lowrank", rank=2, learn_scale=True, skip=r"^4\."
-    ).double()
-    _randomize(pre, 0.5, seed=5)
-    names = [n for n, _ in model.named_parameters()]
-    g = torch.Generator().manual_seed(6)
-    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
-    theta = {n: (ref[n] + torch.randn(ref[n].shape, generator=g, dtype=F64)) for n in names}
-    x = {n: torch.randn(ref[n].shape, generator=g, dtype=F64) for n in names}
+    pre, ref, theta, x = _conv_bn_bregman_case(learn_scale=True, seed=5)
     got = pre.bregman_mixed(x, theta, ref)
-    th = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
-    gth = torch.autograd.grad(pre.bregman(th, ref), list(th.values()), create_graph=True)
-    inner = sum((x[n] * gi).sum() for n, gi in zip(th, gth, strict=True))
-    want = torch.autograd.grad(inner, tuple(pre.parameters()), allow_unused=True)
+    want = _mixed_by_double_backward(pre, x, theta, ref)
     for (pname, _), a, b in zip(pre.named_parameters(), got, want, strict=True):
-        b = torch.zeros_like(a) if b is None else b
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=pname)

@@ -51,15 +51,16 @@ class FiniteGuard:
         if result is not None:
             if not result or bool(torch.isfinite(_sums(result)).all()):  # the one host sync
                 return
-        elif not self.terms:
-            return
+            sums = [_sums(t) for _, t in self.terms]
         else:
+            if not self.terms:
+                return
             sums = [_sums(t) for _, t in self.terms]
             device = sums[0].device
             if bool(torch.isfinite(torch.cat([s.to(device) for s in sums])).all()):
                 return
-        for term, tensors in self.terms:
-            if not bool(torch.isfinite(_sums(tensors)).all()):
+        for (term, _), s in zip(self.terms, sums, strict=True):
+            if not bool(torch.isfinite(s).all()):
                 raise NonFiniteHypergradient(term)
         raise NonFiniteHypergradient("hypergradient")
 

@@ -148,23 +148,13 @@ def implicit_grad(
         guard.add(direct, "direct")
 
         if inverse_mixed is not None:  # the whole implicit term in one call
-            with torch.no_grad():
-                mixed = tuple(inverse_mixed(v, theta, lam))
-            _check_shapes("inverse_mixed", mixed, lam, "hparams")
-            guard.add(mixed, "mixed")
-            out = tuple((d - m).detach() for d, m in zip(direct, mixed, strict=True))
-            guard.check(out)
-            return out
+            mixed = _closed_mixed("inverse_mixed", inverse_mixed, v, theta, lam)
+            return _finish(direct, mixed, guard)
         if mixed_product is not None:  # closed_form with both terms given: no graph of g
             u = _inverse_hvp(opts["inverse_hvp"], v, theta)
             guard.add(u, "inverse_hvp")
-            with torch.no_grad():
-                mixed = tuple(mixed_product(u, theta, lam))
-            _check_shapes("mixed_product", mixed, lam, "hparams")
-            guard.add(mixed, "mixed")
-            out = tuple((d - m).detach() for d, m in zip(direct, mixed, strict=True))
-            guard.check(out)
-            return out
+            mixed = _closed_mixed("mixed_product", mixed_product, u, theta, lam)
+            return _finish(direct, mixed, guard)
         # the graph of g = d_theta inner, built once and reused by every product
         if opts["inner_grad"] is not None:
             g = tuple(opts["inner_grad"](theta, lam))
@@ -194,11 +184,25 @@ def implicit_grad(
 
         # mixed term (d^2 inner / d lambda d theta)^T u: one more product, into lambda
         mixed = torch.autograd.grad(g, lam, u, allow_unused=True)
-        mixed = zeros_for_none(mixed, lam)
-        guard.add(mixed, "mixed")
-        out = tuple((d - m).detach() for d, m in zip(direct, mixed, strict=True))
-        guard.check(out)
-        return out
+        return _finish(direct, zeros_for_none(mixed, lam), guard)
+
+
+def _closed_mixed(
+    what: str, fn: Callable[..., Sequence[Tensor]], x: Vec, theta: Vec, lam: Vec
+) -> Vec:
+    """A user's closed-form mixed term ``fn(x, theta, lambda)``, under ``no_grad``."""
+    with torch.no_grad():
+        mixed = tuple(fn(x, theta, lam))
+    _check_shapes(what, mixed, lam, "hparams")
+    return mixed
+
+
+def _finish(direct: Vec, mixed: Vec, guard: FiniteGuard) -> Vec:
+    """``direct - mixed``, detached; the guard checks it (naming the first bad term)."""
+    guard.add(mixed, "mixed")
+    out = tuple((d - m).detach() for d, m in zip(direct, mixed, strict=True))
+    guard.check(out)
+    return out
 
 
 def _check_shapes(what: str, got: Vec, like: Vec, name: str) -> None:

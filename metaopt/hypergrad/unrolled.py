@@ -154,15 +154,14 @@ def _forward(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, kee
         theta, t_theta = _first_tangent(step, theta, lam, basis, n)
         if n == 1:  # one scalar: no vmap, a plain jvp per step
             t_lam = tuple(b[0] for b in basis)
-            t_theta = tuple(t[0] for t in t_theta)
+            flat = tuple(t[0] for t in t_theta)
             for _ in range(keep - 1):
-                theta, t_theta = push(theta, t_theta, t_lam)
+                theta, flat = push(theta, flat, t_lam)
+            t_theta = tuple(t.unsqueeze(0) for t in flat)
         else:
             batched = vmap(push, in_dims=(None, 0, 0), out_dims=(None, 0))
             for _ in range(keep - 1):
                 theta, t_theta = batched(theta, t_theta, basis)
-    if n == 1:
-        t_theta = tuple(t.unsqueeze(0) for t in t_theta)
     derivs = _contract(outer, theta, t_theta, lam, n)
     sizes = [h.numel() for h in lam]
     out = tuple(
