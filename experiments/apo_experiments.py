@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from typing import Any
@@ -60,13 +61,35 @@ def _run(task: Any, spec: str, hp: dict[str, Any], steps: int, seed: int = 0) ->
     }
 
 
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [r for r in runs if r["final_train_loss"] is not None]
+    return min(ok, key=lambda r: r["final_train_loss"]) if ok else None
+
+
 def _grid(task, spec, configs, steps, seed=0) -> dict[str, Any]:
     runs = [_run(task, spec, hp, steps, seed) for hp in configs]
     for r in runs:
         print(json.dumps(r), file=sys.stderr, flush=True)
-    ok = [r for r in runs if r["final_train_loss"] is not None]
-    best = min(ok, key=lambda r: r["final_train_loss"]) if ok else None
-    return {"best": best, "runs": runs}
+    return {"best": _best(runs), "runs": runs}
+
+
+def _seeded_grid(task, spec, configs, steps, seeds) -> dict[str, Any]:
+    """:func:`_grid` over several seeds: each configuration scores the median of its final
+    losses (a diverged seed counts as +inf) and the best configuration is the lowest median."""
+    runs = []
+    for hp in configs:
+        per_seed = [_run(task, spec, hp, steps, s) for s in seeds]
+        finals = [r["final_train_loss"] for r in per_seed]
+        median = statistics.median(math.inf if f is None else f for f in finals)
+        row = {
+            "spec": spec,
+            "hparams": per_seed[0]["hparams"],
+            "final_train_loss": median if math.isfinite(median) else None,
+            "final_train_loss_per_seed": dict(zip(map(str, seeds), finals, strict=True)),
+        }
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        runs.append(row)
+    return {"best": _best(runs), "seeds": list(seeds), "runs": runs}
 
 
 def rosenbrock() -> dict[str, Any]:
@@ -94,22 +117,33 @@ def rosenbrock() -> dict[str, Any]:
     }
 
 
-def ill_conditioned() -> dict[str, Any]:
+def ill_conditioned(seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
+    """Each method tuned by grid on the median final loss over ``seeds`` (initialisation and
+    batch order): K-FAC's final loss jumps by orders of magnitude between neighbouring
+    configurations and seeds, so one seed's best K-FAC run is a draw, not a tuned value."""
     task = get_task("ill-conditioned-regression")
     steps = 3000
-    sgdm = _grid(task, "sgdm", [{"lr": lr} for lr in (0.3, 0.1, 0.03, 0.01, 0.003)], steps)
-    kfac = _grid(
+    sgdm_lrs = (0.3, 0.1, 0.03, 0.01, 0.003)
+    sgdm = _seeded_grid(task, "sgdm", [{"lr": lr} for lr in sgdm_lrs], steps, seeds)
+    kfac = _seeded_grid(
         task,
         "kfac",
-        [{"lr": lr, "damping": d} for lr in (0.3, 0.1, 0.03, 0.01) for d in (1e-2, 1e-3, 1e-4)],
+        [
+            {"lr": lr, "damping": d, "momentum": m}
+            for m in (0.9, 0.0)
+            for lr in (0.3, 0.1, 0.03, 0.01)
+            for d in (1e-2, 1e-3, 1e-4)
+        ],
         steps,
+        seeds,
     )
     common = {"lr": 0.1, "precond_momentum": 0.9, "warmup": 0, "meta_lr": 1e-2}
-    apo = _grid(
+    apo = _seeded_grid(
         task,
         "apo-precond",
         [dict(common, lambda_fsd=f, lambda_wsd=w) for f in (0.3, 0.1, 0.03) for w in (0.01, 0.001)],
         steps,
+        seeds,
     )
     f = {
         k: v["best"]["final_train_loss"] for k, v in (("sgdm", sgdm), ("kfac", kfac), ("apo", apo))
@@ -117,6 +151,7 @@ def ill_conditioned() -> dict[str, Any]:
     return {
         "experiment": "ill-conditioned-regression",
         "steps": steps,
+        "selection": f"median final train loss over seeds {list(seeds)}",
         "sgdm": sgdm,
         "kfac": kfac,
         "apo_precond": apo,
@@ -131,11 +166,6 @@ DIGITS = dict(model="mlp", model_options={"in_features": 64, "widths": (256, 256
 PAPER_FIXED = {"sgdm": (0.1, 0.01, 0.001), "rmsprop": (0.01, 0.001, 1e-4)}
 EXTRA_FIXED = {"sgdm": (1.0, 0.3, 0.03), "rmsprop": (3e-3, 3e-4)}  # a finer grid, reported too
 PAPER_LAMBDAS = {"sgdm": (0.1, 0.01, 1e-3), "rmsprop": (0.1, 0.01, 1e-3, 1e-4, 1e-5, 0.0)}
-
-
-def _best(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    ok = [r for r in runs if r["final_train_loss"] is not None]
-    return min(ok, key=lambda r: r["final_train_loss"]) if ok else None
 
 
 def digits_lr(bases: tuple[str, ...] = ("sgdm", "rmsprop")) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The greedy-lr probe of ``experiments/apo_experiments.py`` against a closed form."""
+"""``experiments/apo_experiments.py``: the greedy-lr probe against a closed form, and the
+multi-seed grid selection against hand-computed medians."""
 
 from __future__ import annotations
 
@@ -31,3 +32,24 @@ def test_greedy_eta_matches_the_closed_form_minimiser_of_a_one_weight_quadratic(
     step = g / ((0.99 * 100.0 + 0.01 * g * g) ** 0.5 + 1e-8)
     best = min(PROBE_ETAS, key=lambda e: abs(0.8 - e * step - 0.7))
     assert _greedy_eta(model, loss, (x, y), lambda p: v)["greedy_lr"] == best
+
+
+def test_seeded_grid_ranks_configurations_by_median_with_diverged_seeds_as_infinite(monkeypatch):
+    import experiments.apo_experiments as exp
+
+    finals = {  # (lr, seed) -> final loss; None = diverged
+        (0.1, 0): 1e-9, (0.1, 1): None, (0.1, 2): None,  # best single run, median +inf
+        (0.01, 0): 3e-6, (0.01, 1): 1e-6, (0.01, 2): 2e-6,  # median 2e-6
+        (0.03, 0): 5e-6, (0.03, 1): 1e-7, (0.03, 2): None,  # median 5e-6
+    }  # fmt: skip
+
+    def fake_run(task, spec, hp, steps, seed=0):
+        return {"spec": spec, "hparams": hp, "final_train_loss": finals[hp["lr"], seed]}
+
+    monkeypatch.setattr(exp, "_run", fake_run)
+    out = exp._seeded_grid(None, "sgd", [{"lr": lr} for lr in (0.1, 0.01, 0.03)], 1, (0, 1, 2))
+    assert out["best"]["hparams"] == {"lr": 0.01}
+    assert out["best"]["final_train_loss"] == 2e-6
+    scores = {r["hparams"]["lr"]: r["final_train_loss"] for r in out["runs"]}
+    assert scores == {0.1: None, 0.01: 2e-6, 0.03: 5e-6}
+    assert out["runs"][0]["final_train_loss_per_seed"] == {"0": 1e-9, "1": None, "2": None}
