@@ -51,11 +51,10 @@ class FiniteGuard:
         if result is not None:
             if not result or bool(torch.isfinite(_sums(result)).all()):  # the one host sync
                 return
-            sums = [_sums(t) for _, t in self.terms]
-        else:
-            if not self.terms:
-                return
-            sums = [_sums(t) for _, t in self.terms]
+        elif not self.terms:
+            return
+        sums = [_sums(t) for _, t in self.terms]
+        if result is None:  # one sync over every term
             device = sums[0].device
             if bool(torch.isfinite(torch.cat([s.to(device) for s in sums])).all()):
                 return
