@@ -1,0 +1,63 @@
+"""The one Registry type: decorator registration, aliases, duplicates, lazy targets."""
+
+import pytest
+
+from metaopt.registry import Registry
+
+
+def test_decorator_alias_and_lookup():
+    reg: Registry = Registry("thing")
+
+    @reg.register("lowrank", description="low rank")
+    def lowrank(rank=2):
+        return rank
+
+    reg.alias("rank1", "lowrank", rank=1)
+    e = reg.get("rank1")
+    assert e.obj is lowrank and e.target == "lowrank" and dict(e.options) == {"rank": 1}
+    assert e.meta["description"] == "low rank"
+    assert reg.get("lowrank").options == {}
+    assert reg.available() == ["lowrank", "rank1"] and "rank1" in reg and "x" not in reg
+    assert reg.canonical("rank1") == ("lowrank", {"rank": 1})
+
+
+@pytest.mark.parametrize("name", ["lowrank", "rank1"])
+def test_duplicates_refused_unless_replace(name):
+    reg: Registry = Registry("thing")
+    reg.register("lowrank", object())
+    reg.alias("rank1", "lowrank", rank=1)
+    with pytest.raises(ValueError, match=f"thing '{name}' is already registered"):
+        reg.register(name, object())
+    with pytest.raises(ValueError, match="already registered"):
+        reg.alias(name, "lowrank")
+    new = object()
+    reg.register(name, new, replace=True)
+    assert reg[name] is new and not reg.is_alias(name)
+
+
+def test_unknown_names_list_what_is_allowed():
+    reg: Registry = Registry("engine")
+    reg.register("unroll", object())
+    with pytest.raises(ValueError, match=r"engine='nope' is unknown; choose one of \['unroll'\]"):
+        reg.get("nope")
+    with pytest.raises(ValueError, match="non-empty string"):
+        reg.register("", object())
+    with pytest.raises(ValueError, match="target 'missing' is not registered"):
+        reg.alias("a", "missing")
+
+
+def test_lazy_target_is_imported_once_and_bad_paths_are_errors():
+    reg: Registry = Registry("fn")
+    reg.register("sqrt", "math:sqrt")
+    reg.register("broken", "no_such_module_xyz:fn")
+    import math
+
+    assert reg["sqrt"] is math.sqrt
+    with pytest.raises(ValueError, match="no_such_module_xyz"):
+        reg.get("broken")
+
+
+def test_normalize():
+    reg: Registry = Registry("spec", normalize=str.lower)
+    reg.register("Adam", 1)
+    assert reg["ADAM"] == 1 and reg.available() == ["adam"]
