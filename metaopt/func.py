@@ -13,13 +13,15 @@ or modify the model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 __all__ = [
+    "bind_parameters",
     "detached_params",
     "functional_forward",
     "loss_and_grads",
@@ -89,3 +91,37 @@ def loss_and_grads(
         for n, g in zip(names, grads, strict=True)
     }
     return (loss if create_graph else loss.detach()), out
+
+
+class _Bound(nn.Module):
+    """``forward(fn) = fn(self.inner)``: lets ``functional_call`` substitute a module's
+    parameters around any function of the module, not only its ``forward``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, fn: Callable[[nn.Module], Any]) -> Any:
+        return fn(self.inner)
+
+
+def bind_parameters(
+    module: nn.Module,
+) -> Callable[[Sequence[Tensor] | Mapping[str, Tensor], Callable[[nn.Module], Any]], Any]:
+    """``call(params, fn)`` evaluates ``fn(module)`` with the module's parameters replaced by
+    ``params`` (a sequence in ``module.named_parameters()`` order, or a name mapping),
+    differentiably (reverse and forward mode): how a learner differentiates a function of a
+    preconditioner with respect to its meta-parameters without touching the module."""
+    names = [f"inner.{n}" for n, _ in module.named_parameters()]
+    forward = functional_forward(_Bound(module))
+
+    def call(
+        params: Sequence[Tensor] | Mapping[str, Tensor], fn: Callable[[nn.Module], Any]
+    ) -> Any:
+        if isinstance(params, Mapping):
+            mapping = {f"inner.{k}": v for k, v in params.items()}
+        else:
+            mapping = dict(zip(names, params, strict=True))
+        return forward(mapping, fn)  # type: ignore[arg-type]
+
+    return call

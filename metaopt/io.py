@@ -1,8 +1,13 @@
-"""Learned-preconditioner files: safetensors tensors plus JSON metadata, written atomically.
+"""Learned-optimizer files: safetensors tensors plus JSON metadata, written atomically.
 
-The metadata (family, options, layer names and shapes, metaopt version, user metadata) is
-stored as JSON inside the safetensors header (``__metadata__["metaopt"]``), so one file
-carries everything and nothing in it is ever executed when loading.
+The metadata (family, options, layer names and shapes, the update rule with its
+hyperparameters and learning rate, metaopt version, user metadata) is stored as JSON inside
+the safetensors header (``__metadata__["metaopt"]``), so one file carries the whole
+optimizer and nothing in it is ever executed when loading::
+
+    metaopt.save_learned_optimizer(learner.learned_optimizer(), "opt.safetensors")
+    opt = metaopt.load_optimizer("opt.safetensors", model)          # torch.optim.Optimizer
+    opt = metaopt.load_optimizer("opt.safetensors", model, lr=3e-3, weight_decay=1e-4)
 """
 
 from __future__ import annotations
@@ -21,11 +26,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from metaopt.kron.preconditioner import KroneckerPreconditioner
+from metaopt.optim.learned import LearnedOptimizer
+from metaopt.optim.preconditioned import Preconditioned
 
 __all__ = [
     "atomic_write",
+    "load_learned_optimizer",
+    "load_optimizer",
     "load_preconditioner",
+    "read_metadata",
     "read_preconditioner_metadata",
+    "save_learned_optimizer",
     "save_preconditioner",
 ]
 
@@ -76,6 +87,8 @@ def save_preconditioner(
     preconditioner: KroneckerPreconditioner,
     path: str | os.PathLike[str],
     metadata: Mapping[str, Any] | None = None,
+    *,
+    optimizer: Mapping[str, Any] | None = None,
 ) -> None:
     """Write ``preconditioner`` to ``path`` (safetensors + JSON metadata), atomically.
 
@@ -83,6 +96,8 @@ def save_preconditioner(
         preconditioner: the learned preconditioner.
         path: destination file (conventionally ``*.safetensors``).
         metadata: extra JSON-serialisable information (e.g. the training config).
+        optimizer: the update rule it deploys with (``LearnedOptimizer.metadata()``);
+            :func:`save_learned_optimizer` fills it.
     """
     meta = {
         "format": FORMAT,
@@ -94,6 +109,8 @@ def save_preconditioner(
         "param_shapes": {n: list(s) for n, s in preconditioner.param_shapes.items()},
         "user": dict(metadata or {}),
     }
+    if optimizer is not None:
+        meta["optimizer"] = dict(optimizer)
     header = {"metaopt": json.dumps(meta)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in preconditioner.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
@@ -167,3 +184,55 @@ def load_preconditioner(path: str | os.PathLike[str], model: nn.Module) -> Krone
             f"preconditioner {str(path)!r}: missing tensors {missing}, unexpected {unexpected}"
         )
     return pre.to(device)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A learned-optimizer (or preconditioner) file's metadata: ``family``, ``options``,
+    ``layers``, ``optimizer`` (``rule``, ``hparams``, ``lr``, ``compose``; absent in a bare
+    preconditioner file), ``user`` (e.g. the meta-training config) and the format and
+    metaopt version. Reads the header only; ``ValueError`` if it is not such a file."""
+    return read_preconditioner_metadata(path)
+
+
+def save_learned_optimizer(
+    learned: LearnedOptimizer,
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a learned optimizer (its preconditioner's tensors, its rule, hyperparameters
+    and learning rate) to one file, atomically."""
+    if learned.preconditioner is None:
+        raise ValueError(
+            "learned: has no preconditioner, so there is nothing to store but its rule "
+            f"({learned.rule!r}, lr={learned.lr}); build it with torch.optim directly"
+        )
+    save_preconditioner(learned.preconditioner, path, metadata, optimizer=learned.metadata())
+
+
+def load_learned_optimizer(path: str | os.PathLike[str], model: nn.Module) -> LearnedOptimizer:
+    """The :class:`~metaopt.optim.LearnedOptimizer` stored in ``path``, its preconditioner
+    loaded for ``model`` (validated like :func:`load_preconditioner`)."""
+    meta = read_preconditioner_metadata(path)
+    spec = meta.get("optimizer")
+    if not isinstance(spec, dict):
+        raise ValueError(
+            f"{str(path)!r} holds a preconditioner without an update rule (written by "
+            "save_preconditioner); deploy it with metaopt.optim.Preconditioned(params, "
+            "metaopt.load_preconditioner(path, model), lr=...)"
+        )
+    pre = load_preconditioner(path, model)
+    hp = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("hparams", {}).items()}
+    try:
+        return LearnedOptimizer(pre, spec["rule"], hp, spec["lr"], spec.get("compose", "gradient"))
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{str(path)!r}: malformed optimizer metadata ({err})") from None
+
+
+def load_optimizer(
+    path: str | os.PathLike[str], model: nn.Module, lr: float | None = None, **overrides: Any
+) -> Preconditioned:
+    """The trained optimizer in ``path`` as a ``torch.optim.Optimizer`` over ``model``'s
+    parameters: the same rule, hyperparameters and preconditioner; ``lr`` (default: the
+    meta-trained one) and any rule hyperparameter (``weight_decay=...``) may be overridden."""
+    learned = load_learned_optimizer(path, model)
+    return learned.build(model.named_parameters(), lr, **overrides)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.func import grad
 
-from metaopt.hypergrad import get_engine
+from metaopt.hypergrad import implicit_grad, unrolled_grad
 
 pytestmark = [
     pytest.mark.gpu,
@@ -47,11 +47,11 @@ def test_engines_match_cpu(dtype):
             "neumann": {"iterations": 100, "alpha": 0.5},
             "closed_form": {"inverse_hvp": lambda v, K=K: (torch.linalg.solve(K, v[0]),)},
         }.items():
-            out[name] = get_engine(name)(inner, outer, (w,), (lam,), **opts)[0]
+            out[name] = implicit_grad(inner, outer, (w,), (lam,), method=name, **opts)[0]
         log_lr = torch.tensor(-1.0, device=device, dtype=dtype)
         zero = torch.zeros_like(w)
-        for name in ("unroll", "forward"):
-            out[name] = get_engine(name)(step, outer, (zero,), (log_lr,), steps=5)[0]
+        for name in ("reverse", "forward"):
+            out[name] = unrolled_grad(step, outer, (zero,), (log_lr,), steps=5, mode=name)[0]
         for name, t in out.items():
             assert t.device.type == device and t.dtype == dtype, name
         results[device] = out

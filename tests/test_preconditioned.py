@@ -145,7 +145,7 @@ def test_param_group_options_and_errors():
     assert torch.equal(model.bias, before)
     with pytest.raises(ValueError, match="momentum=1.5"):
         Preconditioned(model.named_parameters(), pre, lr=0.1, momentum=1.5)
-    with pytest.raises(ValueError, match="nesterov=True needs momentum"):
+    with pytest.raises(ValueError, match="nesterov=True: needs momentum"):
         Preconditioned(model.named_parameters(), pre, lr=0.1, nesterov=True)
     other = nn.Linear(4, 2)
     with pytest.raises(ValueError, match=r"'weight' has shape \(2, 4\)"):

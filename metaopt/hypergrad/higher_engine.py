@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import higher
 import torch
 from torch import Tensor, nn
 
@@ -79,6 +78,8 @@ def higher_grad(
                 f"(give 1 or {groups})"
             )
         ov[key] = vals
+    import higher  # an optional dependency (the "higher" extra), imported on use
+
     with higher.innerloop_ctx(
         model, optimizer, copy_initial_weights=True, override=ov, track_higher_grads=True
     ) as (fmodel, diffopt):

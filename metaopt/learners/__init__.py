@@ -1,19 +1,22 @@
-"""Meta-learners: APO (online, one training run); MetaMD and its competitors (offline,
-multi-task)."""
+"""Meta-learners, all :class:`MetaLearner`\\ s: APO (online, one training run); MetaMD and its
+competitors MetaSGD and MetaCurvature (offline, across tasks)."""
 
 from metaopt.learners.apo import APO, APOConfig
-from metaopt.learners.config import OuterConfig
-from metaopt.learners.meta_competitors import OFFLINE_LEARNERS, MetaCurvature, MetaSGD
-from metaopt.learners.metamd import MetaMD, MetaMDConfig
-from metaopt.learners.outer import OuterLearner
+from metaopt.learners.base import META_OPTIMIZERS, MetaLearner, MetaStep, make_meta_optimizer
+from metaopt.learners.competitors import MetaCurvature, MetaSGD
+from metaopt.learners.metamd import PRESETS, MetaMD, MetaMDConfig, preset_config
 
-__all__ = ["APO", "APOConfig"]
-__all__ += [
-    "OFFLINE_LEARNERS",
+__all__ = [
+    "APO",
+    "META_OPTIMIZERS",
+    "PRESETS",
+    "APOConfig",
     "MetaCurvature",
+    "MetaLearner",
     "MetaMD",
     "MetaMDConfig",
     "MetaSGD",
-    "OuterConfig",
-    "OuterLearner",
+    "MetaStep",
+    "make_meta_optimizer",
+    "preset_config",
 ]

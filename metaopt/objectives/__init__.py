@@ -17,5 +17,6 @@ __all__ = [
     "register_meta_objective",
 ]
 
-# registers "bregman-rate", "final-loss" and "log-final-loss"
+# registers "bregman-rate", "final-loss", "log-final-loss", and the trajectory objectives
 from metaopt.objectives import bregman_rate as _bregman_rate  # noqa: E402,F401
+from metaopt.objectives import trajectory as _trajectory  # noqa: E402,F401

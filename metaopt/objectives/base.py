@@ -54,6 +54,10 @@ class MetaContext:
         preconditioner: the preconditioner being learned (MetaMD) or used (APO), or ``None``.
         step: the learner's step counter (APO: training step; MetaMD: outer step).
         extras: learner-specific additions (documented by each learner).
+        train_loss_mean: the mean training loss over the inner steps that led to
+            ``params_after`` (MetaMD's window), differentiable; else ``None``.
+        train_log_loss_mean: the mean of the log of those losses; else ``None``.
+        val_batch: ``(x, y)`` from the task's validation split (MetaMD), else ``None``.
         rowwise: the model treats the rows of a batch independently (no batch norm or
             dropout in training mode), so :meth:`forward_rows` may run several batches as
             one concatenated batch (fewer, larger products; the same outputs).
@@ -68,6 +72,9 @@ class MetaContext:
     preconditioner: KroneckerPreconditioner | None = None
     step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    train_loss_mean: Tensor | None = None
+    train_log_loss_mean: Tensor | None = None
+    val_batch: tuple[Tensor, Tensor] | None = None
     rowwise: bool = False
 
     def require(self, *names: str) -> None:

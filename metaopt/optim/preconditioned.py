@@ -1,4 +1,4 @@
-"""The deploy target: a learned preconditioner as an ordinary ``torch.optim.Optimizer``."""
+"""The deploy target: a learned optimizer as an ordinary ``torch.optim.Optimizer``."""
 
 from __future__ import annotations
 
@@ -9,60 +9,69 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaopt.kron.families import Family
+from metaopt.kron.family_base import Family
 from metaopt.kron.layers import LayerView
 from metaopt.kron.preconditioner import KroneckerPreconditioner
+from metaopt.optim.rules import UpdateRule, get_rule
+from metaopt.optim.update import block_step, check_compose
 
 __all__ = ["Preconditioned"]
 
 
 class Preconditioned(torch.optim.Optimizer):
-    """``theta <- theta - lr * (momentum-smoothed) P (grad + weight_decay * theta)``.
+    """A preconditioner composed with an update rule: ``theta -= lr * rule(P g)`` (or
+    ``lr * P rule(g)``, see :mod:`metaopt.optim.update`).
 
-    With the identity preconditioner this is exactly ``torch.optim.SGD`` (same momentum,
-    Nesterov and weight-decay conventions, dampening 0). Weight decay is added to the
-    gradient before preconditioning (L2 regularisation of the loss the mirror step sees).
+    With ``preconditioner=None`` (or for parameters the preconditioner skips) each step is
+    exactly ``torch.optim``'s (``rule="sgd"``: ``SGD``, ``"adam"``: ``Adam``, ``"adamw"``:
+    ``AdamW``, ``"rmsprop"``: ``RMSprop``; bit for bit on CPU), so a preconditioner that
+    starts at the identity starts from the hand-designed rule. Param groups, ``state_dict``
+    (the state keys are ``torch.optim``'s), LR schedulers and closures work as usual.
 
     Args:
         params: ``model.named_parameters()`` (preferred), or the parameters in the order of
             ``model.named_parameters()``, or param-group dicts of either. Parameters are
             matched to the preconditioner's blocks by name (or by position).
-        preconditioner: a :class:`~metaopt.kron.KroneckerPreconditioner` built for the model.
-            It is applied without gradient tracking; its meta-parameters are not updated.
-        lr: learning rate (``eta``).
-        momentum: heavy-ball coefficient (default 0).
-        nesterov: Nesterov momentum (needs ``momentum > 0``).
-        weight_decay: L2 coefficient (default 0).
+        preconditioner: a :class:`~metaopt.kron.KroneckerPreconditioner` built for the
+            model, or ``None``. It is applied without gradient tracking and not updated.
+        lr: learning rate (default 1e-2).
+        rule: ``"sgd"`` (default), ``"sgdm"``, ``"nesterov"``, ``"adam"``, ``"adamw"``,
+            ``"rmsprop"`` or an :class:`~metaopt.optim.rules.UpdateRule`.
+        compose: where ``P`` acts: ``"gradient"`` (default) or ``"direction"``.
+        **hparams: the rule's hyperparameters (``momentum``, ``nesterov``, ``betas``,
+            ``eps``, ``weight_decay``, ...; defaults from the rule).
     """
 
     def __init__(
         self,
         params: Iterable[Any],
-        preconditioner: KroneckerPreconditioner,
+        preconditioner: KroneckerPreconditioner | None = None,
         lr: float = 1e-2,
-        momentum: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
+        *,
+        rule: str | UpdateRule = "sgd",
+        compose: str = "gradient",
+        **hparams: Any,
     ) -> None:
-        if not lr >= 0.0:
+        if preconditioner is not None and not isinstance(preconditioner, KroneckerPreconditioner):
+            raise ValueError(
+                f"preconditioner={preconditioner!r}: must be a KroneckerPreconditioner or None"
+            )
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr >= 0.0:
             raise ValueError(f"lr={lr!r}: must be a non-negative number")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum={momentum!r}: must be in [0, 1)")
-        if nesterov and momentum <= 0:
-            raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum!r}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay={weight_decay!r}: must be non-negative")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        self.rule = get_rule(rule)
+        self.compose = check_compose(compose)
+        defaults = {"lr": lr, **self.rule.hparams(hparams)}
         super().__init__(params, defaults)
         self.preconditioner = preconditioner
         self._names = self._resolve_names(preconditioner)
         self._plans: dict[int, tuple[tuple[int, ...], _GroupPlan]] = {}
 
-    def _resolve_names(self, pre: KroneckerPreconditioner) -> dict[Tensor, str]:
+    def _resolve_names(self, pre: KroneckerPreconditioner | None) -> dict[Tensor, str]:
         """Map each parameter tensor to its name in the preconditioner."""
-        names: dict[Tensor, str] = {}
         positional = [p for g in self.param_groups for p in g["params"]]
         given = [n for g in self.param_groups for n in g.get("param_names", [])]
+        if pre is None:
+            return dict(zip(positional, given or map(str, range(len(positional))), strict=True))
         if given:
             pairs = list(zip(positional, given, strict=True))
         else:
@@ -72,6 +81,7 @@ class Preconditioned(torch.optim.Optimizer):
                     f"{len(pre.param_names)}; pass model.named_parameters()"
                 )
             pairs = list(zip(positional, pre.param_names, strict=True))
+        names: dict[Tensor, str] = {}
         for p, n in pairs:
             if n not in pre.param_shapes:
                 raise ValueError(f"params: {n!r} is not a parameter the preconditioner knows")
@@ -83,6 +93,17 @@ class Preconditioned(torch.optim.Optimizer):
             names[p] = n
         return names
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "params" in param_group and hasattr(self, "_names"):
+            raise ValueError(
+                "add_param_group: a Preconditioned optimizer's parameters are matched to its "
+                "preconditioner at construction; pass every group to the constructor"
+            )
+        hp = {k: v for k, v in param_group.items() if k in self.defaults and k != "lr"}
+        if hp:
+            self.rule.hparams(hp)  # a bad per-group value fails here, naming the field
+        super().add_param_group(param_group)
+
     def _plan(self, group: dict[str, Any]) -> _GroupPlan:
         """The group's parameters sorted into preconditioner blocks (cached per group)."""
         key = tuple(map(id, group["params"]))
@@ -92,7 +113,7 @@ class Preconditioned(torch.optim.Optimizer):
         pre = self.preconditioner
         by_name = {self._names[p]: p for p in group["params"]}
         blocks, covered = [], set()
-        for view in pre.views:
+        for view in pre.views if pre is not None else ():
             present = [n for n in view.params if n in by_name]
             if not present:
                 continue
@@ -104,70 +125,74 @@ class Preconditioned(torch.optim.Optimizer):
                 )
             blocks.append((pre.block(view), view, tuple(by_name[n] for n in view.params)))
             covered.update(view.params)
-        rest = [p for n, p in by_name.items() if n not in covered]  # skipped: identity
+        rest = [p for n, p in by_name.items() if n not in covered]  # P = I
         plan = _GroupPlan(blocks, rest)
         self._plans[id(group)] = (key, plan)
         return plan
 
-    def _momentum_buffer(self, p: Tensor) -> Tensor:
-        state = self.state[p]
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = torch.zeros_like(p)
-        return buf
+    def _states(self, params: Iterable[Tensor], hp: dict[str, Any]) -> list[Any]:
+        """The rule's typed state of each parameter (created on its first step)."""
+        out = []
+        for p in params:
+            saved = self.state[p]
+            if not saved:
+                saved.update(self.rule.init(p, hp)._asdict())
+            out.append(
+                self.rule.state_type(**{k: saved.get(k) for k in self.rule.state_type._fields})
+            )
+        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One update. Works in place, block by block (``Family.accumulate_``), so the
-        per-step cost is SGD-momentum's plus the family's small factor products."""
+        """One update, in place, block by block (:func:`metaopt.optim.update.block_step`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
             plan = self._plan(group)
-            wd, mom, lr = group["weight_decay"], group["momentum"], group["lr"]
-            nesterov = group["nesterov"]
+            hp = {k: group[k] for k in self.rule.hparam_defaults}
+            lr = group["lr"]
             for family, view, params in plan.blocks:
-                if params[0].grad is None:
+                if all(p.grad is None for p in params):
                     continue
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                if wd != 0:
-                    grads = [g.add(p, alpha=wd) for g, p in zip(grads, params, strict=True)]
-                g_blocks = view.blocks_of(grads)
-                if mom == 0:  # p -= lr * P g
-                    family.accumulate_(view.blocks_of(params), g_blocks, -lr)
-                    continue
-                # buf = mom * buf + P g (the decay folded into the family's own update)
-                bufs = [self._momentum_buffer(p) for p in params]
-                family.accumulate_(view.blocks_of(bufs), g_blocks, 1.0, mom)
-                if nesterov:  # p -= lr * (P g + mom * buf)
-                    family.accumulate_(view.blocks_of(params), g_blocks, -lr)
-                    for p, buf in zip(params, bufs, strict=True):
-                        p.add_(buf, alpha=-lr * mom)
-                else:  # p -= lr * buf while the block's buffer is still in cache
-                    for p, buf in zip(params, bufs, strict=True):
-                        p.add_(buf, alpha=-lr)
-            for p in plan.rest:
-                if p.grad is None:
-                    continue
-                g = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-                if mom == 0:
-                    p.add_(g, alpha=-lr)
-                    continue
-                buf = self._momentum_buffer(p)
-                torch.add(g, buf, alpha=mom, out=buf)
-                if nesterov:
-                    p.add_(g, alpha=-lr).add_(buf, alpha=-lr * mom)
-                else:
-                    p.add_(buf, alpha=-lr)
+                self._step(family, view, list(params), grads, hp, lr)
+            rest = [p for p in plan.rest if p.grad is not None]
+            if rest:
+                self._step(None, None, rest, [p.grad for p in rest], hp, lr)
         return loss
+
+    def _step(
+        self,
+        family: Family | None,
+        view: LayerView | None,
+        params: list[Tensor],
+        grads: list[Tensor],
+        hp: dict[str, Any],
+        lr: float,
+    ) -> None:
+        states = self._states(params, hp)
+        _, new_states = block_step(
+            family,
+            view,
+            params,
+            grads,
+            states,
+            self.rule,
+            hp,
+            lr,
+            compose=self.compose,
+            inplace=True,
+        )
+        for p, s in zip(params, new_states, strict=True):
+            self.state[p].update(s._asdict())
 
 
 @dataclass
 class _GroupPlan:
     """A param group's parameters as ``(family, view, params in view order)`` blocks plus
-    the parameters the preconditioner skips (updated as plain SGD)."""
+    the parameters the preconditioner skips (``P = I``)."""
 
     blocks: list[tuple[Family, LayerView, tuple[Tensor, ...]]]
     rest: list[Tensor]

@@ -1,0 +1,178 @@
+"""The registered engines: every one is ``engine(problem, carry=None, **options)``.
+
+======================  =====================================================================
+name                    what it computes for one window (:class:`~metaopt.hypergrad.Problem`)
+======================  =====================================================================
+``unroll``              backpropagation through the window's steps (truncated BPTT when the
+                        learner splits an inner run into windows; Werbos 1990; Wu et al.
+                        2018 on its short-horizon bias)
+``forward``             forward-mode: one Jacobian-vector product per meta-parameter scalar
+                        (MetaMD appendix A.6; Franceschi et al. 2017): memory does not grow
+                        with the window, cost grows with the number of meta-parameters
+``implicit``            the implicit function theorem at the window's end (MetaMD Eq. 13),
+                        with ``solve="neumann"`` (default; ``iterations``, ``alpha``),
+                        ``"cg"``, ``"exact"`` or ``"closed_form"`` (the problem's own
+                        closed-form pieces); ``neumann``, ``cg``, ``exact`` and
+                        ``closed_form`` are aliases that fix ``solve``
+``es``                  antithetic evolution strategies (Salimans et al. 2017) over the window
+``pes``                 Persistent ES (Vicol, Metz & Sohl-Dickstein 2021): unbiased across the
+                        windows of one inner run, its perturbations accumulated in ``carry``
+======================  =====================================================================
+
+Add your own with :func:`register_engine` (``ENGINES.register``); a learner resolves its
+``engine=`` name here, so a registered engine works wherever a built-in one does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaopt.hypergrad._common import zeros_for_none
+from metaopt.hypergrad.errors import NonFiniteHypergradient, check_finite
+from metaopt.hypergrad.es import es_grad, pes_grad
+from metaopt.hypergrad.implicit import implicit_grad
+from metaopt.hypergrad.problem import EngineResult, Problem, detached, run_window
+from metaopt.registry import Entry, Registry
+
+__all__ = ["ENGINES", "Engine", "available_engines", "get_engine", "register_engine"]
+
+Engine = Callable[..., EngineResult]
+
+#: every hypergradient engine by name
+ENGINES: Registry[Engine] = Registry("engine")
+
+
+def register_engine(name: str, engine: Engine, *, replace: bool = False) -> Engine:
+    """Register ``engine(problem, carry=None, **options) -> EngineResult`` as ``name``."""
+    if not callable(engine):
+        raise ValueError(f"engine={engine!r}: must be callable")
+    ENGINES.register(name, engine, replace=replace)
+    return engine
+
+
+def get_engine(name: str) -> Entry[Engine]:
+    """The engine registered as ``name`` (an :class:`~metaopt.registry.Entry`; call
+    ``entry.obj(problem, carry, **entry.options, **options)``)."""
+    return ENGINES.get(name)
+
+
+def available_engines() -> list[str]:
+    return ENGINES.available()
+
+
+def _leaves(hparams: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return tuple(h.detach().requires_grad_(True) for h in hparams)
+
+
+@ENGINES.register("unroll")
+def unroll(problem: Problem, carry: Any = None) -> EngineResult:
+    """Reverse mode through the window: ``d E / d lambda`` of ``run_window``."""
+    hparams = _leaves(problem.hparams)
+    with torch.enable_grad():
+        end, value = run_window(problem, detached(problem.state), hparams)
+        grads = torch.autograd.grad(value, hparams, allow_unused=True)
+    grads = tuple(g.detach() for g in zeros_for_none(grads, hparams))
+    check_finite(grads, "hypergradient")
+    return EngineResult(grads, value.detach(), detached(end))
+
+
+@ENGINES.register("forward")
+def forward(problem: Problem, carry: Any = None) -> EngineResult:
+    """Forward mode: ``torch.func.jvp`` of the window along each meta-parameter scalar
+    (vectorised with ``torch.func.vmap``), then one plain run for the end state."""
+    hparams = tuple(h.detach() for h in problem.hparams)
+    start = detached(problem.state)
+    sizes = [h.numel() for h in hparams]
+    n = sum(sizes)
+    eye = torch.eye(n, dtype=hparams[0].dtype, device=hparams[0].device)
+    basis = tuple(
+        part.reshape(n, *h.shape) for part, h in zip(eye.split(sizes, dim=1), hparams, strict=True)
+    )
+
+    def value(*hp: Tensor) -> Tensor:
+        return run_window(problem, start, hp)[1]
+
+    def directional(*tangent: Tensor) -> Tensor:
+        return torch.func.jvp(value, hparams, tangent)[1]
+
+    try:
+        derivs = torch.func.vmap(directional)(*basis)  # (n,)
+    except RuntimeError as err:
+        raise ValueError(
+            "engine='forward': the problem's step must be pure for torch.func.jvp (gradients "
+            f"through torch.func.grad, no in-place updates); torch said: {str(err).splitlines()[0]}"
+        ) from err
+    check_finite((derivs,), "hypergradient")
+    grads = tuple(d.reshape(h.shape) for d, h in zip(derivs.split(sizes), hparams, strict=True))
+    with torch.no_grad():
+        end, val = run_window(problem, start, hparams)
+    return EngineResult(grads, val.detach(), detached(end))
+
+
+@ENGINES.register("implicit")
+def implicit(
+    problem: Problem, carry: Any = None, *, solve: str = "neumann", **options: Any
+) -> EngineResult:
+    """The implicit function theorem at the window's end (MetaMD Eq. 13, Algorithm 2).
+
+    Runs the window without a graph, then :func:`~metaopt.hypergrad.implicit_grad` on
+    ``problem.inner_objective`` at the end parameters with ``method=solve``;
+    ``solve="closed_form"`` uses ``problem.closed_form``."""
+    if problem.inner_objective is None and not problem.closed_form:
+        raise ValueError(
+            "engine='implicit': the problem has no inner_objective (its learner's objective "
+            "is not the stationary point of a known function); use 'unroll', 'es' or 'pes'"
+        )
+    hparams = _leaves(problem.hparams)
+    with torch.no_grad():
+        end, _ = run_window(problem, detached(problem.state), tuple(h.detach() for h in hparams))
+    if not all(bool(torch.isfinite(t).all()) for t in problem.params(end)):
+        raise NonFiniteHypergradient("the inner run is not finite", term="inner_run")
+    pieces = dict(problem.closed_form) if solve == "closed_form" else {}
+    if "inner_grad" in problem.closed_form:
+        pieces.setdefault("inner_grad", problem.closed_form["inner_grad"])
+    params = tuple(t.detach().requires_grad_(True) for t in problem.params(end))
+
+    def outer(ps: tuple[Tensor, ...], hp: tuple[Tensor, ...]) -> Tensor:
+        return problem.objective(problem.with_params(end, ps), hp)
+
+    grads = implicit_grad(
+        problem.inner_objective, outer, params, hparams, method=solve, **pieces, **options
+    )
+    with torch.no_grad():
+        value = outer(params, tuple(h.detach() for h in hparams))
+    return EngineResult(tuple(grads), value.detach(), detached(end))
+
+
+for _solve in ("neumann", "cg", "exact", "closed_form"):
+    ENGINES.alias(_solve, "implicit", solve=_solve)
+
+
+@ENGINES.register("es")
+def es(
+    problem: Problem,
+    carry: Any = None,
+    *,
+    pairs: int = 4,
+    sigma: float = 0.01,
+    seed: int | None = None,
+) -> EngineResult:
+    """Antithetic ES over the window (see :func:`metaopt.hypergrad.es.es_grad`)."""
+    return es_grad(problem, pairs=pairs, sigma=sigma, seed=seed)
+
+
+@ENGINES.register("pes")
+def pes(
+    problem: Problem,
+    carry: Any = None,
+    *,
+    pairs: int = 4,
+    sigma: float = 0.01,
+    seed: int | None = None,
+) -> EngineResult:
+    """Persistent ES (see :func:`metaopt.hypergrad.es.pes_grad`)."""
+    return pes_grad(problem, carry, pairs=pairs, sigma=sigma, seed=seed)

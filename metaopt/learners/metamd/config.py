@@ -1,0 +1,208 @@
+"""MetaMD's configuration and its named presets (complete recipes).
+
+One dataclass, validated in ``__post_init__``: a bad value, an unknown family, rule,
+engine or meta-objective, or an option that the engine or the objective does not take
+fails at construction with a message naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from metaopt.hypergrad.engines import ENGINES
+from metaopt.kron.families import FAMILIES
+from metaopt.learners.base import META_OPTIMIZERS
+from metaopt.objectives.base import get_meta_objective
+from metaopt.optim.rules import get_rule
+from metaopt.optim.update import check_compose
+from metaopt.registry import Registry
+
+__all__ = ["PRESETS", "MetaMDConfig", "preset_config"]
+
+#: engines that differentiate the rephrased inner objective at the end of a whole inner run
+_IMPLICIT = ("implicit",)
+
+
+@dataclass
+class MetaMDConfig:
+    """Everything an offline meta-learner run is made of (defaults: the ``"kron-adam"``
+    preset, the recipe that measures best; see :data:`PRESETS`).
+
+    Attributes:
+        preset: the preset these values started from (recorded in files).
+        family: preconditioner family (``"lowrank"``, ``"rank1"``, ``"diag"``, ``"scalar"``,
+            ``"ekfac"``, or a registered one). Every family starts at (or a hair from) the
+            identity, so the learned optimizer starts as its ``rule``.
+        family_options: the family's keyword options (``rank``, ``learn_scale``,
+            ``init_scale``, ...).
+        rule: the base update rule (``"adam"``, ``"sgd"``, ``"sgdm"``, ...).
+        rule_options: the rule's hyperparameters other than the learning rate.
+        compose: where the preconditioner acts: ``"gradient"`` or ``"direction"``.
+        lr: the inner learning rate (``eta``; > 0).
+        inner_steps: ``T``, the length of one inner run; a task's run restarts from a
+            fresh initialisation after ``T`` steps (>= 1).
+        window: steps per truncation: each meta-step advances every task's inner run by
+            ``window`` steps and differentiates the objective of those steps (learned_
+            optimization's truncated training). ``None``: the whole run (``T``).
+        tasks_per_step: ``k``, inner runs in flight (each meta-step averages their
+            hypergradients; split across ranks).
+        meta_objective: a registered meta-objective name.
+        objective_options: its keyword options (defaults in the objective function).
+        engine: a registered hypergradient engine name.
+        engine_options: its keyword options.
+        meta_optimizer: ``"adam"`` (default), ``"sgd"`` or ``"rmsprop"``.
+        meta_lr: meta learning rate (> 0).
+        batch_size: inner batch size (``None``: the task's default).
+        seed: seeds every task draw, initialisation and perturbation.
+    """
+
+    preset: str = "kron-adam"
+    family: str = "lowrank"
+    family_options: dict[str, Any] = field(default_factory=lambda: {"rank": 1})
+    rule: str = "adam"
+    rule_options: dict[str, Any] = field(default_factory=dict)
+    compose: str = "gradient"
+    lr: float = 0.01
+    inner_steps: int = 40
+    window: int | None = None
+    tasks_per_step: int = 2
+    meta_objective: str = "mean-log-loss"
+    objective_options: dict[str, Any] = field(default_factory=dict)
+    engine: str = "unroll"
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    meta_optimizer: str = "adam"
+    meta_lr: float = 0.03
+    batch_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _int("inner_steps", self.inner_steps, 1)
+        _int("tasks_per_step", self.tasks_per_step, 1)
+        _int("seed", self.seed, 0)
+        if self.window is not None:
+            _int("window", self.window, 1)
+            if self.window > self.inner_steps:
+                raise ValueError(
+                    f"window={self.window}: must be at most inner_steps={self.inner_steps}"
+                )
+        if self.batch_size is not None:
+            _int("batch_size", self.batch_size, 1)
+        _positive("lr", self.lr)
+        _positive("meta_lr", self.meta_lr)
+        for name in ("family_options", "rule_options", "objective_options", "engine_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a table of options")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r}: choose one of {sorted(FAMILIES)}")
+        get_rule(self.rule).hparams(self.rule_options)
+        check_compose(self.compose)
+        if self.meta_optimizer not in META_OPTIMIZERS:
+            raise ValueError(
+                f"meta_optimizer={self.meta_optimizer!r}: choose one of "
+                f"{META_OPTIMIZERS.available()}"
+            )
+        objective = get_meta_objective(self.meta_objective)
+        check_options("objective_options", objective, self.objective_options, skip=1)
+        entry = ENGINES.get(self.engine)
+        check_options("engine_options", entry.obj, {**entry.options, **self.engine_options}, skip=2)
+        validate = getattr(entry.obj, "validate", None)
+        if validate is not None:
+            validate(**{**entry.options, **self.engine_options})
+        if self.implicit and self.steps_per_window != self.inner_steps:
+            raise ValueError(
+                f"engine={self.engine!r}: the implicit function theorem differentiates the end "
+                f"of a whole inner run; window={self.window} must be None or inner_steps"
+            )
+
+    @property
+    def implicit(self) -> bool:
+        return ENGINES.canonical(self.engine)[0] in _IMPLICIT
+
+    @property
+    def steps_per_window(self) -> int:
+        return self.inner_steps if self.window is None else self.window
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_options(
+    what: str, fn: Callable[..., Any], options: Mapping[str, Any], *, skip: int
+) -> None:
+    """Raise ``ValueError`` when ``options`` are not keywords of ``fn`` (after its first
+    ``skip`` positional parameters), naming the unknown ones and the allowed ones."""
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    allowed = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{what}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+
+
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name}={value!r}: must be a positive number")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r}: must be finite")
+
+
+#: named recipes: ``MetaMD(tasks, preset=name)`` / ``python -m meta_train --preset name``
+PRESETS: Registry[dict[str, Any]] = Registry("preset")
+PRESETS.register(
+    "kron-adam",
+    {},
+    description="Adam on a learned rank-1 Kronecker preconditioned gradient; mean log "
+    "training loss over truncated unrolls (the default)",
+)
+PRESETS.register(
+    "metamd-paper",
+    {
+        "family": "rank1",
+        "family_options": {},
+        "rule": "sgd",
+        "lr": 0.1,
+        "inner_steps": 100,
+        "window": None,
+        "tasks_per_step": 4,
+        "meta_objective": "bregman-rate",
+        "engine": "neumann",
+        "engine_options": {"iterations": 20, "alpha": 0.5},
+        "meta_lr": 0.01,
+    },
+    description="MetaMD as published (Gao et al.): A = I + aa^T, B = I + bb^T, mirror "
+    "descent (SGD), Eq. 8 objective, Neumann implicit hypergradient (Algorithm 2)",
+)
+PRESETS.register(
+    "metasgd",
+    {"family": "diag", "family_options": {}, "rule": "sgd", "lr": 0.1},
+    description="Meta-SGD (Li et al. 2017): learned per-parameter learning rates on SGD",
+)
+PRESETS.register(
+    "metacurvature",
+    {"family": "ekfac", "family_options": {}, "rule": "sgd", "lr": 0.1},
+    description="Meta-Curvature (Park & Oliva 2019): an inverse-free Kronecker transform "
+    "of the gradient on SGD",
+)
+
+
+def preset_config(preset: str = "kron-adam", **overrides: Any) -> MetaMDConfig:
+    """The :class:`MetaMDConfig` of ``preset`` with ``overrides`` applied."""
+    fields = {f.name for f in dataclasses.fields(MetaMDConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"options: {unknown} are not MetaMD options; allowed: {sorted(fields)}")
+    values = {**PRESETS[preset], **overrides, "preset": PRESETS.get(preset).target}
+    if "engine" in overrides and "engine_options" not in overrides:
+        values["engine_options"] = {}  # the preset's engine options belong to its engine
+    return MetaMDConfig(**values)
