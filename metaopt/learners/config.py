@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from metaopt.kron.families import family_options, resolve_family
+
 __all__ = ["IMPLICIT_ENGINES", "UNROLLED_ENGINES", "OuterConfig"]
 
 #: engines that differentiate the rephrased inner objective B_M(theta, theta_1) at theta_T
 IMPLICIT_ENGINES = ("neumann", "closed_form", "cg", "exact")
 #: engines that differentiate through the inner steps themselves
 UNROLLED_ENGINES = ("unroll", "forward")
-FAMILIES = ("rank1", "lowrank", "diag", "scalar", "ekfac")
 META_OPTIMIZERS = ("adam", "sgd")
 
 
@@ -24,9 +25,10 @@ class OuterConfig:
     """Outer-loop settings (MetaMD Algorithm 1; names in brackets are the paper's).
 
     Attributes:
-        family: preconditioner family: ``"rank1"`` (the paper's ``A = aa^T + I``),
-            ``"lowrank"`` (rank ``rank``), ``"diag"`` (MetaSGD), ``"scalar"``, ``"ekfac"``
-            (Meta-Curvature's inverse-free Kronecker transform; unrolled engines only).
+        family: a registered preconditioner family: ``"rank1"`` (the paper's
+            ``A = aa^T + I``), ``"lowrank"`` (rank ``rank``), ``"diag"`` (MetaSGD),
+            ``"scalar"``, ``"ekfac"`` (Meta-Curvature's inverse-free Kronecker transform;
+            it has no metric, so unrolled engines only).
         inner_steps: ``T``, inner mirror-descent steps per task (>= 1, default 100).
         tasks_per_step: ``k``, tasks per outer step (>= 1, default 4).
         inner_lr: ``eta``, the inner step size (> 0, default 0.1).
@@ -41,8 +43,8 @@ class OuterConfig:
             for Neumann, ``{"truncate": 20}`` for ``"unroll"``.
         meta_lr: meta learning rate (> 0, default 1e-2).
         meta_optimizer: ``"adam"`` (default) or ``"sgd"``.
-        rank: rank of the ``"lowrank"`` factors (ignored otherwise).
-        learn_scale: learn a per-layer scale ``c`` (``"lowrank"``/``"rank1"`` only).
+        rank: the family's ``rank`` (``"lowrank"``; ignored by families without one).
+        learn_scale: learn a per-layer scale ``c`` (families with that option only).
         init_scale: initial size of the factors (family-specific, default 1e-3).
         meta_objective: registered meta-objective name (default ``"bregman-rate"``).
         meta_objective_options: extra keyword options for the meta-objective.
@@ -70,7 +72,6 @@ class OuterConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice("family", self.family, FAMILIES)
         _int("inner_steps", self.inner_steps, 1, "T must be at least 1")
         _int("tasks_per_step", self.tasks_per_step, 1, "k must be at least 1")
         _int("rank", self.rank, 1, "a positive integer")
@@ -87,15 +88,12 @@ class OuterConfig:
                 raise ValueError(f"{name}={value!r}: must be a non-negative number")
         _choice("engine", self.engine, IMPLICIT_ENGINES + UNROLLED_ENGINES)
         _choice("meta_optimizer", self.meta_optimizer, META_OPTIMIZERS)
-        if self.family == "ekfac" and self.engine in IMPLICIT_ENGINES:
+        family_cls, _ = resolve_family(self.family, self.family_options())
+        if not family_cls.has_metric and self.engine in IMPLICIT_ENGINES:
             raise ValueError(
-                f"engine={self.engine!r}: the 'ekfac' family has no forward matrix M, so the "
-                f"implicit rephrased objective B_M does not exist; use 'unroll' or 'forward'"
-            )
-        if self.learn_scale and self.family not in ("rank1", "lowrank"):
-            raise ValueError(
-                f"learn_scale=True: only the 'rank1'/'lowrank' families have a scale, "
-                f"got family={self.family!r}"
+                f"engine={self.engine!r}: the {self.family!r} family has no metric M = P^-1, "
+                f"so the implicit rephrased objective B_M does not exist; use 'unroll' or "
+                f"'forward'"
             )
         if not isinstance(self.engine_options, dict):
             raise ValueError(f"engine_options={self.engine_options!r}: must be a dict")
@@ -117,10 +115,13 @@ class OuterConfig:
         return {**opts, **self.meta_objective_options}
 
     def family_options(self) -> dict[str, Any]:
-        """Keyword options for ``KroneckerPreconditioner.for_model``."""
-        opts: dict[str, Any] = {"init_scale": self.init_scale}
-        if self.family in ("rank1", "lowrank"):
-            opts.update(rank=self.rank, learn_scale=self.learn_scale)
+        """Keyword options for ``KroneckerPreconditioner.for_model``: ``init_scale`` and
+        ``rank`` where the family takes them, ``learn_scale`` when set (refused by a family
+        without it)."""
+        takes = family_options(self.family)
+        opts: dict[str, Any] = {k: getattr(self, k) for k in ("init_scale", "rank") if k in takes}
+        if self.learn_scale:
+            opts["learn_scale"] = True
         return opts
 
 

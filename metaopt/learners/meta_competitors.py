@@ -8,7 +8,7 @@
 
 Both are trained with truncated reverse-mode unrolled hypergradients (``engine="unroll"``,
 ``truncate=20`` by default) of the task's training loss after the inner run
-(``meta_objective="final-loss"``); neither has the forward matrix the implicit MetaMD
+(``meta_objective="final-loss"``); neither has the metric ``M = P^{-1}`` the implicit MetaMD
 objective needs. Their artefacts deploy exactly like MetaMD's (``Preconditioned``).
 """
 
