@@ -134,7 +134,7 @@ def build(device: torch.device, dtype: torch.dtype) -> dict[str, Callable[[], ob
 
     def inner_bregman_grad(theta, h):  # g + M (theta - theta_1), M block by block
         delta = {n: t - ref[n] for n, t in zip(names, theta, strict=True)}
-        m_delta = pre.forward_apply(delta)
+        m_delta = pre.metric_apply(delta)
         return tuple(a + m_delta[n] for a, n in zip(g1t, names, strict=True))
 
     def inverse_hvp(v):

@@ -1,6 +1,6 @@
 """APO in the evaluation harness: ``build(spec, model, task, hparams) -> Trainer``.
 
-Specs (registered lazily by :mod:`meta_test.specs`):
+Specs (registered by :mod:`meta_test.specs`):
 
 ==========================  ============================================================
 ``apo-lr:<base>``           global lr of ``sgd | sgdm | rmsprop | adam``

@@ -11,17 +11,18 @@ Built-in specs:
 - ``learned:<path>``: a saved preconditioner (``metaopt.save_preconditioner``) loaded onto
   the task's model and deployed with :class:`metaopt.optim.Preconditioned`; tunes lr x wd;
 - ``apo-lr:<base>``, ``apo-layer-lr:<base>``, ``apo-rmsprop-eps-rho``, ``apo-kfac-damping``,
-  ``apo-precond``: built by the lazy target ``meta_test.apo_specs:build`` (written by the APO
-  work). Their search space is ``meta_test.apo_specs.search_space(spec)`` when that module
-  defines it, else learning rate x weight decay.
+  ``apo-precond``: built by :func:`meta_test.apo_specs.build`, searched over
+  :func:`meta_test.apo_specs.search_space`.
 
 Register your own with :func:`register_spec`; a name ending in ``:`` (or written
-``"name:<arg>"``) is a prefix that matches every ``name:...`` spec.
+``"name:<arg>"``) is a prefix that matches every ``name:...`` spec. Registered names live in
+one :class:`~metaopt.registry.Registry`, :data:`SPECS`; the optimizer names come from
+:func:`metaopt.optim.available_optimizers`, and registering one of them (or any existing
+spec) raises ``ValueError`` unless ``replace=True``.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -29,10 +30,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from meta_test import apo_specs
 from meta_test.space import ADAM_LR_GRID, LR_GRID, WD_GRID, SearchSpace, lr_wd_space
+from metaopt.registry import Registry, import_target
 
 __all__ = [
     "APO_SPECS",
+    "SPECS",
     "L4_ALPHA_GRID",
     "OptimizerTrainer",
     "Trainer",
@@ -129,43 +133,25 @@ class OptimizerTrainer:
 
 
 @dataclass(frozen=True)
-class _Entry:
-    display: str
-    target: Builder | str
-    space: SpaceLike
-    prefix: bool
+class _Spec:
+    """A resolved spec: its builder and what it tunes (a lazy space already imported)."""
 
-    def builder(self) -> Builder:
-        if not isinstance(self.target, str):
-            return self.target
-        return _import(self.target, self.display)
+    builder: Builder
+    space: SearchSpace | Callable[[str], SearchSpace] | None
 
     def search_space(self, spec: str) -> SearchSpace:
-        space = self.space
-        if isinstance(space, str):
-            space = _import(space, self.display)
-        if space is None:
+        if self.space is None:
             return SearchSpace()
-        if isinstance(space, SearchSpace):
-            return space
-        return space(spec)
+        if isinstance(self.space, SearchSpace):
+            return self.space
+        return self.space(spec)
 
 
-def _import(target: str, spec: str) -> Any:
-    module_name, _, attr = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        raise ValueError(
-            f"spec={spec!r}: its builder lives in {module_name!r}, which is not available ({err})"
-        ) from None
-    return getattr(module, attr)
+#: name or prefix (ending in ``:``) -> builder; each entry's meta holds its ``space``
+SPECS: Registry[Builder] = Registry("spec", normalize=str.lower)
 
 
-_SPECS: dict[str, _Entry] = {}
-
-
-def _normalise(name_or_prefix: str) -> tuple[str, bool]:
+def _normalise(name_or_prefix: str) -> str:
     if not isinstance(name_or_prefix, str) or not name_or_prefix.strip():
         raise ValueError(f"name_or_prefix={name_or_prefix!r}: must be a non-empty string")
     key = name_or_prefix.strip().lower()
@@ -173,7 +159,7 @@ def _normalise(name_or_prefix: str) -> tuple[str, bool]:
         key = key.split("<", 1)[0]
         if not key.endswith(":"):
             raise ValueError(f"name_or_prefix={name_or_prefix!r}: write a prefix as 'name:<arg>'")
-    return key, key.endswith(":")
+    return key
 
 
 def register_spec(
@@ -189,18 +175,21 @@ def register_spec(
         name_or_prefix: an exact name (``"my-opt"``) or a prefix (``"my-opt:"`` or
             ``"my-opt:<arg>"``) that matches every ``"my-opt:..."`` spec.
         builder: ``builder(spec, model, task, hparams) -> Trainer``, or a lazy
-            ``"module:attr"`` path imported on first use.
+            ``"module:attr"`` path imported on first use (for builders that need an optional
+            dependency).
         search_space: a :class:`SearchSpace`, ``callable(spec) -> SearchSpace``, a lazy
             ``"module:attr"`` path to either, or ``None`` (nothing to tune).
-        replace: allow re-registering an existing name.
+        replace: allow re-registering an existing name (an optimizer name included).
     """
-    key, prefix = _normalise(name_or_prefix)
-    if key in _SPECS and not replace:
-        raise ValueError(f"name_or_prefix={name_or_prefix!r}: already registered")
+    key = _normalise(name_or_prefix)
     if not (callable(builder) or isinstance(builder, str)):
         raise ValueError(f"builder={builder!r}: must be callable or a 'module:attr' string")
-    display = f"{key}<arg>" if prefix else key
-    _SPECS[key] = _Entry(display, builder, search_space, prefix)
+    if not replace and key in _optimizer_names():
+        raise ValueError(
+            f"spec {key!r} is already registered (an optimizer of metaopt.optim); "
+            "pass replace=True to replace it"
+        )
+    SPECS.register(key, builder, replace=replace, space=search_space)
 
 
 def _optimizer_names() -> list[str]:
@@ -209,28 +198,36 @@ def _optimizer_names() -> list[str]:
     return available_optimizers()
 
 
-def _lookup(spec: str) -> _Entry:
+def _display(key: str) -> str:
+    return f"{key}<arg>" if key.endswith(":") else key
+
+
+def _lookup(spec: str) -> _Spec:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"optimizer spec={spec!r}: must be a non-empty string")
     key = spec.strip()
     low = key.lower()
-    if low in _SPECS and not _SPECS[low].prefix:
-        return _SPECS[low]
-    if ":" in key:
-        head = low.split(":", 1)[0] + ":"
-        if head in _SPECS and key.split(":", 1)[1]:
-            return _SPECS[head]
-    if low in _optimizer_names():
-        return _Entry(low, _optimizer_builder, _optimizer_space, False)
-    raise ValueError(
-        f"optimizer spec={spec!r} is unknown; valid specs: {', '.join(available_specs())}"
-    )
+    if not low.endswith(":") and low in SPECS:
+        found = low
+    elif ":" in key and key.split(":", 1)[1] and low.split(":", 1)[0] + ":" in SPECS:
+        found = low.split(":", 1)[0] + ":"
+    elif low in _optimizer_names():
+        return _Spec(_optimizer_builder, _optimizer_space)
+    else:
+        raise ValueError(
+            f"optimizer spec={spec!r} is unknown; valid specs: {', '.join(available_specs())}"
+        )
+    entry = SPECS.get(found)
+    space = entry.meta["space"]
+    if isinstance(space, str):
+        space = import_target(space, f"spec {_display(found)!r} search space")
+    return _Spec(entry.obj, space)
 
 
 def available_specs() -> list[str]:
     """Every valid spec: the optimizer names, then registered names and prefixes."""
-    names = list(_optimizer_names())
-    return names + [e.display for k, e in _SPECS.items() if k not in names]
+    names = _optimizer_names()
+    return names + [_display(k) for k in SPECS.available() if k not in names]
 
 
 def check_spec(spec: str) -> str:
@@ -246,8 +243,7 @@ def search_space(spec: str) -> SearchSpace:
 
 def build_trainer(spec: str, model: nn.Module, task: Any, hparams: Mapping[str, Any]) -> Trainer:
     """Build the :class:`Trainer` that ``spec`` names for ``model`` on ``task``."""
-    entry = _lookup(spec)
-    trainer = entry.builder()(spec.strip(), model, task, dict(hparams))
+    trainer = _lookup(spec).builder(spec.strip(), model, task, dict(hparams))
     for attr in ("step", "hparam_log", "num_meta_parameters"):
         if not hasattr(trainer, attr):
             raise TypeError(f"spec={spec!r}: its builder returned {trainer!r} without {attr!r}")
@@ -282,13 +278,6 @@ def _learned_builder(spec: str, model: nn.Module, task: Any, hp: dict[str, Any])
 
 APO_SPECS = ("apo-lr:", "apo-layer-lr:", "apo-rmsprop-eps-rho", "apo-kfac-damping", "apo-precond")
 
-
-def _apo_space(spec: str) -> SearchSpace:
-    module = importlib.import_module("meta_test.apo_specs")
-    custom = getattr(module, "search_space", None)
-    return custom(spec) if custom is not None else lr_wd_space(LR_GRID, WD_GRID)
-
-
 register_spec("learned:<path>", _learned_builder, search_space=lr_wd_space(LR_GRID, WD_GRID))
 for _name in APO_SPECS:
-    register_spec(_name, "meta_test.apo_specs:build", search_space=_apo_space)
+    register_spec(_name, apo_specs.build, search_space=apo_specs.search_space)

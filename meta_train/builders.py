@@ -19,6 +19,7 @@ __all__ = ["build_metacurvature", "build_metamd", "build_metasgd", "outer_fields
 
 def outer_fields(config: TrainConfig, learner_cls: Any) -> dict[str, Any]:
     """The ``OuterConfig`` fields this run sets (the learner's defaults fill the rest)."""
+    from metaopt.kron import FAMILIES, family_options
     from metaopt.learners import OuterConfig
 
     fields: dict[str, Any] = {
@@ -31,10 +32,13 @@ def outer_fields(config: TrainConfig, learner_cls: Any) -> dict[str, Any]:
     }
     if config.engine:
         fields["engine"] = config.engine
-    if learner_cls.defaults.get("family", "rank1") in ("rank1", "lowrank"):
+    family = config.options.get("family", learner_cls.defaults.get("family", OuterConfig.family))
+    if "rank" in family_options(family):
         fields["rank"] = config.rank
-        if config.rank > 1 and "family" not in config.options:
-            fields["family"] = "lowrank"
+        target, fixed = FAMILIES.canonical(family)
+        if "family" not in config.options and fixed.get("rank", config.rank) != config.rank:
+            # --rank overrides the rank a learner's default alias fixes (rank1 -> lowrank)
+            fields["family"] = target
     known = {f.name for f in dataclasses.fields(OuterConfig)}
     unknown = sorted(set(config.options) - known)
     if unknown:

@@ -4,8 +4,9 @@ A builder is ``build(config: TrainConfig, source, dist: Dist) -> learner`` where
 is a ``TaskFamily``-like object (``sample(generator) -> Task``) or a list of ``Task`` objects
 (a suite's training domains), and the learner implements the OuterLearner protocol of
 ``metaopt`` (``preconditioner``, ``step``, ``outer_step(rank=, world_size=, all_reduce=)``,
-``state_dict()``, ``load_state_dict()``). Builders may be given lazily as
-``"module:attribute"`` so that registering a learner imports nothing.
+``state_dict()``, ``load_state_dict()``). A builder may be given lazily as
+``"module:attribute"`` when it needs an optional dependency. An existing name raises
+``ValueError`` unless ``replace=True``.
 
 Users add their own::
 
@@ -14,7 +15,6 @@ Users add their own::
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,8 +22,10 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from metaopt.kron import KroneckerPreconditioner
+from metaopt.registry import Registry
 
 __all__ = [
+    "LEARNERS",
     "LearnerSpec",
     "OuterLearner",
     "available_learners",
@@ -57,24 +59,23 @@ class LearnerSpec:
 
     Attributes:
         name: the ``--learner`` name.
-        build: ``build(config, source, dist) -> OuterLearner`` or ``"module:attribute"``.
+        build: ``build(config, source, dist) -> OuterLearner`` (imported, when it was
+            registered as a lazy ``"module:attribute"`` path).
         distributed: whether its outer steps split across ranks (online APO does not).
         description: one line for ``--help``.
     """
 
     name: str
-    build: Callable[..., Any] | str
+    build: Callable[..., Any]
     distributed: bool = True
     description: str = ""
 
     def builder(self) -> Callable[..., Any]:
-        if callable(self.build):
-            return self.build
-        module, _, attr = self.build.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return self.build
 
 
-_LEARNERS: dict[str, LearnerSpec] = {}
+#: name -> builder; each entry's meta holds ``distributed`` and ``description``
+LEARNERS: Registry[Callable[..., Any]] = Registry("learner")
 
 
 def register_learner(
@@ -83,16 +84,22 @@ def register_learner(
     *,
     distributed: bool = True,
     description: str = "",
+    replace: bool = False,
 ) -> None:
-    """Register ``build`` under ``name`` (replacing an earlier registration of that name)."""
-    _LEARNERS[name] = LearnerSpec(name, build, distributed, description)
+    """Register ``build`` under ``name``; ``build`` may be a lazy ``"module:attribute"``
+    path (for a learner that needs an optional dependency). An existing name raises
+    ``ValueError`` unless ``replace=True``."""
+    if not (callable(build) or isinstance(build, str)):
+        raise ValueError(f"build={build!r}: must be callable or a 'module:attribute' string")
+    LEARNERS.register(
+        name, build, replace=replace, distributed=distributed, description=description
+    )
 
 
 def get_learner_spec(name: str) -> LearnerSpec:
-    if name not in _LEARNERS:
-        raise ValueError(f"learner={name!r} is unknown; choose one of {available_learners()}")
-    return _LEARNERS[name]
+    entry = LEARNERS.get(name)
+    return LearnerSpec(entry.name, entry.obj, **entry.meta)
 
 
 def available_learners() -> list[str]:
-    return sorted(_LEARNERS)
+    return LEARNERS.available()

@@ -20,17 +20,19 @@ The rules are the same everywhere:
   optional dependency (``higher``, ``botorch``, ...); they are imported on first
   :meth:`Registry.get` and cached;
 * unknown names are a ``ValueError`` that names the registry, the value and what is
-  allowed (``available()``).
+  allowed (``available()``); so are unknown keyword options of a registered factory
+  (:func:`check_options`).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator, Mapping
+import inspect
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, overload
 
-__all__ = ["Entry", "Registry", "import_target"]
+__all__ = ["Entry", "Registry", "check_options", "import_target", "keyword_options"]
 
 T = TypeVar("T")
 
@@ -51,6 +53,31 @@ def import_target(target: str, what: str) -> Any:
         return getattr(module, attr)
     except AttributeError:
         raise ValueError(f"{what}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+def keyword_options(fn: Callable[..., Any], *, supplied: Collection[str] = ()) -> list[str] | None:
+    """The keyword options ``fn`` takes, sorted, leaving out the ``supplied`` parameters
+    (those the caller fills itself); ``None`` when ``fn`` takes ``**kwargs`` or has no
+    signature to inspect (it checks its own options then)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return sorted(n for n, p in params.items() if p.kind in named and n not in supplied)
+
+
+def check_options(
+    fn: Callable[..., Any], options: Mapping[str, Any], what: str, *, supplied: Collection[str] = ()
+) -> None:
+    """``ValueError`` naming ``what``, the ``options`` that ``fn`` cannot take and the ones it
+    can (see :func:`keyword_options`), before ``fn`` is called."""
+    allowed = keyword_options(fn, supplied=supplied)
+    unknown = [] if allowed is None else sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{what}: unknown option(s) {unknown}; its options are {allowed}")
 
 
 @dataclass(frozen=True)

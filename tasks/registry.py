@@ -12,13 +12,16 @@ Names with a ``prefix:`` (e.g. ``"uci:slice"``) resolve to the factory registere
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from metaopt.registry import Registry, check_options
 from tasks.base import Task, TaskFamily, TaskSuite
 
 __all__ = [
+    "TASK_FAMILIES",
+    "SUITES",
+    "TASKS",
     "available",
     "get_family",
     "get_suite",
@@ -30,65 +33,62 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_REGISTRIES: dict[str, dict[str, Callable[..., Any]]] = {"task": {}, "family": {}, "suite": {}}
+#: name -> factory, one registry per kind; a name belongs to at most one kind
+TASKS: Registry[Callable[..., Task]] = Registry("task")
+TASK_FAMILIES: Registry[Callable[..., TaskFamily]] = Registry("family")
+SUITES: Registry[Callable[..., TaskSuite]] = Registry("suite")
+_KINDS: dict[str, Registry[Any]] = {"task": TASKS, "family": TASK_FAMILIES, "suite": SUITES}
 
 
-def _register(kind: str, name: str) -> Callable[[F], F]:
+def _register(kind: str, name: str, replace: bool) -> Callable[[F], F]:
     def deco(factory: F) -> F:
-        for other, reg in _REGISTRIES.items():
-            if name in reg and reg[name] is not factory:
+        for other, reg in _KINDS.items():
+            if other != kind and name in reg:
                 raise ValueError(f"name={name!r} is already registered as a {other}")
-        _REGISTRIES[kind][name] = factory
+        _KINDS[kind].register(name, factory, replace=replace)
         return factory
 
     return deco
 
 
-def register_task(name: str) -> Callable[[F], F]:
-    """Register ``factory(**options) -> Task`` under ``name``."""
-    return _register("task", name)
+def register_task(name: str, *, replace: bool = False) -> Callable[[F], F]:
+    """Register ``factory(**options) -> Task`` under ``name`` (an existing name raises
+    ``ValueError`` unless ``replace=True``)."""
+    return _register("task", name, replace)
 
 
-def register_family(name: str) -> Callable[[F], F]:
-    """Register ``factory(**options) -> TaskFamily`` under ``name``."""
-    return _register("family", name)
+def register_family(name: str, *, replace: bool = False) -> Callable[[F], F]:
+    """Register ``factory(**options) -> TaskFamily`` under ``name`` (an existing name raises
+    ``ValueError`` unless ``replace=True``)."""
+    return _register("family", name, replace)
 
 
-def register_suite(name: str) -> Callable[[F], F]:
-    """Register ``factory(**options) -> TaskSuite`` under ``name``."""
-    return _register("suite", name)
+def register_suite(name: str, *, replace: bool = False) -> Callable[[F], F]:
+    """Register ``factory(**options) -> TaskSuite`` under ``name`` (an existing name raises
+    ``ValueError`` unless ``replace=True``)."""
+    return _register("suite", name, replace)
 
 
 def _lookup(kind: str, name: str) -> tuple[Callable[..., Any], dict[str, Any]]:
-    reg = _REGISTRIES[kind]
+    reg = _KINDS[kind]
     if name in reg:
         return reg[name], {}
-    if ":" in name:
+    if isinstance(name, str) and ":" in name:
         prefix, rest = name.split(":", 1)
         key = f"{prefix}:<name>"
         if key in reg and rest:
             return reg[key], {"name": rest}
-    for other, oreg in _REGISTRIES.items():
-        if other != kind and (name in oreg or f"{name.split(':')[0]}:<name>" in oreg):
+    for other, oreg in _KINDS.items():
+        if other != kind and (name in oreg or f"{str(name).split(':')[0]}:<name>" in oreg):
             raise ValueError(f"name={name!r} is a {other}, not a {kind}; use get_{other}()")
-    raise ValueError(f"{kind}={name!r} is unknown; available {kind}s: {sorted(reg)}")
+    raise ValueError(f"{kind}={name!r} is unknown; available {kind}s: {reg.available()}")
 
 
 def _build(kind: str, name: str, options: dict[str, Any]) -> Any:
     """Call the factory; an option its signature cannot take is a ``ValueError`` listing the
     options it does take (factories with ``**options`` check their own)."""
     factory, extra = _lookup(kind, name)
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # no introspectable signature
-        params = {}
-    if params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(options) - set(params))
-        if unknown:
-            allowed = sorted(p for p in params if p not in extra)
-            raise ValueError(
-                f"{kind} {name!r}: unknown option(s) {unknown}; its options are {allowed}"
-            )
+    check_options(factory, options, f"{kind} {name!r}", supplied=extra)
     return factory(**extra, **options)
 
 
@@ -109,4 +109,8 @@ def get_suite(name: str, **options: Any) -> TaskSuite:
 
 def available() -> dict[str, list[str]]:
     """Every registered name: ``{"tasks": [...], "families": [...], "suites": [...]}``."""
-    return {f"{k}s" if k != "family" else "families": sorted(v) for k, v in _REGISTRIES.items()}
+    return {
+        "tasks": TASKS.available(),
+        "families": TASK_FAMILIES.available(),
+        "suites": SUITES.available(),
+    }

@@ -135,7 +135,7 @@ def test_closed_form_lowrank_bregman_matches_exact_cg_and_finite_differences():
 
     def inner_grad(theta, h):  # g + M (theta - theta_1), M applied block by block
         delta = {n: t - ref[n] for n, t in zip(names, theta, strict=True)}
-        m_delta = pre.forward_apply(delta)
+        m_delta = pre.metric_apply(delta)
         return tuple(g1[n] + m_delta[n] for n in names)
 
     cf_grad = implicit_grad(

@@ -151,13 +151,13 @@ def test_config_rejects_bad_values(field, value, match):
 
 
 def test_ekfac_family_rejects_implicit_engines():
-    with pytest.raises(ValueError, match="no forward matrix"):
+    with pytest.raises(ValueError, match="no metric"):
         OuterConfig(family="ekfac", engine="neumann")
 
 
 def test_rank_larger_than_a_layer_is_rejected():
     task = regression_task(0, d=4, out=2)
-    with pytest.raises(ValueError, match="rank=3 is larger than layer"):
+    with pytest.raises(ValueError, match="layer .*: rank=3 is larger than a 2x5 block"):
         MetaMD([task], family="lowrank", rank=3, tasks_per_step=1)
 
 
@@ -213,5 +213,5 @@ def test_metamd_defaults_are_the_papers():
 
 
 def test_learn_scale_needs_the_lowrank_family():
-    with pytest.raises(ValueError, match="learn_scale=True"):
+    with pytest.raises(ValueError, match=r"family 'diag': unknown option\(s\) \['learn_scale'\]"):
         OuterConfig(family="diag", learn_scale=True)

@@ -91,27 +91,33 @@ def test_model_only_optimizer_rejects_bare_parameters(name: str) -> None:
         get_optimizer(name, _model().parameters())
 
 
-def test_register_optimizer_decorator(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+def test_register_optimizer_decorator() -> None:
+    try:
 
-    @register_optimizer("My-SGD", defaults={"lr": 0.05})
-    class MySGD(torch.optim.SGD):
-        pass
+        @register_optimizer("My-SGD", defaults={"lr": 0.05})
+        class MySGD(torch.optim.SGD):
+            pass
 
-    assert "my-sgd" in available_optimizers()
-    opt = get_optimizer("my-sgd", _model(), momentum=0.5)
-    assert isinstance(opt, MySGD)
-    assert opt.defaults["lr"] == 0.05 and opt.defaults["momentum"] == 0.5
+        assert "my-sgd" in available_optimizers()
+        opt = get_optimizer("my-sgd", _model(), momentum=0.5)
+        assert isinstance(opt, MySGD)
+        assert opt.defaults["lr"] == 0.05 and opt.defaults["momentum"] == 0.5
 
-    @register_optimizer("hooked", needs_model=True)
-    def hooked(model: nn.Module, lr: float = 0.1) -> torch.optim.Optimizer:
-        return torch.optim.SGD(model.parameters(), lr=lr)
+        @register_optimizer("hooked", needs_model=True)
+        def hooked(model: nn.Module, lr: float = 0.1) -> torch.optim.Optimizer:
+            return torch.optim.SGD(model.parameters(), lr=lr)
 
-    assert isinstance(get_optimizer("hooked", _model()), torch.optim.SGD)
-    with pytest.raises(ValueError, match="nn.Module"):
-        get_optimizer("hooked", list(_model().parameters()))
-    with pytest.raises(ValueError, match="already registered"):
-        register_optimizer("sgd")(torch.optim.SGD)
+        assert isinstance(get_optimizer("hooked", _model()), torch.optim.SGD)
+        with pytest.raises(ValueError, match="nn.Module"):
+            get_optimizer("hooked", list(_model().parameters()))
+        with pytest.raises(ValueError, match="'sgd' is already registered"):
+            register_optimizer("SGD")(torch.optim.SGD)
+        register_optimizer("my-sgd", defaults={"lr": 0.2}, replace=True)(torch.optim.SGD)
+        assert type(get_optimizer("my-sgd", _model())) is torch.optim.SGD
+    finally:
+        for name in ("my-sgd", "hooked"):
+            if name in registry.OPTIMIZERS:
+                registry.OPTIMIZERS.unregister(name)
 
 
 @pytest.mark.parametrize("name", [n for n in available_optimizers() if n not in MODEL_ONLY])

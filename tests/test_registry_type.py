@@ -61,3 +61,26 @@ def test_normalize():
     reg: Registry = Registry("spec", normalize=str.lower)
     reg.register("Adam", 1)
     assert reg["ADAM"] == 1 and reg.available() == ["adam"]
+
+
+def test_check_options_names_the_bad_option_and_the_allowed_ones():
+    from metaopt.registry import check_options, keyword_options
+
+    def factory(shape, *, rank=1, init_scale=0.0):
+        return shape
+
+    def open_ended(**options):
+        return options
+
+    assert keyword_options(factory, supplied=("shape",)) == ["init_scale", "rank"]
+    assert keyword_options(open_ended) is None  # checks its own options
+    check_options(factory, {"rank": 2}, "family 'x'", supplied=("shape",))
+    check_options(open_ended, {"anything": 1}, "task 'y'")
+    with pytest.raises(
+        ValueError,
+        match=r"family 'x': unknown option\(s\) \['init_scal'\]; its options are "
+        r"\['init_scale', 'rank'\]",
+    ):
+        check_options(factory, {"init_scal": 0.1}, "family 'x'", supplied=("shape",))
+    with pytest.raises(ValueError, match=r"\['shape'\]"):  # a supplied name is no option
+        check_options(factory, {"shape": (1, 2)}, "family 'x'", supplied=("shape",))

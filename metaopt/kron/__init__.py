@@ -7,7 +7,11 @@ from metaopt.kron.families import (
     Family,
     LowRankFamily,
     ScalarFamily,
+    available_families,
+    family_options,
     make_family,
+    register_family,
+    resolve_family,
 )
 from metaopt.kron.layers import LayerView, layer_views
 from metaopt.kron.preconditioner import KroneckerPreconditioner
@@ -21,6 +25,10 @@ __all__ = [
     "LayerView",
     "LowRankFamily",
     "ScalarFamily",
+    "available_families",
+    "family_options",
     "layer_views",
     "make_family",
+    "register_family",
+    "resolve_family",
 ]

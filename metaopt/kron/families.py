@@ -1,4 +1,4 @@
-"""Preconditioner families: the meta-parameters of one layer block and how they act.
+"""Preconditioner families: the meta-parameters of one layer block and how they act, by name.
 
 A family acts on the ``out x in`` matrix ``G`` of a :class:`~metaopt.kron.layers.LayerView`
 and returns the update direction ``P(phi) vec(G)`` reshaped the same way. ``vec`` is
@@ -11,23 +11,35 @@ Families (all PSD by construction, all the identity at ``init_scale=0``):
   (out x in); direction ``B (S^2 * (B^T G A)) A^T``, i.e. ``P = C diag(vec S^2) C^T``
   with ``C = B kron A``. No inverse anywhere.
 * :class:`LowRankFamily` (MetaMD; in :mod:`metaopt.kron.lowrank`, re-exported here):
-  forward matrix ``M = c (B kron A)`` with ``A = I + U U^T``, ``B = I + V V^T`` and
+  metric ``M = c (B kron A)`` with ``A = I + U U^T``, ``B = I + V V^T`` and
   ``c = 1`` unless ``learn_scale``; direction ``M^{-1} vec(G) = vec(B^{-1} G A^{-1}) / c``
   through Woodbury in ``O(r out in)``.
 * :class:`DiagFamily`: per-entry positive scale, direction ``exp(s) * G``.
 * :class:`ScalarFamily`: one positive scale per block (per-layer learning rates).
 
-Families with an explicit forward matrix ``M = P^{-1}`` (lowrank, diag, scalar) also give
+``P`` is the preconditioner; ``M = P^{-1}`` is the metric of the Bregman potential
+``1/2 theta^T M theta`` (Gao et al., *Meta Mirror Descent*, 2022, section 3). Families that
+know ``M`` (lowrank, diag, scalar; ``has_metric``) also give ``metric_apply`` (``M X``),
 ``bregman``, ``min_eigenvalue`` and ``squared_distance_to_identity`` without forming ``M``.
+
+The names live in one :class:`~metaopt.registry.Registry`, :data:`FAMILIES`: ``"ekfac"``,
+``"lowrank"``, ``"diag"``, ``"scalar"`` and the alias ``"rank1"`` (``lowrank`` with
+``rank=1``, MetaMD's ``A = a a^T + I``). :func:`register_family` adds a user's
+:class:`Family` subclass; :func:`make_family` refuses options the class does not take.
 """
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metaopt.kron.family_base import Family
 from metaopt.kron.lowrank import LowRankFamily
+from metaopt.registry import Registry, check_options, keyword_options
 
 __all__ = [
     "FAMILIES",
@@ -36,14 +48,24 @@ __all__ = [
     "Family",
     "LowRankFamily",
     "ScalarFamily",
+    "available_families",
+    "family_options",
     "make_family",
+    "register_family",
+    "resolve_family",
 ]
 
 
 class EKFACFamily(Family):
-    """APO's structured preconditioner ``B (S^2 * (B^T G A)) A^T`` (identity at init)."""
+    """APO's structured preconditioner ``B (S^2 * (B^T G A)) A^T`` (identity at init).
 
-    def __init__(self, shape: tuple[int, int], *, init_scale: float = 0.0, **_: object):
+    Args:
+        shape: ``(out, in)``.
+        init_scale: add ``N(0, init_scale^2)`` noise to ``A = I``, ``B = I``, ``S = 1``
+            (default 0: the identity).
+    """
+
+    def __init__(self, shape: tuple[int, int], *, init_scale: float = 0.0) -> None:
         super().__init__(shape)
         out_dim, in_dim = self.shape
         self.A = nn.Parameter(torch.eye(in_dim))
@@ -97,11 +119,19 @@ class EKFACFamily(Family):
 
 
 class DiagFamily(Family):
-    """Per-entry positive scale: direction ``exp(s) * G``; forward matrix ``diag(exp(-s))``."""
+    """Per-entry positive scale: direction ``exp(s) * G``; metric ``M = diag(exp(-s))``.
 
-    has_forward_matrix = True
+    One block per parameter, whatever its layer (:attr:`Family.per_parameter`).
 
-    def __init__(self, shape: tuple[int, int], *, init_scale: float = 0.0, **_: object):
+    Args:
+        shape: ``(out, in)``.
+        init_scale: ``s ~ N(0, init_scale^2)`` (default 0: the identity).
+    """
+
+    has_metric = True
+    per_parameter = True
+
+    def __init__(self, shape: tuple[int, int], *, init_scale: float = 0.0) -> None:
         super().__init__(shape)
         self.log_scale = nn.Parameter(torch.randn(*self.shape) * init_scale)
 
@@ -118,13 +148,12 @@ class DiagFamily(Family):
                 target.mul_(beta)
             target.addcmul_(g, sc.to(g.dtype), value=alpha)
 
-    @torch.no_grad()
-    def forward_apply(self, X: Tensor) -> Tensor:
+    def metric_apply(self, X: Tensor) -> Tensor:
         """``M X = exp(-s) * X``."""
         dtype = torch.promote_types(X.dtype, self.log_scale.dtype)
         return self._p(torch.exp(-self.log_scale), dtype) * self._p(X, dtype)
 
-    def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+    def metric_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
         """``d/ds <X, exp(-s) * delta> = -exp(-s) * X * delta`` (one block)."""
         (x,), (d,) = X, delta
         return ((-torch.exp(-self.log_scale) * x * d).to(self.log_scale.dtype),)
@@ -143,11 +172,20 @@ class DiagFamily(Family):
 
 
 class ScalarFamily(Family):
-    """One positive scale per block: direction ``exp(s) * G`` (per-layer learning rate)."""
+    """One positive scale per block: direction ``exp(s) * G`` (per-layer learning rate).
 
-    has_forward_matrix = True
+    Its diag views get scalar blocks too (:attr:`Family.diag_view_family`).
 
-    def __init__(self, shape: tuple[int, int], *, init_scale: float = 0.0, **_: object):
+    Args:
+        shape: ``(out, in)``.
+        init_scale: ``s ~ N(0, init_scale^2)`` (default 0: the identity).
+    """
+
+    diag_view_family = "scalar"
+
+    has_metric = True
+
+    def __init__(self, shape: tuple[int, int], *, init_scale: float = 0.0) -> None:
         super().__init__(shape)
         self.log_scale = nn.Parameter(torch.randn(()) * init_scale)
 
@@ -164,13 +202,12 @@ class ScalarFamily(Family):
                 target.mul_(beta)
             target.addcmul_(g, scale.to(g.dtype), value=alpha)
 
-    @torch.no_grad()
-    def forward_apply(self, X: Tensor) -> Tensor:
+    def metric_apply(self, X: Tensor) -> Tensor:
         """``M X = exp(-s) X``."""
         dtype = torch.promote_types(X.dtype, self.log_scale.dtype)
         return self._p(torch.exp(-self.log_scale), dtype) * self._p(X, dtype)
 
-    def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+    def metric_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
         """``d/ds exp(-s) <X, delta> = -exp(-s) <X, delta>``."""
         xd = sum((x * d).sum() for x, d in zip(X, delta, strict=True))
         return ((-torch.exp(-self.log_scale) * xd).to(self.log_scale.dtype),)
@@ -191,19 +228,70 @@ class ScalarFamily(Family):
         return n * (torch.exp(-self.log_scale) - 1) ** 2
 
 
-FAMILIES: dict[str, type[Family]] = {
-    "ekfac": EKFACFamily,
-    "lowrank": LowRankFamily,
-    "rank1": LowRankFamily,
-    "diag": DiagFamily,
-    "scalar": ScalarFamily,
-}
+FAMILIES: Registry[type[Family]] = Registry("family")
 
 
-def make_family(family: str, shape: tuple[int, int], **options: object) -> Family:
-    """Instantiate ``family`` for a block of ``shape``; ``"rank1"`` forces ``rank=1``."""
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r} is unknown; choose one of {sorted(FAMILIES)}")
-    if family == "rank1":
-        options = {**options, "rank": 1}
-    return FAMILIES[family](shape, **options)
+def register_family(name: str, cls: type[Family], *, replace: bool = False) -> type[Family]:
+    """Make the :class:`Family` subclass ``cls`` available as ``name`` (e.g. to
+    ``KroneckerPreconditioner.for_model(model, name)``); returns ``cls``.
+
+    ``cls(shape, **options)`` must take its options as named keyword arguments (no
+    ``**kwargs``) so that a misspelt option is refused. An existing name raises
+    ``ValueError`` unless ``replace=True``.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Family)):
+        raise ValueError(f"register_family({name!r}): {cls!r} is not a Family subclass")
+    FAMILIES.register(name, cls, replace=replace)
+    return cls
+
+
+def available_families() -> list[str]:
+    """Every registered family name and alias, sorted."""
+    return FAMILIES.available()
+
+
+def family_options(family: str) -> list[str]:
+    """The keyword options ``family`` takes (an alias's fixed ones included), sorted."""
+    cls = FAMILIES[family]
+    return keyword_options(cls, supplied=_shape_parameter(cls)) or []
+
+
+def resolve_family(family: str, options: Mapping[str, Any]) -> tuple[type[Family], dict[str, Any]]:
+    """``(class, options)`` for ``family``: an alias's fixed options merged in (``rank1`` is
+    ``lowrank`` with ``rank=1``; giving it another ``rank`` is an error), and every option
+    checked against the class's signature. Nothing is built."""
+    entry = FAMILIES.get(family)
+    for key, fixed in entry.options.items():
+        if key in options and options[key] != fixed:
+            raise ValueError(
+                f"family {family!r} fixes {key}={fixed!r}; got {key}={options[key]!r} "
+                f"(use family {entry.target!r} for another {key})"
+            )
+    merged = {**options, **entry.options}
+    check_options(entry.obj, merged, f"family {family!r}", supplied=_shape_parameter(entry.obj))
+    return entry.obj, merged
+
+
+def make_family(family: str, shape: tuple[int, int], *, name: str = "", **options: Any) -> Family:
+    """Instantiate ``family`` for a block of ``shape`` (``out x in``) with ``options``
+    (checked by :func:`resolve_family`); ``name`` (the layer) prefixes a construction error."""
+    cls, options = resolve_family(family, options)
+    try:
+        return cls(shape, **options)
+    except ValueError as err:
+        if not name:
+            raise
+        raise ValueError(f"layer {name!r}: {err}") from None
+
+
+def _shape_parameter(cls: type[Family]) -> tuple[str, ...]:
+    """The name of the constructor's first parameter (the block shape, not an option)."""
+    params = list(inspect.signature(cls).parameters)
+    return tuple(params[:1])
+
+
+register_family("ekfac", EKFACFamily)
+register_family("lowrank", LowRankFamily)
+register_family("diag", DiagFamily)
+register_family("scalar", ScalarFamily)
+FAMILIES.alias("rank1", "lowrank", rank=1)

@@ -5,6 +5,12 @@ and returns the update direction ``P(phi) vec(G)`` reshaped the same way. ``vec`
 row-major throughout (``G.reshape(-1)``), so for ``X`` of shape ``out x in``,
 ``vec(B X A) = (B kron A^T) vec(X)``. The families themselves are in
 :mod:`metaopt.kron.families` (EKFAC, diag, scalar) and :mod:`metaopt.kron.lowrank`.
+
+``P`` is the preconditioner (the update is ``-eta P g``). Families that also know
+``M = P^{-1}`` (:attr:`Family.has_metric`) define a mirror map: ``M`` is the metric of the
+Bregman potential ``1/2 theta^T M theta``, whose mirror-descent step is the preconditioned
+step (Gao et al., *Meta Mirror Descent*, 2022, section 3). They give ``M X``
+(:meth:`Family.metric_apply`) and MetaMD's identities without forming ``M``.
 """
 
 from __future__ import annotations
@@ -24,10 +30,24 @@ class Family(nn.Module, abc.ABC):
 
     ``apply`` computes in the wider of the gradient's and the meta-parameters' dtypes and
     returns the gradient's dtype, so a bf16 model can use an fp32 preconditioner.
+
+    The constructor is ``cls(shape, **options)`` with keyword-only options (no ``**kwargs``:
+    :func:`~metaopt.kron.families.make_family` refuses an option the signature lacks, naming
+    the allowed ones). A new family is added with
+    :func:`~metaopt.kron.families.register_family`.
     """
 
-    #: whether ``bregman`` / ``min_eigenvalue`` / ``squared_distance_to_identity`` exist
-    has_forward_matrix: bool = False
+    #: whether ``M = P^{-1}`` is known: ``metric_apply``, ``metric_mixed``,
+    #: ``metric_inverse_mixed``, ``bregman``, ``min_eigenvalue`` and
+    #: ``squared_distance_to_identity`` exist
+    has_metric: bool = False
+    #: the registered family that serves this family's ``"diag"`` views (norm scales,
+    #: embeddings, lone biases, grouped convs); a different family is built there with its
+    #: default options, since one family's options mean nothing to another
+    diag_view_family: str = "diag"
+    #: one block per parameter (every view split into ``1 x numel`` diag views) rather than
+    #: one per layer
+    per_parameter: bool = False
 
     def __init__(self, shape: tuple[int, int]) -> None:
         super().__init__()
@@ -80,26 +100,27 @@ class Family(nn.Module, abc.ABC):
                 target.mul_(beta)
             target.add_(part, alpha=alpha)
 
-    def forward_apply(self, X: Tensor) -> Tensor:
-        """``M vec(X)`` reshaped (``X``: ``out x in``), differentiable in ``X`` and the
-        meta-parameters. Families with a forward matrix only."""
-        raise ValueError(f"{type(self).__name__} has no explicit forward matrix M")
+    def metric_apply(self, X: Tensor) -> Tensor:
+        """``M vec(X)`` reshaped (``X``: ``out x in``), ``M = P^{-1}`` the metric of the
+        Bregman potential; differentiable in ``X`` and the meta-parameters. Families with a
+        metric only."""
+        raise ValueError(f"{type(self).__name__} has no metric M = P^-1")
 
-    def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+    def metric_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
         """``d/d phi <X, M(phi) delta>`` for each meta-parameter (``self.parameters()``
         order), without autograd. ``X``, ``delta``: the ``out x in`` matrices as matching
         column blocks (``LayerView.column_blocks``; ``[X]`` for a whole matrix). This is
         ``(d^2 B_M / d phi d theta)^T x`` for ``B_M = 1/2 delta^T M delta``, the mixed
-        product of MetaMD's implicit hypergradient. Families with a forward matrix only."""
-        raise ValueError(f"{type(self).__name__} has no explicit forward matrix M")
+        product of MetaMD's implicit hypergradient. Families with a metric only."""
+        raise ValueError(f"{type(self).__name__} has no metric M = P^-1")
 
-    def forward_inverse_mixed(self, V: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
-        """``forward_mixed(M^{-1} V, delta)`` with ``M^{-1}`` held constant: the closed-form
+    def metric_inverse_mixed(self, V: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+        """``metric_mixed(M^{-1} V, delta)`` with ``M^{-1}`` held constant: the closed-form
         implicit term ``(d^2 B_M / d phi d theta)^T M^{-1} v`` in one call. The default
         applies ``P = M^{-1}`` (``apply_blocks``) first; families override it to fuse the
-        two. Families with a forward matrix only."""
+        two. Families with a metric only."""
         with torch.no_grad():
-            return self.forward_mixed(self.apply_blocks(V, meta_constant=True), delta)
+            return self.metric_mixed(self.apply_blocks(V, meta_constant=True), delta)
 
     def _meta_cache(self, slot: str, extra: tuple[Any, ...], build: Callable[[], Any]) -> Any:
         """``build()``, cached in attribute ``slot`` until a meta-parameter changes or

@@ -23,8 +23,9 @@ __all__ = ["LowRankFamily"]
 class LowRankFamily(Family):
     """MetaMD's ``M = c (A kron B)`` with ``A = I + U U^T``, ``B = I + V V^T`` (paper order).
 
-    In metaopt's row-major vec the forward matrix is ``c * kron(B, A)``; the direction is
-    ``M^{-1} g = B^{-1} G A^{-1} / c``.
+    In metaopt's row-major vec the metric (of the Bregman potential
+    ``1/2 theta^T M theta``) is ``M = c * kron(B, A)``; the preconditioner is
+    ``P = M^{-1}``, the direction ``M^{-1} g = B^{-1} G A^{-1} / c``.
 
     Args:
         shape: ``(out, in)``.
@@ -36,7 +37,7 @@ class LowRankFamily(Family):
             starts a hair away from the identity.
     """
 
-    has_forward_matrix = True
+    has_metric = True
 
     def __init__(
         self,
@@ -45,17 +46,15 @@ class LowRankFamily(Family):
         rank: int = 1,
         learn_scale: bool = False,
         init_scale: float = 1e-3,
-        name: str = "",
-        **_: object,
-    ):
+    ) -> None:
         super().__init__(shape)
         out_dim, in_dim = self.shape
-        if not isinstance(rank, int) or rank < 1:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank={rank!r}: must be a positive integer")
         if rank > min(out_dim, in_dim):
             raise ValueError(
-                f"rank={rank} is larger than layer {name or '?'} of shape {out_dim}x{in_dim} "
-                f"allows (at most {min(out_dim, in_dim)})"
+                f"rank={rank} is larger than a {out_dim}x{in_dim} block allows "
+                f"(at most {min(out_dim, in_dim)})"
             )
         self.rank = rank
         self.learn_scale = learn_scale
@@ -246,7 +245,7 @@ class LowRankFamily(Family):
             Rts=Rts,
         )
 
-    def forward_apply(self, X: Tensor) -> Tensor:
+    def metric_apply(self, X: Tensor) -> Tensor:
         """``M vec(X)`` reshaped: ``c B X A`` (no inverse)."""
         dtype = torch.promote_types(X.dtype, self.U.dtype)
         X = X.to(dtype)
@@ -256,7 +255,7 @@ class LowRankFamily(Family):
         return out * self._p(self.scale(), dtype) if self.learn_scale else out
 
     @torch.no_grad()
-    def forward_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+    def metric_mixed(self, X: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
         """``(dU, dV[, d log_scale])`` of ``f = c <X, B delta A>`` in thin products.
 
         With ``S = delta^T B X``: ``df/dA = S``, ``df/dB = X A delta^T``, hence
@@ -306,11 +305,11 @@ class LowRankFamily(Family):
         return tuple(self._p(t, m.dtype) for t, m in zip(out, metas, strict=True))
 
     @torch.no_grad()
-    def forward_inverse_mixed(self, V: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
-        """``forward_mixed(M^{-1} V, delta)`` fused: ``M^{-1} V`` is never formed.
+    def metric_inverse_mixed(self, V: list[Tensor], delta: list[Tensor]) -> tuple[Tensor, ...]:
+        """``metric_mixed(M^{-1} V, delta)`` fused: ``M^{-1} V`` is never formed.
 
         With ``X = M^{-1} V = B^{-1} V A^{-1} / c`` (``V`` here the ``out x in`` vector
-        ``v``), ``B X = V A^{-1} / c`` and ``X A = B^{-1} V / c``, so ``forward_mixed``'s
+        ``v``), ``B X = V A^{-1} / c`` and ``X A = B^{-1} V / c``, so ``metric_mixed``'s
         ``dU = c (delta^T B X U + X^T B delta U)`` and ``dV = c (X A delta^T V' + delta A X^T V')``
         (``V'`` the factor) become ``dU = delta^T v (U alpha) + A^{-1} v^T (delta U)`` and
         ``dV = B^{-1} v (delta^T V') + delta v^T (V' beta)``, and ``d/d log c = <v, delta>``
@@ -318,7 +317,7 @@ class LowRankFamily(Family):
         ``V' beta = B^{-1} V'``). Six passes over ``out x in`` memory, in thin products
         with the factors as rows: ``(delta U)^T``, ``[(delta U)^T; (V' beta)^T] v``,
         ``(v U alpha)^T``, ``[(v U alpha)^T; V'^T] delta``, ``(v delta^T V')^T``,
-        ``(delta v^T V' beta)^T``, against nine for ``apply`` then ``forward_mixed``.
+        ``(delta v^T V' beta)^T``, against nine for ``apply`` then ``metric_mixed``.
         """
         dtype = torch.promote_types(torch.promote_types(V[0].dtype, delta[0].dtype), self.U.dtype)
         f = self._deploy_factors(dtype, tuple(v.shape[1] for v in V))
@@ -352,16 +351,16 @@ class LowRankFamily(Family):
         return tuple(self._p(t, m.dtype) for t, m in zip(out, metas, strict=True))
 
     def dense(self) -> Tensor:
-        return torch.linalg.inv(self.dense_forward())
+        return torch.linalg.inv(self.dense_metric())
 
-    def dense_forward(self) -> Tensor:
+    def dense_metric(self) -> Tensor:
         """``M = c kron(B, A)`` in row-major vec (tests only)."""
         return self.scale() * torch.kron(self.factor_B(), self.factor_A())
 
     # --- identities (MetaMD appendix A.4-A.5) -------------------------------------------
     def bregman(self, delta: Tensor) -> Tensor:
         """``1/2 vec(D)^T M vec(D)`` for ``D = theta - theta_ref`` (out x in)."""
-        return 0.5 * (delta * self.forward_apply(delta)).sum()
+        return 0.5 * (delta * self.metric_apply(delta)).sum()
 
     def min_eigenvalue(self) -> Tensor:
         """``c * lambda_min(A) * lambda_min(B)``; ``lambda_min(I + U U^T) = 1`` for r < dim."""

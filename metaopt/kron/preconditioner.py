@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaopt.kron.families import DiagFamily, Family, ScalarFamily, make_family
+from metaopt.kron.families import FAMILIES, Family, make_family, resolve_family
 from metaopt.kron.layers import LayerView, layer_views
 
 __all__ = ["KroneckerPreconditioner"]
@@ -22,9 +22,14 @@ def _module_key(view_name: str) -> str:
 class KroneckerPreconditioner(nn.Module):
     """Block-diagonal preconditioner ``P = diag(P_1, ..., P_Z)``, one family per layer view.
 
-    Linear/conv views get ``family``; diag views (norm scales, embeddings, lone biases,
-    grouped convs) get the ``"diag"`` family, or ``"scalar"`` when ``family="scalar"``.
-    Parameters matched by ``skip`` are passed through unchanged (identity).
+    Linear/conv views get ``family`` built with ``options``. Diag views (norm scales,
+    embeddings, lone biases, grouped convs) get the family's ``diag_view_family``
+    (``"diag"``; ``"scalar"`` for ``family="scalar"``): with ``options`` when that is
+    the family itself, else with its own defaults (the identity), because one family's
+    options mean nothing to another (lowrank's ``rank`` or ``init_scale`` to a diag
+    block). ``dense_diag_max=n`` (default 0) instead gives diag views with at most ``n``
+    entries a ``1 x n`` block of ``family`` itself (a full ``n x n`` EKFAC block for
+    ``"ekfac"``). Parameters matched by ``skip`` are passed through unchanged (identity).
 
     The module's own parameters are the meta-parameters, so ``preconditioner.parameters()``
     can be handed to a meta-optimizer and ``apply`` is differentiable in them.
@@ -38,27 +43,29 @@ class KroneckerPreconditioner(nn.Module):
         param_names: list[str],
         param_shapes: Mapping[str, tuple[int, ...]],
         skip: str | None = None,
+        dense_diag_max: int = 0,
         **options: Any,
     ) -> None:
         super().__init__()
+        cls, _ = resolve_family(family, options)  # refuses bad options before building
+        if type(dense_diag_max) is not int or dense_diag_max < 0:  # bool is not a count
+            raise ValueError(f"dense_diag_max={dense_diag_max!r}: must be an integer >= 0")
         self.family_name = family
-        self.options = dict(options)
+        #: what ``for_model`` needs to rebuild this preconditioner (saved in file metadata)
+        self.options = {**options, **({"dense_diag_max": dense_diag_max} if dense_diag_max else {})}
         self.skip = skip
         self.views = views
         self.param_names = list(param_names)
         self.param_shapes = {n: tuple(s) for n, s in param_shapes.items()}
+        fallback = cls.diag_view_family
+        fallback_options = options if FAMILIES[fallback] is cls else {}
         blocks = {}
-        dense_max = int(options.get("dense_diag_max", 0))
         for v in views:
-            if v.kind == "diag" and family == "ekfac" and v.shape[0] * v.shape[1] <= dense_max:
-                # a small lone parameter as a 1 x n matrix: full n x n EKFAC block
-                blocks[_module_key(v.name)] = make_family(family, v.shape, name=v.name, **options)
-            elif v.kind == "diag":
-                cls = ScalarFamily if family == "scalar" else DiagFamily
-                own = options if family in ("diag", "scalar") else {}
-                blocks[_module_key(v.name)] = cls(v.shape, **own)
+            if v.kind == "diag" and v.shape[0] * v.shape[1] > dense_diag_max:
+                blk = make_family(fallback, v.shape, name=v.name, **fallback_options)
             else:
-                blocks[_module_key(v.name)] = make_family(family, v.shape, name=v.name, **options)
+                blk = make_family(family, v.shape, name=v.name, **options)
+            blocks[_module_key(v.name)] = blk
         self.blocks = nn.ModuleDict(blocks)
 
     @classmethod
@@ -66,26 +73,32 @@ class KroneckerPreconditioner(nn.Module):
         cls,
         model: nn.Module,
         family: str = "ekfac",
-        rank: int = 1,
+        rank: int | None = None,
         skip: str | None = None,
+        *,
+        dense_diag_max: int = 0,
         **options: Any,
     ) -> KroneckerPreconditioner:
         """Build a preconditioner (identity, or near it for lowrank) for ``model``.
 
         Args:
             model: the network whose ``named_parameters()`` the preconditioner serves.
-            family: ``"ekfac" | "lowrank" | "rank1" | "diag" | "scalar"``.
-            rank: rank of ``"lowrank"`` factors (ignored by other families).
+            family: a registered family (:func:`~metaopt.kron.families.available_families`:
+                ``"ekfac" | "lowrank" | "rank1" | "diag" | "scalar"`` and any added with
+                :func:`~metaopt.kron.families.register_family`).
+            rank: the family's ``rank`` option (``"lowrank"``; ``"rank1"`` fixes it to 1);
+                ``None`` (default) leaves the family's default.
             skip: regex of parameter names to leave out (identity).
-            **options: family options (``learn_scale``, ``init_scale``); for ``"ekfac"``,
-                ``dense_diag_max=n`` gives lone parameters (diag views) with at most ``n``
-                entries a full ``n x n`` EKFAC block instead of the diagonal one (default 0).
+            dense_diag_max: diag views with at most this many entries get a block of
+                ``family`` itself instead of the diag fallback (default 0: none).
+            **options: the family's own keyword options (``init_scale``, ``learn_scale``,
+                ...); one it does not take is a ``ValueError`` listing those it does.
         """
-        if family in ("lowrank", "rank1"):
-            options["rank"] = 1 if family == "rank1" else rank
+        if rank is not None:
+            options["rank"] = rank
+        family_cls, _ = resolve_family(family, options)
         views = layer_views(model, skip=skip)
-        if family == "diag":
-            # one per-entry block for every parameter, whatever its layer
+        if family_cls.per_parameter:
             views = _as_diag_views(views)
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         ref = next((p for _, p in trainable), None)
@@ -95,6 +108,7 @@ class KroneckerPreconditioner(nn.Module):
             param_names=[n for n, _ in trainable],
             param_shapes={n: tuple(p.shape) for n, p in trainable},
             skip=skip,
+            dense_diag_max=dense_diag_max,
             **options,
         )
         if ref is not None:
@@ -128,25 +142,27 @@ class KroneckerPreconditioner(nn.Module):
     def forward(self, grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return self.apply(grads)
 
-    # --- MetaMD identities (families with a forward matrix M = P^{-1}) --------------------
-    def _forward_blocks(self) -> list[tuple[LayerView, Family]]:
+    # --- MetaMD identities (families with a metric M = P^{-1}) ---------------------------
+    def _metric_blocks(self) -> list[tuple[LayerView, Family]]:
         pairs = [(v, self.block(v)) for v in self.views]
-        bad = sorted({type(b).__name__ for _, b in pairs if not b.has_forward_matrix})
+        bad = sorted({type(b).__name__ for _, b in pairs if not b.has_metric})
         if bad:
             raise ValueError(
-                f"family={self.family_name!r} has no explicit forward matrix M "
-                f"(blocks {bad}); bregman/min_eigenvalue/frobenius need lowrank, diag or scalar"
+                f"family={self.family_name!r} has no metric M = P^-1 (blocks {bad}); "
+                "metric_apply/bregman/min_eigenvalue/frobenius need a family with has_metric "
+                "(lowrank, rank1, diag, scalar)"
             )
         return pairs
 
-    def forward_apply(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``M v`` block by block for ``tensors`` keyed like ``named_parameters()`` (the
-        Hessian of ``B_M`` applied to ``v``; skipped parameters: ``M = I``). Never forms ``M``;
-        differentiable in ``tensors`` and the meta-parameters."""
+    def metric_apply(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``M v`` block by block for ``tensors`` keyed like ``named_parameters()``, with
+        ``M = P^{-1}`` the metric of the Bregman potential ``B_M`` (its Hessian; skipped
+        parameters: ``M = I``). Never forms ``M``; differentiable in ``tensors`` and the
+        meta-parameters."""
         out = dict(tensors)
-        for view, blk in self._forward_blocks():
+        for view, blk in self._metric_blocks():
             if view.weight in tensors:
-                out.update(view.from_matrix(blk.forward_apply(view.to_matrix(tensors))))
+                out.update(view.from_matrix(blk.metric_apply(view.to_matrix(tensors))))
         return out
 
     def bregman(self, theta: Mapping[str, Tensor], theta_ref: Mapping[str, Tensor]) -> Tensor:
@@ -156,7 +172,7 @@ class KroneckerPreconditioner(nn.Module):
         """
         total = None
         covered: set[str] = set()
-        for view, blk in self._forward_blocks():
+        for view, blk in self._metric_blocks():
             delta = view.to_matrix(theta) - view.to_matrix(theta_ref)
             term = blk.bregman(delta)
             total = term if total is None else total + term
@@ -183,10 +199,10 @@ class KroneckerPreconditioner(nn.Module):
         layers are not in ``theta``). This is the mixed product
         ``(d^2 B_M / d phi d theta)^T x`` that MetaMD's implicit hypergradient needs
         (``x = M^{-1} d_theta outer``), computed analytically block by block
-        (``Family.forward_mixed``: thin matrix products, no autograd graph); pass it to
+        (``Family.metric_mixed``: thin matrix products, no autograd graph); pass it to
         ``implicit_grad(method="closed_form", mixed_product=...)``.
         """
-        return self._blockwise_mixed(x, theta, theta_ref, "forward_mixed")
+        return self._blockwise_mixed(x, theta, theta_ref, "metric_mixed")
 
     @torch.no_grad()
     def bregman_inverse_mixed(
@@ -196,12 +212,12 @@ class KroneckerPreconditioner(nn.Module):
         theta_ref: Mapping[str, Tensor],
     ) -> tuple[Tensor, ...]:
         """``bregman_mixed(M^{-1} v, theta, theta_ref)`` with ``M^{-1}`` held constant, in
-        one pass per block (``Family.forward_inverse_mixed``; the lowrank family never forms
+        one pass per block (``Family.metric_inverse_mixed``; the lowrank family never forms
         ``M^{-1} v``): the whole closed-form implicit term
         ``(d^2 B_M / d phi d theta)^T H^{-1} v`` of a Bregman inner objective (``H = M``);
         pass it to ``implicit_grad(method="closed_form", inverse_mixed=...)``.
         """
-        return self._blockwise_mixed(v, theta, theta_ref, "forward_inverse_mixed")
+        return self._blockwise_mixed(v, theta, theta_ref, "metric_inverse_mixed")
 
     def _blockwise_mixed(
         self,
@@ -211,7 +227,7 @@ class KroneckerPreconditioner(nn.Module):
         method: str,
     ) -> tuple[Tensor, ...]:
         grads: dict[int, Tensor] = {}
-        for view, blk in self._forward_blocks():
+        for view, blk in self._metric_blocks():
             if view.weight not in theta:
                 continue
             cols = zip(view.column_blocks(theta), view.column_blocks(theta_ref), strict=True)
@@ -225,12 +241,12 @@ class KroneckerPreconditioner(nn.Module):
 
     def min_eigenvalue(self) -> Tensor:
         """``lambda = min over blocks of lambda_min(M_block)`` (MetaMD appendix A.5)."""
-        return torch.stack([blk.min_eigenvalue() for _, blk in self._forward_blocks()]).min()
+        return torch.stack([blk.min_eigenvalue() for _, blk in self._metric_blocks()]).min()
 
     def frobenius_distance_to_identity(self) -> Tensor:
         """``||M - I||_F`` over all blocks (MetaMD appendix A.4), from trace identities."""
         sq = torch.stack(
-            [blk.squared_distance_to_identity() for _, blk in self._forward_blocks()]
+            [blk.squared_distance_to_identity() for _, blk in self._metric_blocks()]
         ).sum()
         # d sqrt(x)/dx is infinite at 0: use sqrt(max(x, tiny)) for a finite gradient
         return sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()

@@ -29,8 +29,10 @@ import torch
 from torch import Tensor
 
 from metaopt.kron.preconditioner import KroneckerPreconditioner
+from metaopt.registry import Registry
 
 __all__ = [
+    "OBJECTIVES",
     "MetaContext",
     "available_meta_objectives",
     "get_meta_objective",
@@ -109,16 +111,19 @@ class MetaContext:
 
 MetaObjective = Callable[..., Tensor]
 F = TypeVar("F", bound=MetaObjective)
-_OBJECTIVES: dict[str, MetaObjective] = {}
+#: name -> meta-objective function
+OBJECTIVES: Registry[MetaObjective] = Registry("meta_objective")
 
 
-def register_meta_objective(name: str) -> Callable[[F], F]:
-    """Decorator: register ``fn(ctx: MetaContext, **options) -> Tensor`` as ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name={name!r}: must be a non-empty string")
+def register_meta_objective(name: str, *, replace: bool = False) -> Callable[[F], F]:
+    """Decorator: register ``fn(ctx: MetaContext, **options) -> Tensor`` as ``name``.
+
+    An existing name (``"proximal"``, ``"bregman-rate"``, ...) raises ``ValueError`` unless
+    ``replace=True``, so a plugin cannot silently replace a learner's objective.
+    """
 
     def deco(fn: F) -> F:
-        _OBJECTIVES[name] = fn
+        OBJECTIVES.register(name, fn, replace=replace)
         return fn
 
     return deco
@@ -126,13 +131,11 @@ def register_meta_objective(name: str) -> Callable[[F], F]:
 
 def get_meta_objective(name: str) -> MetaObjective:
     """The objective registered as ``name``; unknown names list the registered ones."""
-    if name not in _OBJECTIVES:
-        raise ValueError(f"meta_objective={name!r} is unknown; registered: {sorted(_OBJECTIVES)}")
-    return _OBJECTIVES[name]
+    return OBJECTIVES[name]
 
 
 def available_meta_objectives() -> list[str]:
-    return sorted(_OBJECTIVES)
+    return OBJECTIVES.available()
 
 
 def _check_scalar(value: Tensor, name: str) -> Tensor:

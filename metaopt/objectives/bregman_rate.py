@@ -36,7 +36,7 @@ __all__ = ["bregman_rate", "final_loss", "log_final_loss"]
 
 @register_meta_objective("bregman-rate")
 def bregman_rate(ctx: MetaContext, k_lambda: float = 0.0, gamma: float = 0.0) -> Tensor:
-    """Eq. 8 for one task: needs ``ctx.preconditioner`` (a family with a forward matrix).
+    """Eq. 8 for one task: needs ``ctx.preconditioner`` (a family with a metric ``M = P^{-1}``).
 
     Args:
         ctx: ``params_before`` = theta_1, ``params_after`` = theta_T.

@@ -28,65 +28,47 @@ name           optimizer                                   defaults
 ``addsign``    :class:`~metaopt.optim.AddSign`             ``lr=0.01, alpha=1``
 =============  ==========================================  ===========================
 
-Add your own with :func:`register_optimizer`.
+Add your own with :func:`register_optimizer`. The names live in one
+:class:`~metaopt.registry.Registry`, :data:`OPTIMIZERS`.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["available_optimizers", "get_optimizer", "register_optimizer"]
+from metaopt.optim.hypergradient_descent import SGDHD, AdamHD
+from metaopt.optim.kfac import EKFAC, KFAC
+from metaopt.optim.l4 import L4
+from metaopt.optim.shampoo import Shampoo
+from metaopt.optim.sign import AddSign, PowerSign
+from metaopt.registry import Registry
+
+__all__ = ["OPTIMIZERS", "available_optimizers", "get_optimizer", "register_optimizer"]
 
 Factory = Callable[..., torch.optim.Optimizer]
 F = TypeVar("F", bound=Callable[..., torch.optim.Optimizer])
 
-
-@dataclass(frozen=True)
-class _Entry:
-    """One registered name: a factory (or a lazy ``"module:Attr"`` path) and its defaults."""
-
-    target: Factory | str
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    needs_model: bool = False
-
-    def resolve(self, name: str) -> Factory:
-        if not isinstance(self.target, str):
-            return self.target
-        module_name, _, attr = self.target.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            raise ImportError(
-                f"optimizer {name!r} lives in {module_name!r}, which could not be imported: {err}"
-            ) from err
-        return getattr(module, attr)
-
-
-_REGISTRY: dict[str, _Entry] = {}
-
-
-def _add(name: str, entry: _Entry) -> None:
-    if not isinstance(name, str) or not name or name != name.strip().lower():
-        raise ValueError(f"name={name!r}: must be a non-empty lower-case string")
-    if name in _REGISTRY:
-        raise ValueError(f"name={name!r}: already registered; pick another name")
-    _REGISTRY[name] = entry
+#: name -> optimizer factory; each entry's meta holds ``defaults`` and ``needs_model``
+OPTIMIZERS: Registry[Factory] = Registry("optimizer", normalize=str.lower)
 
 
 def register_optimizer(
-    name: str, *, defaults: Mapping[str, Any] | None = None, needs_model: bool = False
+    name: str,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    needs_model: bool = False,
+    replace: bool = False,
 ) -> Callable[[F], F]:
     """Decorator that makes an optimizer class (or factory) reachable by ``name``.
 
     The decorated callable is called as ``factory(params, **hparams)`` (or
     ``factory(model, **hparams)`` when ``needs_model=True``, e.g. for optimizers that hook
-    into layers). ``defaults`` are merged under the caller's hyperparameters.
+    into layers). ``defaults`` are merged under the caller's hyperparameters. ``name`` is
+    case-insensitive; an existing name raises ``ValueError`` unless ``replace=True``.
 
     Example::
 
@@ -95,22 +77,25 @@ def register_optimizer(
 
         opt = get_optimizer("my-sgd", model)
     """
-    if not isinstance(name, str):
-        raise ValueError(f"name={name!r}: must be a string")
-    key = name.strip().lower()
 
     def decorate(factory: F) -> F:
         if not callable(factory):
             raise ValueError(f"register_optimizer({name!r}): {factory!r} is not callable")
-        _add(key, _Entry(factory, dict(defaults or {}), needs_model))
+        OPTIMIZERS.register(
+            name,
+            factory,
+            replace=replace,
+            defaults=dict(defaults or {}),
+            needs_model=needs_model,
+        )
         return factory
 
     return decorate
 
 
 def available_optimizers() -> list[str]:
-    """All registered names, in registration order (torch's, second-order, adaptive, user)."""
-    return list(_REGISTRY)
+    """All registered names, sorted."""
+    return OPTIMIZERS.available()
 
 
 def get_optimizer(
@@ -129,50 +114,41 @@ def get_optimizer(
         ValueError: unknown name (the message lists the valid ones), or bare parameters
             given to an optimizer that needs the model.
     """
-    key = name.strip().lower() if isinstance(name, str) else name
-    entry = _REGISTRY.get(key)
-    if entry is None:
+    entry = OPTIMIZERS.get(name)
+    if entry.meta["needs_model"] and not isinstance(params_or_model, nn.Module):
         raise ValueError(
-            f"name={name!r}: unknown optimizer; valid names: {', '.join(available_optimizers())}"
-        )
-    if entry.needs_model and not isinstance(params_or_model, nn.Module):
-        raise ValueError(
-            f"params_or_model={type(params_or_model).__name__}: {key!r} needs the "
+            f"params_or_model={type(params_or_model).__name__}: {entry.name!r} needs the "
             "nn.Module itself (it hooks into the layers), not bare parameters"
         )
-    factory = entry.resolve(key)
-    kwargs = {**entry.defaults, **hparams}
-    if entry.needs_model:
-        return factory(params_or_model, **kwargs)
+    kwargs = {**entry.meta["defaults"], **hparams}
+    if entry.meta["needs_model"]:
+        return entry.obj(params_or_model, **kwargs)
     if isinstance(params_or_model, nn.Module):
         params_or_model = params_or_model.parameters()
-    return factory(params_or_model, **kwargs)
+    return entry.obj(params_or_model, **kwargs)
 
 
 def _register_builtins() -> None:
     sgd, adam = torch.optim.SGD, torch.optim.Adam
-    _add("sgd", _Entry(sgd, {"lr": 0.1}))
-    _add("sgdm", _Entry(sgd, {"lr": 0.01, "momentum": 0.9}))
-    _add("nesterov", _Entry(sgd, {"lr": 0.01, "momentum": 0.9, "nesterov": True}))
-    _add("adam", _Entry(adam, {"lr": 1e-3}))
-    _add("adamw", _Entry(torch.optim.AdamW, {"lr": 1e-3}))
-    _add("rmsprop", _Entry(torch.optim.RMSprop, {"lr": 1e-3}))
-    _add("kfac", _Entry("metaopt.optim.kfac:KFAC", needs_model=True))
-    _add("ekfac", _Entry("metaopt.optim.kfac:EKFAC", needs_model=True))
-    _add("shampoo", _Entry("metaopt.optim.shampoo:Shampoo", needs_model=True))
-    hd = "metaopt.optim.hypergradient_descent"
-    _add("sgd-hd", _Entry(f"{hd}:SGDHD", {"lr": 0.1, "hypergrad_lr": 1e-3}))
-    _add(
-        "sgdm-hd",
-        _Entry(
-            f"{hd}:SGDHD", {"lr": 0.01, "momentum": 0.9, "nesterov": True, "hypergrad_lr": 1e-3}
-        ),
-    )
-    _add("adam-hd", _Entry(f"{hd}:AdamHD", {"lr": 1e-3, "hypergrad_lr": 1e-7}))
-    _add("l4-sgdm", _Entry("metaopt.optim.l4:L4", {"direction": "momentum"}))
-    _add("l4-adam", _Entry("metaopt.optim.l4:L4", {"direction": "adam"}))
-    _add("powersign", _Entry("metaopt.optim.sign:PowerSign", {"lr": 0.01}))
-    _add("addsign", _Entry("metaopt.optim.sign:AddSign", {"lr": 0.01}))
+    builtins: list[tuple[str, Factory, dict[str, Any]]] = [
+        ("sgd", sgd, {"lr": 0.1}),
+        ("sgdm", sgd, {"lr": 0.01, "momentum": 0.9}),
+        ("nesterov", sgd, {"lr": 0.01, "momentum": 0.9, "nesterov": True}),
+        ("adam", adam, {"lr": 1e-3}),
+        ("adamw", torch.optim.AdamW, {"lr": 1e-3}),
+        ("rmsprop", torch.optim.RMSprop, {"lr": 1e-3}),
+        ("sgd-hd", SGDHD, {"lr": 0.1, "hypergrad_lr": 1e-3}),
+        ("sgdm-hd", SGDHD, {"lr": 0.01, "momentum": 0.9, "nesterov": True, "hypergrad_lr": 1e-3}),
+        ("adam-hd", AdamHD, {"lr": 1e-3, "hypergrad_lr": 1e-7}),
+        ("l4-sgdm", L4, {"direction": "momentum"}),
+        ("l4-adam", L4, {"direction": "adam"}),
+        ("powersign", PowerSign, {"lr": 0.01}),
+        ("addsign", AddSign, {"lr": 0.01}),
+    ]
+    for name, factory, defaults in builtins:
+        register_optimizer(name, defaults=defaults)(factory)
+    for name, cls in (("kfac", KFAC), ("ekfac", EKFAC), ("shampoo", Shampoo)):
+        register_optimizer(name, needs_model=True)(cls)
 
 
 _register_builtins()

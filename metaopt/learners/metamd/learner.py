@@ -100,7 +100,7 @@ class MetaMD:
         if ref is not None and ref.is_floating_point():
             self.preconditioner.to(dtype=torch.promote_types(ref.dtype, torch.float32))
         if config.implicit and not all(
-            self.preconditioner.block(v).has_forward_matrix for v in self.preconditioner.views
+            self.preconditioner.block(v).has_metric for v in self.preconditioner.views
         ):
             raise ValueError(
                 f"engine={config.engine!r}: the implicit hypergradient needs a family with an "

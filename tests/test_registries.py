@@ -1,0 +1,126 @@
+"""One duplicate policy for every name table: an existing name is refused unless replace=True.
+
+Each case is a registry, a name it already holds and its public register function (called
+with a fresh object). To add a registry (engines, APO rules and adapts, ...), append a
+``Case`` to ``CASES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+import meta_train.builtin  # noqa: F401  (registers the built-in learners)
+import tasks
+from meta_test.specs import SPECS, register_spec
+from meta_train.learners import LEARNERS, register_learner
+from metaopt.kron import FAMILIES, DiagFamily, register_family
+from metaopt.objectives.base import OBJECTIVES, register_meta_objective
+from metaopt.optim.registry import OPTIMIZERS, register_optimizer
+from metaopt.registry import Registry
+from tasks.registry import SUITES, TASK_FAMILIES, TASKS
+
+
+def _family(name: str, replace: bool) -> object:
+    return register_family(name, type("_Family", (DiagFamily,), {}), replace=replace)
+
+
+def _optimizer(name: str, replace: bool) -> object:
+    return register_optimizer(name, replace=replace)(type("_SGD", (torch.optim.SGD,), {}))
+
+
+def _objective(name: str, replace: bool) -> object:
+    def objective(ctx: Any) -> torch.Tensor:
+        return ctx.squared_distance()
+
+    return register_meta_objective(name, replace=replace)(objective)
+
+
+def _factory() -> Callable[..., Any]:
+    def factory(**options: Any) -> Any:
+        raise AssertionError("never built")
+
+    return factory
+
+
+def _spec(name: str, replace: bool) -> object:
+    builder = _factory()
+    register_spec(name, builder, replace=replace)
+    return builder
+
+
+def _learner(name: str, replace: bool) -> object:
+    build = _factory()
+    register_learner(name, build, replace=replace)
+    return build
+
+
+@dataclass(frozen=True)
+class Case:
+    registry: Registry[Any]
+    existing: str
+    register: Callable[[str, bool], object]  # (name, replace) -> the object registered
+
+
+CASES = [
+    Case(FAMILIES, "lowrank", _family),
+    Case(FAMILIES, "rank1", _family),  # an alias
+    Case(OPTIMIZERS, "sgd", _optimizer),
+    Case(OPTIMIZERS, "SGDM", _optimizer),  # names are case-insensitive
+    Case(OBJECTIVES, "proximal", _objective),
+    Case(OBJECTIVES, "bregman-rate", _objective),
+    Case(TASKS, "digits", lambda n, r: tasks.register_task(n, replace=r)(_factory())),
+    Case(TASKS, "uci:<name>", lambda n, r: tasks.register_task(n, replace=r)(_factory())),
+    Case(
+        TASK_FAMILIES,
+        "meta-quadratics",
+        lambda n, r: tasks.register_family(n, replace=r)(_factory()),
+    ),
+    Case(SUITES, "rotated-digits", lambda n, r: tasks.register_suite(n, replace=r)(_factory())),
+    Case(SPECS, "learned:<path>", _spec),
+    Case(SPECS, "apo-precond", _spec),
+    Case(SPECS, "adam", _spec),  # an optimizer name is a spec too
+    Case(LEARNERS, "metamd", _learner),
+]
+
+
+def _id(case: Case) -> str:
+    return f"{case.registry.kind}:{case.existing}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_registering_an_existing_name_raises_and_keeps_the_entry(case: Case) -> None:
+    key = case.existing.lower() if case.registry is OPTIMIZERS else case.existing
+    key = key.split("<", 1)[0] if case.registry is SPECS else key
+    before = case.registry.get(key) if key in case.registry else None
+    with pytest.raises(ValueError, match="already registered"):
+        case.register(case.existing, False)
+    if before is not None:
+        after = case.registry.get(key)
+        assert after.obj is before.obj and after.options == before.options
+
+
+@pytest.mark.parametrize("case", list({id(c.registry): c for c in CASES}.values()), ids=_id)
+def test_replace_true_replaces(case: Case) -> None:
+    name = f"test-duplicate-{case.registry.kind}"
+    try:
+        first = case.register(name, False)
+        assert case.registry[name] is first
+        with pytest.raises(ValueError, match=f"'{name}' is already registered"):
+            case.register(name, False)
+        assert case.registry[name] is first
+        second = case.register(name, True)
+        assert second is not first and case.registry[name] is second
+    finally:
+        if name in case.registry:
+            case.registry.unregister(name)
+
+
+def test_a_name_belongs_to_one_kind_of_task_registry() -> None:
+    with pytest.raises(ValueError, match="'digits' is already registered as a task"):
+        tasks.register_suite("digits", replace=True)(_factory())
+    assert "digits" not in SUITES
