@@ -8,8 +8,13 @@ Built-in specs:
 - every name of :func:`metaopt.optim.available_optimizers` (``sgdm``, ``adam``, ``kfac``,
   ...), trained as an ordinary ``torch.optim`` loop; they tune learning rate x weight decay
   on the MetaMD appendix A.7 grids (L4 tunes ``alpha`` instead of ``lr``);
-- ``learned:<path>``: a saved preconditioner (``metaopt.save_preconditioner``) loaded onto
-  the task's model and deployed with :class:`metaopt.optim.Preconditioned`; tunes lr x wd;
+- ``learned:<path>``: a learned optimizer file (``metaopt.save_learned_optimizer``, what
+  ``python -m meta_train`` writes) rebuilt on the task's model with its own rule and
+  hyperparameters (:func:`metaopt.load_optimizer`). It tunes ``lr`` over the file's
+  meta-trained lr times ``LEARNED_LR_FACTORS`` (the learned optimizer has tuned its own
+  step scale; the search refines it on the same 5-point budget as every optimizer) x the
+  weight-decay grid. ``learned:<path>?momentum=0.9&nesterov=true`` overrides rule
+  hyperparameters (values as TOML: numbers, ``true``/``false``, quoted strings);
 - ``apo-lr:<base>``, ``apo-layer-lr:<base>``, ``apo-rmsprop-eps-rho``, ``apo-kfac-damping``,
   ``apo-precond``: built by :func:`meta_test.apo_specs.build`, searched over
   :func:`meta_test.apo_specs.search_space`.
@@ -36,6 +41,7 @@ from metaopt.registry import Registry, import_target
 
 __all__ = [
     "APO_SPECS",
+    "LEARNED_LR_FACTORS",
     "SPECS",
     "L4_ALPHA_GRID",
     "OptimizerTrainer",
@@ -266,18 +272,53 @@ def _optimizer_space(spec: str) -> SearchSpace:
     return lr_wd_space(LR_GRID, WD_GRID)
 
 
-def _learned_builder(spec: str, model: nn.Module, task: Any, hp: dict[str, Any]) -> Trainer:
-    from metaopt.io import load_preconditioner
-    from metaopt.optim import Preconditioned
+#: the ``learned:`` lr grid, relative to the file's meta-trained lr
+LEARNED_LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
-    path = spec.split(":", 1)[1]
-    pre = load_preconditioner(path, model)
-    opt = Preconditioned(model.named_parameters(), pre, **hp)
+
+def parse_learned(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"learned:PATH?k=v&k2=v2"`` -> ``(PATH, {k: v, k2: v2})`` (values as TOML values,
+    a bare word as a string)."""
+    import tomllib
+
+    body = spec.split(":", 1)[1]
+    path, _, query = body.partition("?")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, query.split("&")):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"spec={spec!r}: write overrides as learned:PATH?key=value&key=value")
+        try:
+            overrides[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = raw
+    if not path:
+        raise ValueError(f"spec={spec!r}: write learned:PATH (a learned optimizer file)")
+    return path, overrides
+
+
+def _learned_builder(spec: str, model: nn.Module, task: Any, hp: dict[str, Any]) -> Trainer:
+    from metaopt.io import load_learned_optimizer
+
+    path, overrides = parse_learned(spec)
+    learned = load_learned_optimizer(path, model)
+    hp = {**overrides, **hp}
+    opt = learned.build(model.named_parameters(), hp.pop("lr", None), **hp)
+    pre = learned.preconditioner
     return OptimizerTrainer(model, task, opt, num_meta_parameters=pre.num_meta_parameters())
+
+
+def _learned_space(spec: str) -> SearchSpace:
+    from metaopt.io import read_metadata
+
+    path, overrides = parse_learned(spec)
+    meta = read_metadata(path).get("optimizer") or {}
+    lr = float(overrides.get("lr", meta.get("lr", 0.01)))
+    return lr_wd_space(tuple(lr * f for f in LEARNED_LR_FACTORS), WD_GRID)
 
 
 APO_SPECS = ("apo-lr:", "apo-layer-lr:", "apo-rmsprop-eps-rho", "apo-kfac-damping", "apo-precond")
 
-register_spec("learned:<path>", _learned_builder, search_space=lr_wd_space(LR_GRID, WD_GRID))
+register_spec("learned:<path>", _learned_builder, search_space=_learned_space)
 for _name in APO_SPECS:
     register_spec(_name, apo_specs.build, search_space=apo_specs.search_space)

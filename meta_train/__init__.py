@@ -8,13 +8,12 @@ Run ``python -m meta_train --help``; programmatic pieces::
 from meta_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from meta_train.config import TrainConfig
 from meta_train.distributed import Dist, setup
-from meta_train.learners import OuterLearner, available_learners, register_learner
+from meta_train.learners import available_learners, register_learner
 from meta_train.runner import Stopped, run
 
 __all__ = [
     "CheckpointError",
     "Dist",
-    "OuterLearner",
     "Stopped",
     "TrainConfig",
     "available_learners",

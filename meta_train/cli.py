@@ -3,6 +3,8 @@
 Examples::
 
     python -m meta_train --learner metamd --suite rotated-digits --holdout 75 --out runs/md
+    python -m meta_train --learner metamd --preset metamd-paper --suite rotated-digits \
+        --holdout 75 --out runs/paper
     python -m meta_train --config md.toml --out runs/md --resume
     torchrun --nproc_per_node=2 -m meta_train --learner metamd --family meta-quadratics --out r
 
@@ -28,7 +30,7 @@ from meta_train.checkpoint import CheckpointError
 from meta_train.config import FIELDS, TrainConfig, load_toml, merge
 from meta_train.distributed import setup
 from meta_train.learners import available_learners, get_learner_spec
-from meta_train.runner import CHECKPOINT, Stopped, check_resumable, run
+from meta_train.runner import CHECKPOINT, LEARNED, Stopped, check_resumable, run
 from metaopt.io import atomic_write
 
 __all__ = ["build_parser", "main", "prepare"]
@@ -57,10 +59,14 @@ def _kv(text: str) -> tuple[str, Any]:
 def _default(name: str) -> str:
     f = FIELDS[name]
     value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    if name == "engine":
+    if value is None and name in _LEARNER_SETTINGS:
         return "the learner's own"
     return "none, required" if value == "" else repr(value)
 
+
+#: settings whose default is the learner's (its preset's) own value
+_LEARNER_SETTINGS = {"outer_steps", "tasks_per_step", "inner_steps", "inner_lr", "meta_lr",
+                     "meta_optimizer", "engine", "rank", "preset"}  # fmt: skip
 
 # (flag, field, type, help) for every plain option; --help shows each default
 _OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -71,13 +77,14 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--seed", "seed", int, "seed of task draws, initialisations and batch order"),
     ("--device", "device", str, "cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)"),
     ("--data-root", "data_root", str, "dataset folder for file-backed tasks"),
-    ("--outer-steps", "outer_steps", int, "outer (meta) steps in total; apo: meta-updates"),
-    ("--tasks-per-step", "tasks_per_step", int, "tasks per outer step (k), split across ranks"),
+    ("--preset", "preset", str, "recipe of a MetaMD learner: kron-adam, metamd-paper, ..."),
+    ("--outer-steps", "outer_steps", int, "meta-steps (meta-updates) in total"),
+    ("--tasks-per-step", "tasks_per_step", int, "inner runs per meta-step (k), split over ranks"),
     ("--inner-steps", "inner_steps", int, "inner training steps per task (T)"),
     ("--inner-lr", "inner_lr", float, "inner learning rate (eta)"),
     ("--meta-lr", "meta_lr", float, "meta learning rate"),
     ("--meta-optimizer", "meta_optimizer", str, "meta-optimizer: adam or sgd"),
-    ("--engine", "engine", str, "hypergradient engine (neumann, closed_form, forward, unroll)"),
+    ("--engine", "engine", str, "hypergradient engine (unroll, forward, neumann, es, pes, ...)"),
     ("--rank", "rank", int, "rank of the lowrank Kronecker factors (metamd)"),
     ("--checkpoint-every", "checkpoint_every", int, "checkpoint every N outer steps"),
     ("--steps-per-domain", "steps_per_domain", int, "apo: training steps on each domain in turn"),
@@ -87,8 +94,9 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m meta_train",
-        description="Meta-train a Kronecker preconditioner; writes OUT/preconditioner.safetensors,"
-        " OUT/metrics.jsonl, OUT/config.json, OUT/checkpoint.safetensors and a plot.",
+        description="Meta-train an optimizer; writes OUT/learned_optimizer.safetensors (deploy "
+        "it with metaopt.load_optimizer or learned:<path>), OUT/metrics.jsonl, OUT/config.json, "
+        "OUT/checkpoint.safetensors and a plot.",
         argument_default=argparse.SUPPRESS,  # only flags actually given override the config
     )
     p.add_argument(
@@ -205,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
             atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
         dist.barrier()
-        run(config, learner, dist, out, resume_state=resume_state)
+        run(config, learner, dist, out, total_steps(config, learner), resume_state=resume_state)
     except Stopped as stop:
         if dist.is_main:
             print(f"meta_train: {stop}; continue with --resume", file=sys.stderr)
@@ -213,8 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         dist.close()
     if dist.is_main:
-        print(f"meta_train: wrote {out / 'preconditioner.safetensors'}", file=sys.stderr)
+        print(f"meta_train: wrote {out / LEARNED}", file=sys.stderr)
     return 0
+
+
+def total_steps(config: TrainConfig, learner: Any) -> int:
+    """``--outer-steps``, else the recipe's own run length (``learner.config.meta_steps``),
+    else 100."""
+    if config.outer_steps is not None:
+        return config.outer_steps
+    return int(getattr(getattr(learner, "config", None), "meta_steps", 100))
 
 
 def seed_everything(seed: int) -> None:

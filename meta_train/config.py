@@ -30,6 +30,8 @@ class TrainConfig:
 
     Attributes:
         learner: registered learner name (``metamd``, ``metasgd``, ``metacurvature``, ``apo``).
+        preset: a MetaMD preset (``kron-adam``, ``metamd-paper``, ``metasgd``,
+            ``metacurvature``); ``None``: the learner's default recipe.
         suite: task suite to meta-train on (exclusive with ``family``).
         family: task family to sample training tasks from (exclusive with ``suite``).
         holdout: suite domain left out of meta-training (suites only).
@@ -38,14 +40,15 @@ class TrainConfig:
         seed: seed of every task draw, initialisation and batch order.
         device: ``cpu`` or ``cuda`` (``cuda:i`` for one GPU).
         data_root: folder with datasets for file-backed tasks (passed as ``data_root``).
-        outer_steps: total outer (meta) steps; for ``apo``, meta-updates.
-        tasks_per_step: tasks per outer step (``k``), split across ranks.
+        outer_steps: total meta-steps (meta-updates); ``None``: the recipe's own.
+        tasks_per_step: inner runs per meta-step (``k``), split across ranks.
         inner_steps: inner training steps per task (``T``).
         inner_lr: inner learning rate (``eta``).
         meta_lr: meta learning rate.
-        meta_optimizer: ``adam`` or ``sgd``.
-        engine: hypergradient engine; empty string = the learner's default.
+        meta_optimizer: ``adam``, ``sgd`` or ``rmsprop``.
+        engine: hypergradient engine (a registered name).
         rank: rank of the lowrank Kronecker factors (MetaMD).
+        For these learner settings ``None`` means the learner's (or preset's) own value.
         checkpoint_every: write a checkpoint every this many outer steps.
         progress: show a tqdm progress bar.
         steps_per_domain: ``apo`` only: training steps on each training domain in turn.
@@ -54,6 +57,7 @@ class TrainConfig:
     """
 
     learner: str = ""
+    preset: str | None = None
     suite: str | None = None
     family: str | None = None
     holdout: str | None = None
@@ -62,14 +66,14 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     data_root: str | None = None
-    outer_steps: int = 100
-    tasks_per_step: int = 4
-    inner_steps: int = 20
-    inner_lr: float = 0.1
-    meta_lr: float = 1e-3
-    meta_optimizer: str = "adam"
-    engine: str = ""
-    rank: int = 1
+    outer_steps: int | None = None
+    tasks_per_step: int | None = None
+    inner_steps: int | None = None
+    inner_lr: float | None = None
+    meta_lr: float | None = None
+    meta_optimizer: str | None = None
+    engine: str | None = None
+    rank: int | None = None
     checkpoint_every: int = 10
     progress: bool = True
     steps_per_domain: int = 200
@@ -90,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"holdout={self.holdout!r}: applies to --suite only, not --family")
         for name in ("outer_steps", "tasks_per_step", "inner_steps", "checkpoint_every", "rank"):
             v = getattr(self, name)
+            if v is None and name != "checkpoint_every":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r}: must be a positive integer")
         if self.learner == "apo" and self.steps_per_domain < 1:
@@ -98,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"seed={self.seed!r}: must be a non-negative integer")
         for name in ("inner_lr", "meta_lr"):
             v = getattr(self, name)
+            if v is None:
+                continue
             if (
                 isinstance(v, bool)
                 or not isinstance(v, int | float)
@@ -105,8 +113,10 @@ class TrainConfig:
             ):
                 raise ValueError(f"{name}={v!r}: must be a positive finite number")
             setattr(self, name, float(v))
-        if self.meta_optimizer not in ("adam", "sgd"):
-            raise ValueError(f"meta_optimizer={self.meta_optimizer!r}: must be 'adam' or 'sgd'")
+        if self.meta_optimizer not in (None, "adam", "sgd", "rmsprop"):
+            raise ValueError(
+                f"meta_optimizer={self.meta_optimizer!r}: must be 'adam', 'sgd' or 'rmsprop'"
+            )
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device={self.device!r}: must be 'cpu', 'cuda' or 'cuda:N'")
         for name in ("options", "source_options"):

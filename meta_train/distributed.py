@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,15 @@ class Dist:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order, on rank 0 (``[obj]`` elsewhere and on a
+        single process). Pickles in transit between this job's own ranks."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size if self.is_main else []
+        dist.gather_object(obj, out if self.is_main else None, dst=0)
+        return out if self.is_main else [obj]
 
     def barrier(self) -> None:
         if self.world_size > 1:

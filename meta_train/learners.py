@@ -1,14 +1,13 @@
-"""Learner registry: ``--learner NAME`` -> a builder of an OuterLearner.
+"""Learner registry: ``--learner NAME`` -> a builder of a :class:`metaopt.MetaLearner`.
 
-A builder is ``build(config: TrainConfig, source, dist: Dist) -> learner`` where ``source``
-is a ``TaskFamily``-like object (``sample(generator) -> Task``) or a list of ``Task`` objects
-(a suite's training domains), and the learner implements the OuterLearner protocol of
-``metaopt`` (``preconditioner``, ``step``, ``outer_step(rank=, world_size=, all_reduce=)``,
-``state_dict()``, ``load_state_dict()``). A builder may be given lazily as
-``"module:attribute"`` when it needs an optional dependency. An existing name raises
-``ValueError`` unless ``replace=True``.
+A builder is ``build(config: TrainConfig, source, device) -> learner`` where ``source`` is a
+``TaskFamily``-like object (``sample(generator) -> Task``) or a list of ``Task`` objects (a
+suite's training domains), and the learner satisfies :class:`metaopt.MetaLearner`
+(``meta_step``, ``meta_steps``, ``history``, ``learned_optimizer``, ``state_dict``); the
+pipeline uses nothing else. A builder may be given lazily as ``"module:attribute"`` when it
+needs an optional dependency. An existing name raises ``ValueError`` unless ``replace=True``.
 
-Users add their own::
+Users add their own (and reach the CLI with ``--import MODULE``)::
 
     meta_train.register_learner("my-learner", build)
 """
@@ -17,40 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from torch import Tensor
-
-from metaopt.kron import KroneckerPreconditioner
 from metaopt.registry import Registry
 
 __all__ = [
     "LEARNERS",
     "LearnerSpec",
-    "OuterLearner",
     "available_learners",
     "get_learner_spec",
     "register_learner",
 ]
-
-
-class OuterLearner(Protocol):
-    """The outer-loop protocol shared by MetaMD, metasgd, metacurvature (and APO's adapter)."""
-
-    preconditioner: KroneckerPreconditioner
-    step: int
-
-    def outer_step(
-        self,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        all_reduce: Callable[[list[Tensor]], None] | None = None,
-    ) -> dict[str, float]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -59,9 +35,9 @@ class LearnerSpec:
 
     Attributes:
         name: the ``--learner`` name.
-        build: ``build(config, source, dist) -> OuterLearner`` (imported, when it was
+        build: ``build(config, source, device) -> MetaLearner`` (imported, when it was
             registered as a lazy ``"module:attribute"`` path).
-        distributed: whether its outer steps split across ranks (online APO does not).
+        distributed: whether its meta-steps split across ranks (online APO's do not).
         description: one line for ``--help``.
     """
 

@@ -1,15 +1,16 @@
-"""The outer loop around any OuterLearner: metrics, checkpoints, signals, artefacts.
+"""The loop around any :class:`metaopt.MetaLearner`: metrics, checkpoints, signals, files.
 
-``run(config, learner, dist, out)`` takes outer steps until ``config.outer_steps`` are done,
+``run(config, learner, dist, out, total)`` takes meta-steps until ``total`` are done,
 appending one line per step to ``out/metrics.jsonl``, writing ``out/checkpoint.safetensors``
 every ``checkpoint_every`` steps and when SIGTERM or SIGINT arrives (then it stops with
-:class:`Stopped`), and at the end saves ``out/preconditioner.safetensors`` (config as
+:class:`Stopped`), and at the end saves the learned optimizer to
+``out/learned_optimizer.safetensors`` (its rule and hyperparameters, the run's config as
 metadata) and ``out/meta_objective.png``. Only rank 0 writes; every rank steps.
 
 A checkpoint holds ``{"learner": learner.state_dict(), "rng": every global RNG state,
 "step": n, "config": identity fields}``; the learner's own state carries its meta-optimizer
-state and its data position (outer steps draw their tasks from ``(seed, step)``), so a
-resumed run continues bit-for-bit on CPU.
+state and its inner runs in flight (in a distributed run every rank's runs are gathered
+into it first), so a resumed run continues bit-for-bit on CPU.
 """
 
 from __future__ import annotations
@@ -27,16 +28,16 @@ import metaopt
 from meta_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from meta_train.config import TrainConfig
 from meta_train.distributed import Dist
-from meta_train.learners import OuterLearner
 from meta_train.metrics import MetricsLog, plot_metrics
+from metaopt.learners import MetaLearner, MetaStep
+from metaopt.optim import LearnedOptimizer
 
-__all__ = ["CHECKPOINT", "PRECONDITIONER", "Stopped", "check_resumable", "run"]
+__all__ = ["CHECKPOINT", "LEARNED", "Stopped", "check_resumable", "run"]
 
 CHECKPOINT = "checkpoint.safetensors"
-PRECONDITIONER = "preconditioner.safetensors"
+LEARNED = "learned_optimizer.safetensors"
 METRICS = "metrics.jsonl"
 PLOT = "meta_objective.png"
-REQUIRED_STATS = ("meta_objective", "hypergrad_norm", "seconds", "skipped_tasks")
 
 
 class Stopped(Exception):
@@ -109,13 +110,14 @@ def check_resumable(config: TrainConfig, out: Path) -> dict[str, Any]:
 
 def run(
     config: TrainConfig,
-    learner: OuterLearner,
+    learner: MetaLearner,
     dist: Dist,
     out: Path,
+    total: int,
     *,
     resume_state: dict[str, Any] | None = None,
-) -> metaopt.KroneckerPreconditioner:
-    """Meta-train ``learner`` to ``config.outer_steps``; returns its preconditioner.
+) -> LearnedOptimizer:
+    """Meta-train ``learner`` to ``total`` meta-steps; returns its learned optimizer.
 
     Raises:
         Stopped: a SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written.
@@ -131,50 +133,56 @@ def run(
             metrics.truncate_after(int(resume_state["step"]))
 
     def checkpoint() -> None:
+        state = learner.state_dict()
+        if dist.world_size > 1:
+            state = _gathered(learner, state, dist)
         if dist.is_main:
-            state = {
-                "learner": learner.state_dict(),
-                "rng": _rng_state(),
-                "step": int(learner.step),
-                "config": config.identity(),
-            }
-            save_checkpoint(state, out / CHECKPOINT)
+            save_checkpoint(
+                {"learner": state, "rng": _rng_state(), "step": int(learner.meta_steps),
+                 "config": config.identity()},
+                out / CHECKPOINT,
+            )  # fmt: skip
 
     bar = tqdm(
-        total=config.outer_steps,
-        initial=learner.step,
+        total=total,
+        initial=learner.meta_steps,
         desc=f"meta-train {config.learner}",
         unit="step",
         disable=not (dist.is_main and config.progress),
         dynamic_ncols=True,
     )
     with _SignalFlag() as flag, bar:
-        while learner.step < config.outer_steps:
+        while learner.meta_steps < total:
             t0 = time.perf_counter()
-            stats = learner.outer_step(
+            record = learner.meta_step(
                 rank=dist.rank, world_size=dist.world_size, all_reduce=dist.all_reduce
             )
-            missing = [k for k in REQUIRED_STATS if k not in stats]
-            if missing:
-                raise RuntimeError(f"learner {config.learner!r}: outer_step() lacks {missing}")
+            if not isinstance(record, MetaStep):
+                raise TypeError(f"learner {config.learner!r}: meta_step() returned {record!r}")
             if dist.is_main:
-                record = {"step": int(learner.step), **{k: float(v) for k, v in stats.items()}}
-                record["wall_seconds"] = time.perf_counter() - t0
-                metrics.append(record)
+                metrics.append({**record.as_dict(), "wall_seconds": time.perf_counter() - t0})
             bar.update(1)
-            bar.set_postfix(meta_objective=f"{float(stats['meta_objective']):.4g}")
+            bar.set_postfix(meta_objective=f"{record.meta_objective:.4g}")
             stopping = dist.any(flag.signum is not None)
-            if stopping or learner.step % config.checkpoint_every == 0:
+            if stopping or learner.meta_steps % config.checkpoint_every == 0:
                 checkpoint()
             if stopping:
                 dist.barrier()
-                raise Stopped(flag.signum or signal.SIGTERM, int(learner.step))
-    if learner.step % config.checkpoint_every != 0:
+                raise Stopped(flag.signum or signal.SIGTERM, int(learner.meta_steps))
+    if learner.meta_steps % config.checkpoint_every != 0:
         checkpoint()
+    learned = learner.learned_optimizer()
     if dist.is_main:
-        metaopt.save_preconditioner(
-            learner.preconditioner, out / PRECONDITIONER, metadata={"config": config.to_dict()}
+        metaopt.save_learned_optimizer(
+            learned, out / LEARNED, metadata={"config": config.to_dict()}
         )
         plot_metrics(out / METRICS, out / PLOT)
     dist.barrier()
-    return learner.preconditioner
+    return learned
+
+
+def _gathered(learner: Any, state: dict[str, Any], dist: Dist) -> dict[str, Any]:
+    """One state from every rank's (each holds its own inner runs in flight)."""
+    states = dist.gather_objects(state)
+    merge = getattr(type(learner), "merge_rank_states", None)
+    return merge(states) if merge is not None and dist.is_main else state

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from metaopt.hypergrad._common import zeros_for_none
 from metaopt.hypergrad.errors import NonFiniteHypergradient, check_finite
-from metaopt.hypergrad.es import es_grad, pes_grad
+from metaopt.hypergrad.es import check_es_options, es_grad, pes_grad
 from metaopt.hypergrad.implicit import implicit_grad
 from metaopt.hypergrad.problem import EngineResult, Problem, detached, run_window
 from metaopt.registry import Entry, Registry
@@ -148,6 +148,26 @@ def implicit(
     return EngineResult(tuple(grads), value.detach(), detached(end))
 
 
+def _validate_implicit(*, solve: str = "neumann", **options: Any) -> None:
+    """Check ``implicit``'s options before any run (a bad value fails at construction)."""
+    from metaopt.hypergrad.implicit import IMPLICIT_METHODS
+
+    if solve not in IMPLICIT_METHODS:
+        raise ValueError(
+            f"engine_options['solve']={solve!r}: choose one of {list(IMPLICIT_METHODS)}"
+        )
+    iterations = options.get("iterations", 1)
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"engine_options['iterations']={iterations!r}: must be an integer >= 1")
+    for name in ("alpha", "tol"):
+        value = options.get(name, 1.0)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not value > 0):  # fmt: skip
+            raise ValueError(f"engine_options[{name!r}]={value!r}: must be a positive number")
+
+
+implicit.validate = _validate_implicit  # type: ignore[attr-defined]
+
 for _solve in ("neumann", "cg", "exact", "closed_form"):
     ENGINES.alias(_solve, "implicit", solve=_solve)
 
@@ -176,3 +196,10 @@ def pes(
 ) -> EngineResult:
     """Persistent ES (see :func:`metaopt.hypergrad.es.pes_grad`)."""
     return pes_grad(problem, carry, pairs=pairs, sigma=sigma, seed=seed)
+
+
+def _validate_es(*, pairs: int = 4, sigma: float = 0.01, seed: int | None = None) -> None:
+    check_es_options(pairs, sigma)
+
+
+es.validate = pes.validate = _validate_es  # type: ignore[attr-defined]

@@ -32,10 +32,11 @@ from torch import Tensor
 from metaopt.hypergrad.errors import check_finite
 from metaopt.hypergrad.problem import EngineResult, Problem, detached, run_window
 
-__all__ = ["es_grad", "pes_grad"]
+__all__ = ["check_es_options", "es_grad", "pes_grad"]
 
 
-def _check(pairs: int, sigma: float) -> None:
+def check_es_options(pairs: int, sigma: float) -> None:
+    """``ValueError`` unless ``pairs`` is a positive integer and ``sigma`` a positive number."""
     if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
         raise ValueError(f"pairs={pairs!r}: must be a positive integer")
     if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0:
@@ -90,7 +91,7 @@ def es_grad(
         sigma: perturbation scale (in the meta-parameters' own units).
         seed: seed of the perturbations (``None``: fresh randomness).
     """
-    _check(pairs, sigma)
+    check_es_options(pairs, sigma)
     hparams = tuple(h.detach() for h in problem.hparams)
     start = detached(problem.state)
     eps = _perturbations(hparams, pairs, sigma, seed)
@@ -122,7 +123,7 @@ def pes_grad(
     pairs' objectives; ``state`` is the first positive particle's (for bookkeeping only: the
     pairs carry their own).
     """
-    _check(pairs, sigma)
+    check_es_options(pairs, sigma)
     hparams = tuple(h.detach() for h in problem.hparams)
     if carry is None:
         start = detached(problem.state)

@@ -47,6 +47,7 @@ __all__ = [
     "RMSpropState",
     "UpdateRule",
     "get_rule",
+    "state_from_dict",
 ]
 
 Scalar = float | Tensor
@@ -342,6 +343,14 @@ RULES.register("nesterov", SGDRule("nesterov", momentum=0.9, nesterov=True))
 RULES.register("adam", AdamRule("adam"))
 RULES.register("adamw", AdamWRule("adamw", weight_decay=0.01))
 RULES.register("rmsprop", RMSpropRule("rmsprop"))
+
+
+def state_from_dict(saved: Mapping[str, Any]) -> Any:
+    """The typed rule state whose fields are ``saved``'s keys (e.g. from a checkpoint)."""
+    for state_type in (MomentumState, AdamState, RMSpropState):
+        if set(state_type._fields) == set(saved):
+            return state_type(**saved)
+    raise ValueError(f"state: keys {sorted(saved)} are not the state of a registered rule")
 
 
 def get_rule(name: str | UpdateRule) -> UpdateRule:

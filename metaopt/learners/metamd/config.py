@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metaopt.hypergrad.engines import ENGINES
-from metaopt.kron.families import FAMILIES
+from metaopt.kron.families import FAMILIES, resolve_family
 from metaopt.learners.base import META_OPTIMIZERS
 from metaopt.objectives.base import get_meta_objective
 from metaopt.optim.rules import get_rule
@@ -35,10 +35,10 @@ class MetaMDConfig:
 
     Attributes:
         preset: the preset these values started from (recorded in files).
-        family: preconditioner family (``"lowrank"``, ``"rank1"``, ``"diag"``, ``"scalar"``,
-            ``"ekfac"``, or a registered one). Every family starts at (or a hair from) the
-            identity, so the learned optimizer starts as its ``rule``.
-        family_options: the family's keyword options (``rank``, ``learn_scale``,
+        preconditioner: the preconditioner family (``"lowrank"``, ``"rank1"``, ``"diag"``,
+            ``"scalar"``, ``"ekfac"``, or a registered one). Every family starts at (or a
+            hair from) the identity, so the learned optimizer starts as its ``rule``.
+        preconditioner_options: the family's keyword options (``rank``, ``learn_scale``,
             ``init_scale``, ...).
         rule: the base update rule (``"adam"``, ``"sgd"``, ``"sgdm"``, ...).
         rule_options: the rule's hyperparameters other than the learning rate.
@@ -59,11 +59,13 @@ class MetaMDConfig:
         meta_lr: meta learning rate (> 0).
         batch_size: inner batch size (``None``: the task's default).
         seed: seeds every task draw, initialisation and perturbation.
+        meta_steps: the run length the recipe was measured with (the default of
+            :meth:`MetaMD.meta_train` and of ``python -m meta_train``).
     """
 
     preset: str = "kron-adam"
-    family: str = "lowrank"
-    family_options: dict[str, Any] = field(default_factory=lambda: {"rank": 1})
+    preconditioner: str = "lowrank"
+    preconditioner_options: dict[str, Any] = field(default_factory=lambda: {"rank": 1})
     rule: str = "adam"
     rule_options: dict[str, Any] = field(default_factory=dict)
     compose: str = "gradient"
@@ -79,11 +81,13 @@ class MetaMDConfig:
     meta_lr: float = 0.03
     batch_size: int | None = None
     seed: int = 0
+    meta_steps: int = 300
 
     def __post_init__(self) -> None:
         _int("inner_steps", self.inner_steps, 1)
         _int("tasks_per_step", self.tasks_per_step, 1)
         _int("seed", self.seed, 0)
+        _int("meta_steps", self.meta_steps, 1)
         if self.window is not None:
             _int("window", self.window, 1)
             if self.window > self.inner_steps:
@@ -94,11 +98,19 @@ class MetaMDConfig:
             _int("batch_size", self.batch_size, 1)
         _positive("lr", self.lr)
         _positive("meta_lr", self.meta_lr)
-        for name in ("family_options", "rule_options", "objective_options", "engine_options"):
+        for name in (
+            "preconditioner_options",
+            "rule_options",
+            "objective_options",
+            "engine_options",
+        ):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be a table of options")
-        if self.family not in FAMILIES:
-            raise ValueError(f"family={self.family!r}: choose one of {sorted(FAMILIES)}")
+        if self.preconditioner not in FAMILIES:
+            raise ValueError(
+                f"preconditioner={self.preconditioner!r}: choose one of {sorted(FAMILIES)}"
+            )
+        resolve_family(self.preconditioner, self.preconditioner_options)
         get_rule(self.rule).hparams(self.rule_options)
         check_compose(self.compose)
         if self.meta_optimizer not in META_OPTIMIZERS:
@@ -168,8 +180,8 @@ PRESETS.register(
 PRESETS.register(
     "metamd-paper",
     {
-        "family": "rank1",
-        "family_options": {},
+        "preconditioner": "rank1",
+        "preconditioner_options": {},
         "rule": "sgd",
         "lr": 0.1,
         "inner_steps": 100,
@@ -185,12 +197,12 @@ PRESETS.register(
 )
 PRESETS.register(
     "metasgd",
-    {"family": "diag", "family_options": {}, "rule": "sgd", "lr": 0.1},
+    {"preconditioner": "diag", "preconditioner_options": {}, "rule": "sgd", "lr": 0.1},
     description="Meta-SGD (Li et al. 2017): learned per-parameter learning rates on SGD",
 )
 PRESETS.register(
     "metacurvature",
-    {"family": "ekfac", "family_options": {}, "rule": "sgd", "lr": 0.1},
+    {"preconditioner": "ekfac", "preconditioner_options": {}, "rule": "sgd", "lr": 0.1},
     description="Meta-Curvature (Park & Oliva 2019): an inverse-free Kronecker transform "
     "of the gradient on SGD",
 )

@@ -94,7 +94,7 @@ class MetaMD:
         with torch.random.fork_rng(devices=[]):  # the factors' random start: seeded, local
             torch.manual_seed(config.seed)
             self.preconditioner = KroneckerPreconditioner.for_model(
-                model, config.family, **config.family_options
+                model, config.preconditioner, **config.preconditioner_options
             )
         ref = next(iter(model.parameters()), None)
         if ref is not None and ref.is_floating_point():
@@ -104,7 +104,8 @@ class MetaMD:
         ):
             raise ValueError(
                 f"engine={config.engine!r}: the implicit hypergradient needs a family with an "
-                f"explicit metric M (lowrank, rank1, diag, scalar); family={config.family!r} "
+                f"explicit metric M (lowrank, rank1, diag, scalar); preconditioner="
+                f"{config.preconditioner!r} "
                 "has none: use 'unroll', 'es' or 'pes'"
             )
         self.rule = get_rule(config.rule)
@@ -180,16 +181,28 @@ class MetaMD:
         return record
 
     def meta_train(
-        self, meta_steps: int, callback: Callable[[MetaStep], None] | None = None
+        self,
+        meta_steps: int | None = None,
+        callback: Callable[[MetaStep], None] | None = None,
+        *,
+        progress: bool = False,
     ) -> LearnedOptimizer:
-        """Run ``meta_steps`` more meta-updates (``callback(record)`` after each); returns
-        the learned optimizer."""
+        """Run ``meta_steps`` more meta-updates (default: the recipe's ``config.meta_steps``;
+        ``callback(record)`` after each; ``progress=True`` shows a tqdm bar); returns the
+        learned optimizer."""
+        if meta_steps is None:
+            meta_steps = self.config.meta_steps
         if isinstance(meta_steps, bool) or not isinstance(meta_steps, int) or meta_steps < 0:
             raise ValueError(f"meta_steps={meta_steps!r}: must be a non-negative integer")
-        for _ in range(meta_steps):
-            record = self.meta_step()
-            if callback is not None:
-                callback(record)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=meta_steps, disable=not progress, unit="step", desc="meta-train") as bar:
+            for _ in range(meta_steps):
+                record = self.meta_step()
+                bar.update(1)
+                bar.set_postfix(meta_objective=f"{record.meta_objective:.4g}")
+                if callback is not None:
+                    callback(record)
         return self.learned_optimizer()
 
     # --- inner runs --------------------------------------------------------------------

@@ -6,19 +6,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ADAPTS", "BASES", "FSDS", "APOConfig"]
+from metaopt.learners.apo.adapts import ADAPTS
+from metaopt.learners.base import META_OPTIMIZERS
 
-#: what APO adapts -> the base optimizers it accepts
-ADAPTS: dict[str, tuple[str, ...]] = {
-    "lr": ("sgd", "sgdm", "rmsprop", "adam"),
-    "layer-lr": ("sgd", "sgdm", "rmsprop", "adam"),
-    "rmsprop-eps-rho": ("rmsprop",),
-    "kfac-damping": ("kfac",),
-    "precond": ("sgdm", "adam"),  # the warm-up optimizer
-}
-BASES = ("sgd", "sgdm", "rmsprop", "adam", "kfac")
+__all__ = ["FSDS", "APOConfig"]
+
 FSDS = ("kl", "mse", "bregman")
-_LR_ADAPTS = ("lr", "layer-lr", "rmsprop-eps-rho", "kfac-damping")
 
 
 def _positive(name: str, value: Any) -> None:
@@ -125,8 +118,9 @@ class APOConfig:
 
     def __post_init__(self) -> None:
         if self.adapt not in ADAPTS:
-            raise ValueError(f"adapt={self.adapt!r}: choose one of {list(ADAPTS)}")
-        allowed = ADAPTS[self.adapt]
+            raise ValueError(f"adapt={self.adapt!r}: choose one of {ADAPTS.available()}")
+        entry = ADAPTS.get(self.adapt)
+        allowed = tuple(entry.meta["bases"])
         if self.base is None:
             self.base = allowed[0] if len(allowed) == 1 else "sgdm"
         if self.base not in allowed:
@@ -168,12 +162,13 @@ class APOConfig:
             raise ValueError(f"precond_options={self.precond_options!r}: must be a dict")
         if not isinstance(self.objective_options, dict):
             raise ValueError(f"objective_options={self.objective_options!r}: must be a dict")
-        lr_adapt = self.adapt in _LR_ADAPTS
+        lr_adapt = entry.meta.get("lr_adapt", False)
         if self.meta_optimizer is None:
             self.meta_optimizer = "rmsprop" if lr_adapt else "adam"
-        if self.meta_optimizer not in ("rmsprop", "adam", "sgd"):
+        if self.meta_optimizer not in META_OPTIMIZERS:
             raise ValueError(
-                f"meta_optimizer={self.meta_optimizer!r}: choose 'rmsprop', 'adam' or 'sgd'"
+                f"meta_optimizer={self.meta_optimizer!r}: choose one of "
+                f"{META_OPTIMIZERS.available()}"
             )
         if self.meta_lr is None:  # 000_ C.2; 000_ D.7 for eps/rho
             self.meta_lr = 0.01 if self.adapt == "rmsprop-eps-rho" else 0.1 if lr_adapt else 1e-4

@@ -22,7 +22,8 @@ meta-parameters by name, differentiable) and, with ``fresh_loss_batch``, ``"loss
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -32,10 +33,13 @@ from torch.autograd.graph import increment_version
 
 from metaopt.func import functional_forward, loss_and_grads, own_forward, trainable_params
 from metaopt.kron.preconditioner import KroneckerPreconditioner
-from metaopt.learners.apo_config import APOConfig
-from metaopt.learners.apo_rules import make_rule
+from metaopt.learners.apo.adapts import ADAPTS
+from metaopt.learners.apo.config import APOConfig
+from metaopt.learners.base import MetaStep, make_meta_optimizer
 from metaopt.objectives import MetaContext, evaluate_meta_objective
 from metaopt.objectives import proximal as _proximal  # noqa: F401  (registers "proximal")
+from metaopt.optim.learned import LearnedOptimizer
+from metaopt.optim.rules import state_from_dict
 
 __all__ = ["APO", "APOConfig"]
 
@@ -43,20 +47,20 @@ Batch = tuple[Tensor, Tensor]
 BatchSource = Batch | Callable[[], Batch] | None
 
 
-_BATCH_COUPLED = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+#: modules that couple the rows of a batch in training mode (batch statistics) or draw noise
+#: per call, named by their public classes (torch has no public base class for either)
+_BATCH_COUPLED = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)  # fmt: skip
 
 
 def _rowwise(model: nn.Module) -> bool:
     """No module in training mode that couples rows (batch norm) or draws per-call noise
     (dropout): one forward of a concatenated batch then equals separate forwards."""
     return not any(m.training and isinstance(m, _BATCH_COUPLED) for m in model.modules())
-
-
-def _fusable(params: list[Tensor]) -> bool:
-    return bool(params) and all(
-        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
-        for p in params
-    )
 
 
 class APO:
@@ -67,10 +71,15 @@ class APO:
         model: the network; its trainable parameters are updated in place.
         loss_fn: ``loss_fn(output, target) -> scalar`` (mean over the batch).
         config: an :class:`APOConfig`, or pass its fields as keyword arguments.
+        data: an iterator of training batches ``(x, y)`` for :meth:`meta_step` (the
+            :class:`~metaopt.learners.MetaLearner` interface: ``meta_train`` drives APO
+            through it); not needed when you call :meth:`step` yourself.
+        fsd_data: an iterator of the batches B' drawn on meta steps (``None``: none).
 
     Attributes:
-        history: ``[(step, {name: value}), ...]`` adapted hyperparameters after each
-            meta-update (values as floats; recorded at meta steps only).
+        history: one :class:`~metaopt.learners.MetaStep` per meta-update; its ``extra``
+            holds the training step (``"train_step"``) and the adapted hyperparameters
+            after the update (as in :meth:`hparam_log`).
         step_count, meta_steps, skipped_meta_steps: counters (skipped: non-finite
             meta-gradient, meta-update not applied).
     """
@@ -80,6 +89,9 @@ class APO:
         model: nn.Module,
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         config: APOConfig | None = None,
+        *,
+        data: Iterator[Batch] | None = None,
+        fsd_data: Iterator[Batch] | None = None,
         **options: Any,
     ) -> None:
         if config is not None and options:
@@ -89,23 +101,19 @@ class APO:
         self.loss_fn = loss_fn
         self.forward = functional_forward(model)
         self._own_forward = own_forward(model)
-        self.rule = make_rule(self.config, model)
-        meta = list(self.rule.meta_parameters().values())
+        self.rule = ADAPTS[self.config.adapt](self.config, model)
         cfg = self.config
-        opt_cls = {
-            "rmsprop": torch.optim.RMSprop,
-            "adam": torch.optim.Adam,
-            "sgd": torch.optim.SGD,
-        }[cfg.meta_optimizer]
-        # Adam's fused kernel (CPU and CUDA): one pass over the (for precond, millions of)
-        # meta-parameters instead of one per elementwise op; the same update rule
-        fused = {"fused": True} if cfg.meta_optimizer == "adam" and _fusable(meta) else {}
-        self.meta_optimizer = opt_cls(meta, lr=cfg.meta_lr, **fused)
-        self.state: dict[str, Tensor] = {}
+        self.meta_optimizer = make_meta_optimizer(
+            cfg.meta_optimizer, self.meta_parameters(), cfg.meta_lr
+        )
+        self.data = data
+        self.fsd_data = fsd_data
+        self.state: dict[str, Any] = {}  # the base rule's state per parameter name
         self.step_count = 0
         self.meta_steps = 0
         self.skipped_meta_steps = 0
-        self.history: list[tuple[int, dict[str, float]]] = []
+        self.history: list[MetaStep] = []
+        self._last_meta_norm = float("nan")
         ref = next(model.parameters())
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=ref.device)
 
@@ -118,6 +126,62 @@ class APO:
     @property
     def num_meta_parameters(self) -> int:
         return sum(p.numel() for p in self.rule.meta_parameters().values())
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """``phi``: what the meta-optimizer updates."""
+        return list(self.rule.meta_parameters().values())
+
+    def learned_optimizer(self) -> LearnedOptimizer:
+        """The optimizer APO has learned so far, deployable on another run: its
+        preconditioner (``"precond"``, ``"layer-lr"``) or adapted hyperparameters with the
+        base rule (``"lr"``, ``"rmsprop-eps-rho"``). ``"kfac-damping"`` has none (K-FAC's
+        curvature is re-estimated by every run)."""
+        return self.rule.learned_optimizer(self.rule.meta_parameters())
+
+    def meta_step(
+        self,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        all_reduce: Callable[[list[Tensor]], None] | None = None,
+    ) -> MetaStep:
+        """Training steps on ``data`` up to and including the next meta-update, then to
+        the step before the following one (``meta_interval`` steps in a steady run).
+
+        Online APO adapts one training run, so it runs in one process (``world_size``
+        must be 1)."""
+        if world_size != 1:
+            raise ValueError(f"world_size={world_size}: APO adapts one run, in one process")
+        if self.data is None:
+            raise ValueError(
+                "APO.meta_step: no batch source; construct APO(..., data=iterator of batches) "
+                "or call apo.step(batch) yourself"
+            )
+        start = time.perf_counter()
+        before = self.meta_steps + self.skipped_meta_steps  # meta-updates attempted
+        done_before = self.meta_steps
+        losses = []
+        fsd = (lambda: next(self.fsd_data)) if self.fsd_data is not None else None
+        while True:
+            stats = self.step(next(self.data), fsd_batch=fsd)
+            losses.append(stats["loss"].detach())
+            attempted = self.meta_steps + self.skipped_meta_steps > before
+            if attempted and self.step_count % self.config.meta_interval == 0:
+                break
+        if self.meta_steps > done_before:
+            record = self.history[-1]
+        else:  # the meta-gradient was not finite: no update, nothing in the history
+            record = MetaStep(self.meta_steps, float("nan"), float("nan"), 0.0,
+                              self.skipped_meta_steps)  # fmt: skip
+        record.seconds = time.perf_counter() - start
+        record.extra["train_loss"] = float(torch.stack(losses).mean())
+        return record
+
+    def reset_state(self) -> None:
+        """Forget the base optimizer's state (momentum, moments) for a fresh run of the
+        model; the meta-parameters and the meta-optimizer carry over."""
+        self.state = {}
+        self.rule.reset_state()
 
     def hparam_log(self) -> dict[str, float]:
         """Adapted hyperparameters now, as floats (one host sync)."""
@@ -164,8 +228,7 @@ class APO:
         meta_value = self._meta_update(theta, grads, batch, fsd_batch) if meta_now else None
         meta = {k: v.detach() for k, v in self.rule.meta_parameters().items()}
         # the real update, in place on the model's parameters and the base state
-        self.state = self.rule.apply_(params, grads, dict(self.state), meta, step=t)
-        self.state = {k: v.detach() for k, v in self.state.items()}
+        self.state = self.rule.apply_(params, grads, self.state, meta, step=t)
         self.rule.after_step()
         self.step_count += 1
         return {
@@ -239,14 +302,25 @@ class APO:
             return values[-1] if values else None
         for p, g in zip(hparams, meta_grads, strict=True):
             p.grad = g.detach().to(p.dtype)
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in meta_grads)))
         self.meta_optimizer.step()
         # the fused kernel updates in place without bumping version counters, which the
         # rules' caches (S^2, float lr) key on: bump them so every cache sees the update
         increment_version(list(self.rule.meta_parameters().values()))
         self.meta_optimizer.zero_grad(set_to_none=True)
         self.meta_steps += 1
-        self.history.append((t, self.hparam_log()))
-        return values[-1] if values else None
+        value = values[-1] if values else None
+        self.history.append(
+            MetaStep(
+                self.meta_steps,
+                float("nan") if value is None else float(value),
+                norm,
+                0.0,
+                self.skipped_meta_steps,
+                {"train_step": float(t), **self.hparam_log()},
+            )
+        )
+        return value
 
     # --- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -258,11 +332,13 @@ class APO:
             "config": asdict(self.config),
             "meta": {k: v.detach().clone() for k, v in self.rule.meta_parameters().items()},
             "meta_optimizer": copy.deepcopy(self.meta_optimizer.state_dict()),
-            "base_state": {k: v.clone() for k, v in self.state.items()},
+            "base_state": {n: _as_dict(s) for n, s in self.state.items()},
             "step_count": self.step_count,
             "meta_steps": self.meta_steps,
             "skipped_meta_steps": self.skipped_meta_steps,
-            "history": [(s, dict(h)) for s, h in self.history],
+            "history": [r.as_dict() for r in self.history],
+            "data": _state_of(self.data),
+            "fsd_data": _state_of(self.fsd_data),
             "first_bad": self._first_bad.clone(),
             "rule": self.rule.extra_state(),
         }
@@ -284,10 +360,28 @@ class APO:
                 meta[k].copy_(v)
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         ref = next(self.model.parameters())
-        self.state = {k: v.to(ref.device) for k, v in state["base_state"].items()}
+        self.state = {
+            n: state_from_dict({k: None if v is None else v.to(ref.device) for k, v in s.items()})
+            for n, s in state["base_state"].items()
+        }
         self.step_count = int(state["step_count"])
         self.meta_steps = int(state["meta_steps"])
         self.skipped_meta_steps = int(state["skipped_meta_steps"])
-        self.history = [(int(s), dict(h)) for s, h in state["history"]]
+        self.history = [MetaStep.from_dict(r) for r in state["history"]]
+        for source, saved in (
+            (self.data, state.get("data")),
+            (self.fsd_data, state.get("fsd_data")),
+        ):
+            if saved is not None and hasattr(source, "load_state_dict"):
+                source.load_state_dict(saved)
         self._first_bad = state["first_bad"].to(ref.device).clone()
         self.rule.load_extra_state(state["rule"])
+
+
+def _state_of(source: Any) -> Any:
+    """A batch source's position (``BatchStream``-like sources have ``state_dict``)."""
+    return source.state_dict() if hasattr(source, "state_dict") else None
+
+
+def _as_dict(state: Any) -> dict[str, Any]:
+    return {k: None if v is None else v.clone() for k, v in state._asdict().items()}
