@@ -55,11 +55,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``--out`` must be writable and empty; ``--overwrite`` replaces only an earlier demo's
+    output (``meta_train/`` and ``meta_test/``), never a folder holding anything else."""
+    from metaopt.cli_support import check_output_dir
+
+    check_output_dir(out)
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"out={str(out)!r} is not empty; pass --overwrite")
+    other = sorted(p.name for p in out.iterdir() if p.name not in ("meta_train", "meta_test"))
+    if other:
+        raise ValueError(
+            f"out={str(out)!r} holds {other}, which are not a demo's outputs; --overwrite "
+            "would delete them: choose another --out"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"demo: error: out={str(out)!r} is not empty; pass --overwrite", file=sys.stderr)
+    try:
+        _check_out(out, args.overwrite)
+    except ValueError as err:
+        print(f"demo: error: {err}", file=sys.stderr)
         return 2
     if out.exists() and args.overwrite:
         import shutil

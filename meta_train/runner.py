@@ -10,6 +10,10 @@ A checkpoint holds ``{"learner": learner.state_dict(), "rng": every global RNG s
 "step": n, "config": identity fields}``; the learner's own state carries its meta-optimizer
 state and its data position (outer steps draw their tasks from ``(seed, step)``), so a
 resumed run continues bit-for-bit on CPU.
+
+Before every checkpoint and before the artefact, the learner's state must be finite (every
+floating tensor, and the learner's optional ``check_finite()``); a diverged run stops with
+:class:`~meta_train.checkpoint.NonFiniteState` instead, so the last good checkpoint stays.
 """
 
 from __future__ import annotations
@@ -24,11 +28,17 @@ import numpy as np
 import torch
 
 import metaopt
-from meta_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from meta_train.config import TrainConfig
+from meta_train.checkpoint import (
+    CheckpointError,
+    NonFiniteState,
+    load_checkpoint,
+    save_checkpoint,
+)
+from meta_train.config import IDENTITY_EXEMPT, TrainConfig
 from meta_train.distributed import Dist
 from meta_train.learners import OuterLearner
 from meta_train.metrics import MetricsLog, plot_metrics
+from metaopt.io import first_non_finite
 
 __all__ = ["CHECKPOINT", "PRECONDITIONER", "Stopped", "check_resumable", "run"]
 
@@ -87,6 +97,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _divergence(learner: OuterLearner, state: dict[str, Any]) -> str | None:
+    """What makes ``state`` unfit for a checkpoint: its first non-finite tensor, or a
+    divergence the learner's optional ``check_finite()`` reports (``FloatingPointError``)
+    that its tensors do not show yet; ``None`` when it is fine."""
+    bad = first_non_finite(state, "learner")
+    if bad is not None:
+        return f"tensor {bad!r} is not finite"
+    check = getattr(learner, "check_finite", None)
+    if callable(check):
+        try:
+            check()
+        except FloatingPointError as err:
+            return f"the learner reports: {' '.join(str(err).split())}"
+    return None
+
+
 def check_resumable(config: TrainConfig, out: Path) -> dict[str, Any]:
     """Load ``out``'s checkpoint and check it belongs to this configuration.
 
@@ -98,7 +124,7 @@ def check_resumable(config: TrainConfig, out: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not {"learner", "rng", "step", "config"} <= set(state):
         raise CheckpointError(f"checkpoint {str(out / CHECKPOINT)!r} lacks the pipeline fields")
     saved, ours = state["config"], config.identity()
-    for key in sorted(set(saved) | set(ours)):
+    for key in sorted((set(saved) | set(ours)) - IDENTITY_EXEMPT):
         if saved.get(key) != ours.get(key):
             raise CheckpointError(
                 f"checkpoint {str(out / CHECKPOINT)!r} was written with {key}={saved.get(key)!r}, "
@@ -119,6 +145,8 @@ def run(
 
     Raises:
         Stopped: a SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written.
+        NonFiniteState: the learner's state holds a NaN or infinity where a checkpoint or
+            the artefact was due; nothing was written, the last good checkpoint stays.
     """
     from tqdm.auto import tqdm
 
@@ -131,9 +159,13 @@ def run(
             metrics.truncate_after(int(resume_state["step"]))
 
     def checkpoint() -> None:
+        learner_state = learner.state_dict()
+        bad = _divergence(learner, learner_state)  # on every rank, so all stop together
+        if dist.any(bad is not None):
+            raise NonFiniteState(bad or "another rank diverged", learner.step)
         if dist.is_main:
             state = {
-                "learner": learner.state_dict(),
+                "learner": learner_state,
                 "rng": _rng_state(),
                 "step": int(learner.step),
                 "config": config.identity(),
@@ -151,9 +183,13 @@ def run(
     with _SignalFlag() as flag, bar:
         while learner.step < config.outer_steps:
             t0 = time.perf_counter()
-            stats = learner.outer_step(
-                rank=dist.rank, world_size=dist.world_size, all_reduce=dist.all_reduce
-            )
+            try:
+                stats = learner.outer_step(
+                    rank=dist.rank, world_size=dist.world_size, all_reduce=dist.all_reduce
+                )
+            except FloatingPointError as err:  # the learner's own divergence check
+                detail = " ".join(str(err).split()) or type(err).__name__
+                raise NonFiniteState(f"the learner stopped ({detail})", learner.step + 1) from None
             missing = [k for k in REQUIRED_STATS if k not in stats]
             if missing:
                 raise RuntimeError(f"learner {config.learner!r}: outer_step() lacks {missing}")
@@ -171,6 +207,9 @@ def run(
                 raise Stopped(flag.signum or signal.SIGTERM, int(learner.step))
     if learner.step % config.checkpoint_every != 0:
         checkpoint()
+    bad = first_non_finite(learner.preconditioner.state_dict(), "preconditioner")
+    if bad is not None:
+        raise NonFiniteState(f"tensor {bad!r} is not finite", learner.step)
     if dist.is_main:
         metaopt.save_preconditioner(
             learner.preconditioner, out / PRECONDITIONER, metadata={"config": config.to_dict()}
