@@ -329,11 +329,8 @@ def test_demo_overwrite_replaces_only_an_earlier_demo(tmp_path, capsys):
     assert "a regular file" in capsys.readouterr().err
 
 
-def test_unwritable_outputs_are_one_line_errors_before_any_work(tmp_path, capsys):
-    locked = Path("/proc/metaopt-out") if os.geteuid() == 0 else tmp_path / "locked" / "o"
-    if os.geteuid() != 0:
-        locked.parent.mkdir()
-        locked.parent.chmod(0o555)
+def test_unwritable_outputs_are_one_line_errors_before_any_work(unwritable_out, capsys):
+    locked = unwritable_out
     capsys.readouterr()
     assert train_main([*LSQ, "--out", str(locked)]) == 2
     assert "cannot write in" in _one_line_error(capsys.readouterr().err, "meta_train")
