@@ -4,19 +4,33 @@ Example::
 
     python -m meta_test --task rosenbrock --optimizers sgdm,adam,kfac --steps 500 \\
         --seeds 0,1,2 --hpo grid --out runs/rosenbrock
+    python -m meta_test --import my_tasks.py --task mine --optimizers sgd --steps 100 --out r
 
-Bad input (unknown task / suite / domain / optimizer, non-positive steps, a non-empty
-``--out`` without ``--overwrite``, a ``learned:<path>`` file for another architecture, ...)
-exits with code 2 and one line on stderr, before any file is written.
+Bad input (unknown task / suite / domain / optimizer, an out-of-range number, a device
+that is not here, a non-empty ``--out`` without ``--overwrite``, an ``--out`` that cannot be
+written, a ``learned:<path>`` file for another architecture, ...) exits with code 2 and one
+line on stderr, before any training and before any file is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from metaopt.cli_support import (
+    MAX_SEED,
+    VALUE_SYNTAX,
+    check_device,
+    check_int,
+    float_arg,
+    import_modules,
+    imports_in,
+    int_arg,
+    parse_options,
+    typed_task_options,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -30,11 +44,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _int_list(text: str, name: str) -> list[int]:
+def _seed_list(text: str, name: str) -> list[int]:
     try:
-        return [int(s) for s in text.split(",") if s.strip() != ""]
+        seeds = [int(s, 10) for s in text.split(",") if s.strip() != ""]
     except ValueError:
         raise UsageError(f"{name}={text!r}: must be comma-separated integers") from None
+    return [check_int(name, s, 0, MAX_SEED) for s in seeds]
 
 
 def _grid(items: Sequence[str]) -> dict[str, list[float]]:
@@ -51,43 +66,43 @@ def _grid(items: Sequence[str]) -> dict[str, list[float]]:
     return grids
 
 
-def _options(items: Sequence[str]) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--task-option {item!r}: write KEY=VALUE (VALUE parsed as JSON)")
-        try:
-            opts[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            opts[key.strip()] = raw
-    return opts
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m meta_test", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", help="a registered task name (tasks.available())")
     src.add_argument("--suite", help="a registered suite name (with --domain)")
     p.add_argument("--domain", help="the suite's domain to train on")
-    p.add_argument("--optimizers", required=True, help="comma-separated specs: sgdm,adam,kfac")
-    p.add_argument("--steps", type=int, required=True, help="training steps per run")
+    p.add_argument(
+        "--optimizers", required=True, help="comma-separated specs, each once: sgdm,adam,kfac"
+    )
+    p.add_argument("--steps", type=int_arg(1), required=True,
+                   help="training steps per run, 1 to 100000000")  # fmt: skip
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--hpo", default="grid", help="none | grid | botorch | random (default grid)")
     p.add_argument("--out", required=True, help="output directory (must be empty or new)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: the task's)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (never one that holds an input of this run, "
+                   "a learned preconditioner or a meta_train run)")  # fmt: skip
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N, one that is here (default: the task's)")  # fmt: skip
     p.add_argument("--data-root", default=None, help="dataset folder for file-backed tasks")
-    p.add_argument("--iterations", type=int, default=25, help="botorch/random budget (25)")
+    p.add_argument("--iterations", type=int_arg(1), default=25, help="botorch/random budget (25)")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
                    help="override a hyperparameter's grid and box (repeatable)")  # fmt: skip
-    p.add_argument("--log-every", type=int, default=None, help="curve resolution in steps")
-    p.add_argument("--eval-every", type=int, default=None, help="test-curve resolution")
-    p.add_argument("--target-loss", type=float, default=None, help="for steps-to-target")
-    p.add_argument("--search-seed", type=int, default=None, help="seed of the search trials")
+    p.add_argument("--log-every", type=int_arg(1), default=None,
+                   help="curve resolution in steps, >= 1 (default steps // 100)")  # fmt: skip
+    p.add_argument("--eval-every", type=int_arg(1), default=None,
+                   help="test-curve resolution, >= 1 (default steps // 10)")  # fmt: skip
+    p.add_argument("--target-loss", type=float_arg(), default=None, help="for steps-to-target")
+    p.add_argument("--search-seed", type=int_arg(0, MAX_SEED), default=None,
+                   help="seed of the search trials (default: the first seed)")  # fmt: skip
     p.add_argument("--select-on", default="auto", help="auto | loss | the task's metric")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra task/suite option, VALUE as JSON (repeatable)")  # fmt: skip
+                   help="extra task/suite option, e.g. dtype=float64 (repeatable; "
+                   f"{VALUE_SYNTAX})")  # fmt: skip
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE (a dotted name or a .py file) first, so the tasks, "
+                   "suites or specs it registers can be named (repeatable)")  # fmt: skip
     p.add_argument("--allow-unequal-budget", action="store_true",
                    help="accept grids of different sizes (the report says so)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bar")
@@ -97,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve_task(args: argparse.Namespace) -> Any:
     import tasks
 
-    options = _options(args.task_option)
+    options = typed_task_options(parse_options(args.task_option, "--task-option"), "--task-option")
     if args.data_root is not None:
         options["data_root"] = args.data_root
     try:
@@ -116,18 +131,21 @@ def _resolve_task(args: argparse.Namespace) -> Any:
 def _run(argv: Sequence[str] | None) -> int:
     from meta_test.comparison import run_comparison
     from meta_test.report import check_out_dir
+    from meta_test.specs import input_files
 
     args = build_parser().parse_args(argv)
-    if args.steps < 1:
-        raise UsageError(f"--steps {args.steps}: must be a positive integer")
-    check_out_dir(args.out, args.overwrite)
+    if args.device is not None:
+        check_device(args.device, "--device")
     specs = [s.strip() for s in args.optimizers.split(",") if s.strip()]
+    inputs = [] if args.data_root is None else [args.data_root]
+    check_out_dir(args.out, args.overwrite, [*inputs, *(f for s in specs for f in input_files(s))])
+    seeds = _seed_list(args.seeds, "--seeds")
     task = _resolve_task(args)
     results = run_comparison(
         task,
         specs,
         steps=args.steps,
-        seeds=_int_list(args.seeds, "--seeds"),
+        seeds=seeds,
         hpo=args.hpo,
         out=args.out,
         overwrite=args.overwrite,
@@ -141,6 +159,7 @@ def _run(argv: Sequence[str] | None) -> int:
         device=args.device,
         progress=not args.no_progress,
         allow_unequal_budget=args.allow_unequal_budget,
+        inputs=inputs,
     )
     for spec, r in results["optimizers"].items():
         print(f"{spec}: hparams={r['hparams']} final_train_loss={r['final_train_loss']['mean']}")
@@ -150,7 +169,9 @@ def _run(argv: Sequence[str] | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 on bad input, with one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        import_modules(imports_in(argv))
         return _run(argv)
     except ValueError as err:  # UsageError included: every bad input is a ValueError
         message = " ".join(str(err).split())

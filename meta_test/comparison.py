@@ -20,7 +20,7 @@ from typing import Any
 from meta_test.metrics import auc, mean_curve, mean_std, steps_to_target
 from meta_test.runs import RunResult, run_training
 from meta_test.search import HPO_METHODS, SearchResult, run_search
-from meta_test.specs import build_trainer, check_spec, search_space
+from meta_test.specs import build_trainer, canonical_spec, check_spec, input_files, search_space
 
 __all__ = ["run_comparison", "selection_objective"]
 
@@ -139,6 +139,7 @@ def run_comparison(
     progress: bool = False,
     allow_unequal_budget: bool = False,
     task_options: Mapping[str, Any] | None = None,
+    inputs: Sequence[str | os.PathLike[str]] = (),
 ) -> dict[str, Any]:
     """Tune, train and summarise every spec on ``task``; returns the ``results.json`` dict.
 
@@ -149,8 +150,9 @@ def run_comparison(
         seeds: seeds of the reported runs (default ``(0, 1, 2)``).
         hpo: ``"none"``, ``"grid"``, ``"botorch"`` (or ``"random"``).
         out: directory for ``results.json``, ``report.md`` and plots (``None``: no files).
-            Refused if non-empty unless ``overwrite``; written to a temporary directory
-            and moved into place only when everything succeeded.
+            Refused if non-empty unless ``overwrite``, and even then if it holds an input
+            of the run (``inputs``, a ``learned:<path>`` file) or a meta_train run; written
+            to a temporary directory and moved into place only when everything succeeded.
         iterations: evaluations per spec for ``"botorch"`` / ``"random"`` (default 25).
         grids: ``{hparam: values}`` overriding the grids (and search boxes) of every spec
             that tunes ``hparam``.
@@ -163,6 +165,9 @@ def run_comparison(
         progress: show a tqdm bar (stderr) over all training steps.
         allow_unequal_budget: accept grids of different sizes (``protocol.equal_budget``
             and the report then say so); refused by default.
+        task_options: options for a task given by name.
+        inputs: files and folders the run reads besides ``learned:<path>`` specs (e.g. the
+            data root), which ``out`` must not hold.
     """
     from meta_test import report
 
@@ -182,14 +187,16 @@ def run_comparison(
     if target_loss is not None and not math.isfinite(target_loss):
         raise ValueError(f"target_loss={target_loss!r}: must be a finite number")
     specs = [check_spec(s) for s in specs]
-    if not specs or len(set(specs)) != len(specs):
+    if not specs or len({canonical_spec(s) for s in specs}) != len(specs):
         raise ValueError(f"specs={specs!r}: give at least one optimizer, each once")
-    log_every = log_every or max(1, steps // 100)
-    eval_every = eval_every or max(1, steps // 10)
-    if log_every < 1 or eval_every < 1:
-        raise ValueError(f"log_every={log_every!r}, eval_every={eval_every!r}: must be >= 1")
+    log_every = max(1, steps // 100) if log_every is None else log_every
+    eval_every = max(1, steps // 10) if eval_every is None else eval_every
+    for name, value in (("log_every", log_every), ("eval_every", eval_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a positive integer")
+    inputs = [*inputs, *(f for s in specs for f in input_files(s))]
     if out is not None:
-        report.check_out_dir(out, overwrite)
+        report.check_out_dir(out, overwrite, inputs)
     key, maximize = selection_objective(task, select_on)
     spaces = {s: search_space(s).override(dict(grids or {})) for s in specs}
     known = {n for sp in spaces.values() for n in [*sp.names, *sp.fixed]}
@@ -267,7 +274,7 @@ def run_comparison(
     finally:
         bar.close()
     if out is not None:
-        report.write_outputs(results, out, overwrite=overwrite)
+        report.write_outputs(results, out, overwrite=overwrite, inputs=inputs)
     return results
 
 

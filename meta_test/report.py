@@ -12,8 +12,12 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from metaopt.cli_support import check_output_dir
+from metaopt.io import current_umask
 
 __all__ = [
     "REQUIRED_KEYS",
@@ -37,14 +41,53 @@ REQUIRED_KEYS = (
 )
 
 
-def check_out_dir(out: str | os.PathLike[str], overwrite: bool) -> Path:
-    """``ValueError`` if ``out`` is a file, or a non-empty directory without ``overwrite``."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"out={str(path)!r} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"out={str(path)!r} is not empty; pass --overwrite to replace it")
+def check_out_dir(
+    out: str | os.PathLike[str],
+    overwrite: bool,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+) -> Path:
+    """``ValueError`` unless ``out`` can receive the outputs.
+
+    Refused: a file, a path under a regular file, a place this process cannot write, a
+    non-empty directory without ``overwrite`` and, even with it, a directory that holds one
+    of ``inputs`` (files or folders this run reads) or a meta_train run or learned
+    preconditioner (a ``*.safetensors`` file, a meta_train ``config.json``), which
+    replacing it would delete.
+    """
+    path = check_output_dir(out, beside=True)
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise ValueError(f"out={str(path)!r} is not empty; pass --overwrite to replace it")
+        _check_replaceable(path, inputs)
     return path
+
+
+def _check_replaceable(path: Path, inputs: Sequence[str | os.PathLike[str]]) -> None:
+    root = path.resolve()
+    for item in inputs:
+        resolved = Path(item).resolve()
+        if resolved == root or root in resolved.parents:
+            raise ValueError(
+                f"out={str(path)!r} holds {str(item)!r}, an input of this run; --overwrite "
+                "would delete it: choose another --out"
+            )
+    for entry in root.rglob("*"):
+        if entry.suffix == ".safetensors" or (
+            entry.name == "config.json" and _is_meta_train_config(entry)
+        ):
+            raise ValueError(
+                f"out={str(path)!r} holds {str(entry.relative_to(root))!r}, part of a "
+                "meta_train run or a learned preconditioner; --overwrite would delete it: "
+                "choose another --out"
+            )
+
+
+def _is_meta_train_config(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"learner", "outer_steps"} <= set(config)
 
 
 def _clean(obj: Any) -> Any:
@@ -183,17 +226,23 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
 
 
 def write_outputs(
-    results: dict[str, Any], out: str | os.PathLike[str], *, overwrite: bool = False
+    results: dict[str, Any],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike[str]] = (),
 ) -> Path:
-    """Write ``results.json``, ``report.md`` and the plots into ``out`` (all or nothing)."""
-    path = check_out_dir(out, overwrite).absolute()
+    """Write ``results.json``, ``report.md`` and the plots into ``out`` (all or nothing;
+    ``inputs`` as for :func:`check_out_dir`)."""
+    path = check_out_dir(out, overwrite, inputs).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 is not the user's choice
         (tmp / "results.json").write_text(to_json(results))
         (tmp / "report.md").write_text(render_markdown(results))
         write_plots(results, tmp)
-        check_out_dir(path, overwrite)
+        check_out_dir(path, overwrite, inputs)
         if not path.exists():
             os.replace(tmp, path)
         else:

@@ -48,7 +48,9 @@ __all__ = [
     "Trainer",
     "available_specs",
     "build_trainer",
+    "canonical_spec",
     "check_spec",
+    "input_files",
     "register_spec",
     "search_space",
 ]
@@ -240,6 +242,19 @@ def check_spec(spec: str) -> str:
     """``spec`` stripped, or ``ValueError`` listing the valid specs."""
     _lookup(spec)
     return spec.strip()
+
+
+def canonical_spec(spec: str) -> str:
+    """The form shared by specs that train the same way (``SGD`` and ``sgd``): names and
+    prefixes are case-insensitive, a prefix's argument (``learned:<path>``) is kept."""
+    head, sep, arg = check_spec(spec).partition(":")
+    return head.lower() + sep + arg
+
+
+def input_files(spec: str) -> list[str]:
+    """Files the spec reads (``learned:<path>`` -> ``[path]``), which no output may replace."""
+    head, sep, arg = spec.strip().partition(":")
+    return [arg] if sep and head.lower() == "learned" and arg else []
 
 
 def search_space(spec: str) -> SearchSpace:

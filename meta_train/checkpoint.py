@@ -4,14 +4,18 @@ A checkpoint holds an arbitrary nested state (dicts, lists, tuples, ints, floats
 tensors) such as ``{"learner": learner.state_dict(), "rng": ..., "step": 12}``. Tensors go
 into the safetensors body; everything else becomes a JSON tree stored in the safetensors
 header (``__metadata__["meta_train"]``) in which each tensor is a ``{"__tensor__": key}``
-reference. A SHA-256 over the JSON tree and every tensor's dtype, shape and bytes is stored
-beside it, so a file that is truncated, bit-flipped, or not a meta_train checkpoint at all is
-refused with a one-line :class:`CheckpointError` before anything is restored. Nothing in a
-checkpoint is ever executed (no pickle).
+reference, with its strides when the tensor is a permuted (e.g. transposed) layout, so a
+resumed run computes on the same memory layout and rounds the same way. A SHA-256 over the
+JSON tree and every tensor's dtype, shape and bytes is stored beside it, so a file that is
+truncated, bit-flipped, or not a meta_train checkpoint at all is refused with a one-line
+:class:`CheckpointError` before anything is restored. Nothing in a checkpoint is ever
+executed (no pickle).
 
-Writes go through :func:`metaopt.io.atomic_write` (temp file, fsync, rename) after the
-temporary file has been read back and verified, so a crash or a failed write never replaces
-the previous good checkpoint with a partial one.
+A state whose floating tensors are not all finite is refused (:class:`NonFiniteState`): a
+diverged run must not replace the last good checkpoint. Writes go through
+:func:`metaopt.io.atomic_write` (temp file, fsync, rename) after the temporary file has been
+read back and verified, so a crash or a failed write never replaces the previous good
+checkpoint with a partial one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +31,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from metaopt.io import atomic_write
+from metaopt.io import atomic_write, first_non_finite
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "NonFiniteState", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "meta_train.checkpoint/1"
 
@@ -37,13 +42,39 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt, or not a meta_train checkpoint."""
 
 
+class NonFiniteState(ValueError):
+    """A training state turned non-finite: ``.detail`` says what (e.g. ``tensor 'x' is not
+    finite``), ``.step`` the outer step (``None`` when unknown)."""
+
+    def __init__(self, detail: str, step: int | None) -> None:
+        super().__init__(f"{detail} at step {step}" if step is not None else detail)
+        self.detail, self.step = detail, step
+
+
 # --- state tree <-> (JSON tree, tensors) ------------------------------------------------------
+def _is_dense(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether ``stride`` lays ``shape`` out without gaps or overlap (a permutation of the
+    contiguous layout); only such layouts are stored, and restored, exactly."""
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in stride):
+        return False
+    expected = 1
+    for step, size in sorted((st, sz) for sz, st in zip(shape, stride, strict=True) if sz != 1):
+        if step != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         key = f"t{len(tensors)}"
         # clone: safetensors refuses shared storage and non-contiguous views
         tensors[key] = obj.detach().to("cpu").contiguous().clone()
-        return {"__tensor__": key}
+        if obj.is_contiguous() or not _is_dense(obj.shape, obj.stride()):
+            return {"__tensor__": key}
+        # a permuted layout (EKFAC's transposed eigenvectors): matmuls on it round
+        # differently from the contiguous copy, so resume restores the strides too
+        return {"__tensor__": key, "stride": list(obj.stride())}
     if isinstance(obj, torch.Generator):
         raise TypeError("store generator.get_state() (a tensor), not the generator itself")
     if isinstance(obj, dict):
@@ -74,7 +105,13 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if not isinstance(obj, dict):
         return obj
     if "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
+        t = tensors[obj["__tensor__"]]
+        stride = obj.get("stride")
+        if stride is None:
+            return t
+        if not (len(stride) == t.dim() and _is_dense(t.shape, stride)):
+            raise CheckpointError(f"tensor stride {stride} does not lay out shape {list(t.shape)}")
+        return torch.empty_strided(t.shape, stride, dtype=t.dtype).copy_(t)
     if "__tuple__" in obj:
         return tuple(_decode(v, tensors) for v in obj["__tuple__"])
     if "__dict__" in obj:
@@ -103,7 +140,17 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None
     Args:
         state: nested dicts/lists/tuples of tensors, numbers, strings, booleans and None.
         path: destination (conventionally ``DIR/checkpoint.safetensors``).
+
+    Raises:
+        NonFiniteState: a floating tensor of ``state`` holds NaN or infinity; ``path`` is
+            left as it was.
     """
+    bad = first_non_finite(state)
+    if bad is not None:
+        step = state.get("step")
+        raise NonFiniteState(
+            f"tensor {bad!r} is not finite", step if isinstance(step, int) else None
+        )
     tensors: dict[str, torch.Tensor] = {}
     tree = json.dumps(_encode(state, tensors), sort_keys=True, allow_nan=False)
     digest = _digest(tree, tensors)

@@ -6,11 +6,14 @@ Examples::
     python -m meta_train --learner metamd --preset metamd-paper --suite rotated-digits \
         --holdout 75 --out runs/paper
     python -m meta_train --config md.toml --out runs/md --resume
+    python -m meta_train --import mypkg.tasks --learner metamd --family mine --out runs/mine
     torchrun --nproc_per_node=2 -m meta_train --learner metamd --family meta-quadratics --out r
 
 Options come from the defaults, then ``--config FILE.toml``, then the flags (flags win); the
 effective configuration is written to ``OUT/config.json``. Bad input exits with code 2 and
-one line on stderr, before any file is written.
+one line on stderr, before any file is written. A run whose learner state turns non-finite
+stops with exit code 1 before it would write a checkpoint or the artefact: the last good
+checkpoint stays, and ``--resume`` with a lower ``--inner-lr`` / ``--meta-lr`` continues it.
 """
 
 from __future__ import annotations
@@ -20,18 +23,35 @@ import dataclasses
 import json
 import os
 import sys
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import meta_train.builtin  # noqa: F401  (registers the built-in learners)
-from meta_train.checkpoint import CheckpointError
-from meta_train.config import FIELDS, TrainConfig, load_toml, merge
-from meta_train.distributed import setup
+from meta_train.checkpoint import CheckpointError, NonFiniteState, load_checkpoint
+from meta_train.config import FIELDS, IDENTITY_EXEMPT, TrainConfig, load_toml, merge
+from meta_train.distributed import CollectiveFailed, setup
 from meta_train.learners import available_learners, get_learner_spec
-from meta_train.runner import CHECKPOINT, LEARNED, Stopped, check_resumable, run
-from metaopt.io import atomic_write
+from meta_train.metrics import read_metrics
+from meta_train.runner import (
+    CHECKPOINT,
+    LEARNED,
+    METRICS,
+    PLOT,
+    Stopped,
+    check_resumable,
+    run,
+)
+from metaopt.cli_support import (
+    VALUE_SYNTAX,
+    check_output_dir,
+    check_types,
+    import_modules,
+    imports_in,
+    parse_options,
+    typed_task_options,
+)
+from metaopt.io import atomic_write, stale_temp_files
 
 __all__ = ["build_parser", "main", "prepare"]
 
@@ -45,15 +65,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _kv(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]  # numbers, booleans, lists, quoted strings
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.replace("-", "_"), value
+#: the flags a --resume may change (the rest must match the checkpointed run)
+_RESUME_MAY_CHANGE = [
+    "--" + n.replace("_", "-") for n in IDENTITY_EXEMPT - {"out", "resume", "progress"}
+]
+#: what a run writes in --out
+_OUTPUTS = ["config.json", METRICS, CHECKPOINT, LEARNED, PLOT]
 
 
 def _default(name: str) -> str:
@@ -87,6 +104,13 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--engine", "engine", str, "hypergradient engine (unroll, forward, neumann, es, pes, ...)"),
     ("--rank", "rank", int, "rank of the lowrank Kronecker factors (metamd)"),
     ("--checkpoint-every", "checkpoint_every", int, "checkpoint every N outer steps"),
+    (
+        "--dist-timeout",
+        "dist_timeout",
+        float,
+        "seconds a collective waits for the other ranks under torchrun before the job fails"
+        " (a hung or stopped rank then ends the run instead of stalling it)",
+    ),
     ("--steps-per-domain", "steps_per_domain", int, "apo: training steps on each domain in turn"),
 ]
 
@@ -111,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run checkpointed in --out (default: off)",
+        help="continue the run checkpointed in --out; a folder whose run was killed before its"
+        " first checkpoint (config.json, no checkpoint) starts from scratch; these may differ"
+        f" from the checkpointed run: {', '.join(sorted(_RESUME_MAY_CHANGE))} (default: off)",
     )
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", help="hide the tqdm progress bar"
@@ -119,18 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--option",
         dest="options",
-        type=_kv,
         action="append",
         metavar="KEY=VALUE",
-        help="extra learner option, repeatable (TOML [options]; default: none)",
+        help=f"extra learner option, repeatable (TOML [options]; {VALUE_SYNTAX}; default: none)",
     )
     p.add_argument(
         "--source-option",
         dest="source_options",
-        type=_kv,
         action="append",
         metavar="KEY=VALUE",
-        help='extra suite/family option, e.g. model="mlp" (TOML [source_options]; default: none)',
+        help='extra suite/family option, e.g. model="mlp" or dtype=float64 (TOML'
+        f" [source_options]; {VALUE_SYNTAX}; default: none)",
+    )
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="import MODULE (a dotted name or a .py file) before anything is resolved, so the"
+        " tasks, families, objectives, engines or learners it registers can be named;"
+        " repeatable (default: none)",
     )
     return p
 
@@ -143,14 +177,16 @@ def resolve_source(config: TrainConfig) -> Any:
     """The task source: a suite's training tasks (a list) or a ``TaskFamily``."""
     import tasks
 
-    opts = dict(config.source_options)
+    opts = typed_task_options(config.source_options, "--source-option")
     if config.data_root is not None:
         opts["data_root"] = config.data_root
     if config.device != "cpu":
         opts.setdefault("device", config.device)
     try:
         if config.family is not None:
-            return tasks.get_family(config.family, **opts)
+            family = tasks.get_family(config.family, **opts)
+            _check_draw(family, config)
+            return family
         suite = tasks.get_suite(config.suite, **opts)
     except TypeError as err:  # an option the suite/family does not take
         name = config.family or config.suite
@@ -160,27 +196,64 @@ def resolve_source(config: TrainConfig) -> Any:
     return suite.meta_train_tasks(config.holdout)
 
 
+def _check_draw(family: Any, config: TrainConfig) -> None:
+    """Draw one task (from a generator of its own) so a family whose ``sample`` does not
+    return a ``tasks.Task`` fails here, before anything is written."""
+    import torch
+
+    import tasks
+
+    task = family.sample(torch.Generator().manual_seed(config.seed))
+    if not isinstance(task, tasks.Task):
+        raise UsageError(
+            f"family={config.family!r}: sample() returned a {type(task).__name__}, not a tasks.Task"
+        )
+
+
+def _killed_before_first_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds only what a run killed before its first checkpoint leaves: a
+    meta_train ``config.json``, maybe ``metrics.jsonl`` and temporary files."""
+    if not (out / "config.json").is_file() or (out / CHECKPOINT).exists():
+        return False
+    stale = set(stale_temp_files(out, _OUTPUTS))
+    if any(p.name not in ("config.json", METRICS) and p not in stale for p in out.iterdir()):
+        return False
+    try:
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"learner", "outer_steps", "out"} <= set(saved)
+
+
 def prepare(argv: Sequence[str] | None) -> tuple[TrainConfig, Any, dict[str, Any] | None]:
     """Parse, merge and validate everything; read (never write) ``out``.
 
-    Returns ``(config, learner spec, resume state or None)``.
+    Returns ``(config, learner spec, resume state or None)``; ``None`` also when ``--resume``
+    finds a run killed before its first checkpoint (it starts from scratch).
     """
     ns = vars(build_parser().parse_args(argv))
+    ns.pop("imports", None)  # imported by main() before the parser was built
     file_values = load_toml(ns.pop("config_file")) if "config_file" in ns else {}
-    for key in ("options", "source_options"):
+    for key, flag in (("options", "--option"), ("source_options", "--source-option")):
         if key in ns:
-            ns[key] = dict(ns[key])
+            ns[key] = parse_options(ns[key], flag)
     config = merge(file_values, ns)
     spec = get_learner_spec(config.learner)
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"out={config.out!r}: exists and is not a directory")
+    out = check_output_dir(config.out)
+    fresh = not out.exists() or not any(out.iterdir()) or _killed_before_first_checkpoint(out)
     resume_state = None
-    if config.resume:
-        if not (out / CHECKPOINT).exists():
-            raise UsageError(f"out={config.out!r}: has no {CHECKPOINT} to --resume from")
+    if config.resume and (out / CHECKPOINT).exists():
         resume_state = check_resumable(config, out)
-    elif out.exists() and any(out.iterdir()):
+        done = int(resume_state["step"])
+        if config.outer_steps is not None and done > config.outer_steps:
+            raise UsageError(
+                f"outer_steps={config.outer_steps}: the run in out={config.out!r} is at outer "
+                f"step {done} already; pass --outer-steps {done} or more (nothing was changed)"
+            )
+        read_metrics(out / METRICS)  # a damaged metrics.jsonl is refused before any write
+    elif config.resume and not (out.exists() and fresh):
+        raise UsageError(f"out={config.out!r}: has no {CHECKPOINT} to --resume from")
+    elif not config.resume and not fresh:
         raise UsageError(
             f"out={config.out!r}: is not empty; pass --resume to continue the run in it "
             "or choose another directory"
@@ -188,28 +261,78 @@ def prepare(argv: Sequence[str] | None) -> tuple[TrainConfig, Any, dict[str, Any
     return config, spec, resume_state
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 done, 2 bad input, 128+signal when stopped)."""
+def _check_option_types(learner: Any) -> None:
+    """Every dataclass ``config`` the learner holds (its own, or one an attribute holds, as
+    APO's inside the online adapter) must hold values of its annotated types, so
+    ``--option learn_scale=maybe`` is refused rather than truthy."""
+    holders = [learner, *vars(learner).values()] if hasattr(learner, "__dict__") else [learner]
+    for holder in holders:
+        config = getattr(holder, "config", None)
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            check_types(config)
+
+
+def _build(config: TrainConfig, spec: Any, resume_state: dict[str, Any] | None) -> Any:
+    """The learner, its option types checked and, on resume, the checkpoint loaded into it
+    once here, so a checkpoint that does not fit it is refused before anything is written."""
+    seed_everything(config.seed)  # factor initialisations etc. drawn from global RNGs
+    source = resolve_source(config)
     try:
+        learner = spec.builder()(config, source, _local_device(config.device))
+    except TypeError as err:  # an option the learner does not take
+        raise UsageError(f"learner={config.learner!r} options: {_one_line(err)}") from None
+    _check_option_types(learner)
+    if resume_state is not None:
+        try:
+            learner.load_state_dict(resume_state["learner"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(
+                f"checkpoint {str(Path(config.out) / CHECKPOINT)!r} does not fit learner "
+                f"{config.learner!r} with these settings: {_one_line(err)}"
+            ) from None
+    return learner
+
+
+def _non_finite(err: NonFiniteState, config: TrainConfig) -> str:
+    """The one-line report of a diverged run: where, what was kept, how to go on."""
+    try:
+        kept = (
+            f"the checkpoint of outer step {load_checkpoint(Path(config.out) / CHECKPOINT)['step']}"
+        )
+        kept += " is kept"
+    except CheckpointError:
+        kept = "no checkpoint was written yet, so --resume starts from scratch"
+    return (
+        f"meta_train: error: outer step {err.step}: {err.detail} (the run diverged); "
+        f"nothing of this step was saved and {kept}; continue with "
+        f"--resume and a lower learning rate: --inner-lr (now {config.inner_lr:g}) or "
+        f"--meta-lr (now {config.meta_lr:g})"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 done, 1 diverged or a rank failed, 2 bad input,
+    128+signal when stopped)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        import_modules(imports_in(argv))
         config, spec, resume_state = prepare(argv)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not spec.distributed:
             raise UsageError(f"learner={config.learner!r}: runs online in one process only")
-        seed_everything(config.seed)  # factor initialisations etc. drawn from global RNGs
-        source = resolve_source(config)
-        build = spec.builder()
-        try:
-            learner = build(config, source, _local_device(config.device))
-        except TypeError as err:  # an option the learner does not take
-            raise UsageError(f"learner={config.learner!r} options: {_one_line(err)}") from None
+        learner = _build(config, spec, resume_state)
     except (ValueError, CheckpointError) as err:
         print(f"meta_train: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    dist = setup(config.device)
+    dist = setup(config.device, timeout_s=config.dist_timeout)
     out = Path(config.out)
     try:
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
+            for stale in stale_temp_files(out, _OUTPUTS):  # left by a killed write
+                stale.unlink(missing_ok=True)
+            if resume_state is None:  # the lines of a run killed before its first checkpoint
+                (out / METRICS).unlink(missing_ok=True)
             text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
             atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
         dist.barrier()
@@ -218,6 +341,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.is_main:
             print(f"meta_train: {stop}; continue with --resume", file=sys.stderr)
         return 128 + int(stop.signum)
+    except NonFiniteState as err:
+        if dist.is_main:
+            print(_non_finite(err, config), file=sys.stderr)
+        return 1
+    except CollectiveFailed as err:
+        print(
+            f"meta_train: error: {_one_line(err)}; another rank hung or died, so this run "
+            f"stops (raise --dist-timeout, now {config.dist_timeout:g} s, only if ranks are "
+            "legitimately that slow; --resume continues from the last checkpoint)",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         dist.close()
     if dist.is_main:

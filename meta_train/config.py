@@ -16,11 +16,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metaopt.cli_support import MAX_COUNT, MAX_SEED, check_device, check_int, check_types
+
 __all__ = ["IDENTITY_EXEMPT", "TrainConfig", "load_toml", "merge"]
 
-#: fields that may change between a run and its ``--resume`` (everything else must match)
+#: fields that may change between a run and its ``--resume`` (everything else must match);
+#: the learning rates may, so a run that blew up resumes from its last good checkpoint
+#: with a lower one
 IDENTITY_EXEMPT = frozenset(
-    {"out", "resume", "outer_steps", "checkpoint_every", "progress", "device", "data_root"}
+    {
+        "out",
+        "resume",
+        "outer_steps",
+        "checkpoint_every",
+        "progress",
+        "device",
+        "data_root",
+        "dist_timeout",
+        "inner_lr",
+        "meta_lr",
+    }
 )
 
 
@@ -50,6 +65,8 @@ class TrainConfig:
         rank: rank of the lowrank Kronecker factors (MetaMD).
         For these learner settings ``None`` means the learner's (or preset's) own value.
         checkpoint_every: write a checkpoint every this many outer steps.
+        dist_timeout: seconds a collective waits for the other ranks before the job fails
+            (under torchrun; a hung rank then stops the run instead of stalling it).
         progress: show a tqdm progress bar.
         steps_per_domain: ``apo`` only: training steps on each training domain in turn.
         options: extra learner options (``--option KEY=VALUE``, TOML ``[options]``).
@@ -75,12 +92,16 @@ class TrainConfig:
     engine: str | None = None
     rank: int | None = None
     checkpoint_every: int = 10
+    dist_timeout: float = 300.0
     progress: bool = True
     steps_per_domain: int = 200
     options: dict[str, Any] = field(default_factory=dict)
     source_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.holdout, int) and not isinstance(self.holdout, bool):
+            self.holdout = str(self.holdout)  # TOML ``holdout = 75`` names domain "75"
+        check_types(self)  # e.g. ``progress = "no"`` in TOML is refused, not truthy
         if not self.learner:
             raise ValueError("learner: is required (--learner NAME)")
         if not self.out:
@@ -92,17 +113,13 @@ class TrainConfig:
             )
         if self.holdout is not None and self.family is not None:
             raise ValueError(f"holdout={self.holdout!r}: applies to --suite only, not --family")
-        for name in ("outer_steps", "tasks_per_step", "inner_steps", "checkpoint_every", "rank"):
-            v = getattr(self, name)
-            if v is None and name != "checkpoint_every":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r}: must be a positive integer")
-        if self.learner == "apo" and self.steps_per_domain < 1:
-            raise ValueError(f"steps_per_domain={self.steps_per_domain!r}: must be positive")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r}: must be a non-negative integer")
-        for name in ("inner_lr", "meta_lr"):
+        for name in ("outer_steps", "tasks_per_step", "inner_steps", "checkpoint_every", "rank",
+                     "steps_per_domain"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None or name in ("checkpoint_every", "steps_per_domain"):
+                check_int(name, value, 1, MAX_COUNT)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        for name in ("inner_lr", "meta_lr", "dist_timeout"):
             v = getattr(self, name)
             if v is None:
                 continue
@@ -117,8 +134,7 @@ class TrainConfig:
             raise ValueError(
                 f"meta_optimizer={self.meta_optimizer!r}: must be 'adam', 'sgd' or 'rmsprop'"
             )
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device={self.device!r}: must be 'cpu', 'cuda' or 'cuda:N'")
+        check_device(self.device)
         for name in ("options", "source_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be a table of key = value")

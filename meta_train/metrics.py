@@ -36,22 +36,40 @@ class MetricsLog:
             fh.flush()
 
     def truncate_after(self, step: int) -> None:
-        kept = [r for r in read_metrics(self.path) if int(r["step"]) <= step]
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
         text = "".join(json.dumps(r) + "\n" for r in kept)
         atomic_write(self.path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every complete line of a ``metrics.jsonl`` (a torn last line from a kill is dropped)."""
+    """Every complete line of a ``metrics.jsonl``; text after the last newline (a line torn
+    by a kill) is dropped.
+
+    Raises:
+        ValueError: the file is not UTF-8, or a complete line is not a JSON object with an
+            integer ``step`` (the file and line are named).
+    """
     path = Path(path)
     if not path.exists():
         return []
+    name = str(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"metrics {name!r}: byte {err.start} is not UTF-8 text") from None
+    lines = text.split("\n")[:-1]  # the last piece is "" or a torn line
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"metrics {name!r} line {number}: is not JSON") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"metrics {name!r} line {number}: has no integer 'step'")
+        out.append(record)
     return out
 
 

@@ -11,6 +11,11 @@ A checkpoint holds ``{"learner": learner.state_dict(), "rng": every global RNG s
 "step": n, "config": identity fields}``; the learner's own state carries its meta-optimizer
 state and its inner runs in flight (in a distributed run every rank's runs are gathered
 into it first), so a resumed run continues bit-for-bit on CPU.
+
+Before every checkpoint and before the learned-optimizer file, the learner's state must be
+finite (every floating tensor, and the learner's optional ``check_finite()``); a diverged
+run stops with :class:`~meta_train.checkpoint.NonFiniteState` instead, so the last good
+checkpoint stays.
 """
 
 from __future__ import annotations
@@ -25,10 +30,16 @@ import numpy as np
 import torch
 
 import metaopt
-from meta_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from meta_train.config import TrainConfig
+from meta_train.checkpoint import (
+    CheckpointError,
+    NonFiniteState,
+    load_checkpoint,
+    save_checkpoint,
+)
+from meta_train.config import IDENTITY_EXEMPT, TrainConfig
 from meta_train.distributed import Dist
 from meta_train.metrics import MetricsLog, plot_metrics
+from metaopt.io import first_non_finite
 from metaopt.learners import MetaLearner, MetaStep
 from metaopt.optim import LearnedOptimizer
 
@@ -88,6 +99,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _divergence(learner: MetaLearner, state: dict[str, Any]) -> str | None:
+    """What makes ``state`` unfit for a checkpoint: its first non-finite tensor, or a
+    divergence the learner's optional ``check_finite()`` reports (``FloatingPointError``)
+    that its tensors do not show yet; ``None`` when it is fine."""
+    bad = first_non_finite(state, "learner")
+    if bad is not None:
+        return f"tensor {bad!r} is not finite"
+    check = getattr(learner, "check_finite", None)
+    if callable(check):
+        try:
+            check()
+        except FloatingPointError as err:
+            return f"the learner reports: {' '.join(str(err).split())}"
+    return None
+
+
 def check_resumable(config: TrainConfig, out: Path) -> dict[str, Any]:
     """Load ``out``'s checkpoint and check it belongs to this configuration.
 
@@ -99,7 +126,7 @@ def check_resumable(config: TrainConfig, out: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not {"learner", "rng", "step", "config"} <= set(state):
         raise CheckpointError(f"checkpoint {str(out / CHECKPOINT)!r} lacks the pipeline fields")
     saved, ours = state["config"], config.identity()
-    for key in sorted(set(saved) | set(ours)):
+    for key in sorted((set(saved) | set(ours)) - IDENTITY_EXEMPT):
         if saved.get(key) != ours.get(key):
             raise CheckpointError(
                 f"checkpoint {str(out / CHECKPOINT)!r} was written with {key}={saved.get(key)!r}, "
@@ -121,6 +148,8 @@ def run(
 
     Raises:
         Stopped: a SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written.
+        NonFiniteState: the learner's state holds a NaN or infinity where a checkpoint or
+            the artefact was due; nothing was written, the last good checkpoint stays.
     """
     from tqdm.auto import tqdm
 
@@ -133,15 +162,20 @@ def run(
             metrics.truncate_after(int(resume_state["step"]))
 
     def checkpoint() -> None:
-        state = learner.state_dict()
+        learner_state = learner.state_dict()
+        bad = _divergence(learner, learner_state)  # on every rank, so all stop together
+        if dist.any(bad is not None):
+            raise NonFiniteState(bad or "another rank diverged", learner.meta_steps)
         if dist.world_size > 1:
-            state = _gathered(learner, state, dist)
+            learner_state = _gathered(learner, learner_state, dist)
         if dist.is_main:
-            save_checkpoint(
-                {"learner": state, "rng": _rng_state(), "step": int(learner.meta_steps),
-                 "config": config.identity()},
-                out / CHECKPOINT,
-            )  # fmt: skip
+            state = {
+                "learner": learner_state,
+                "rng": _rng_state(),
+                "step": int(learner.meta_steps),
+                "config": config.identity(),
+            }
+            save_checkpoint(state, out / CHECKPOINT)
 
     bar = tqdm(
         total=total,
@@ -154,9 +188,15 @@ def run(
     with _SignalFlag() as flag, bar:
         while learner.meta_steps < total:
             t0 = time.perf_counter()
-            record = learner.meta_step(
-                rank=dist.rank, world_size=dist.world_size, all_reduce=dist.all_reduce
-            )
+            try:
+                record = learner.meta_step(
+                    rank=dist.rank, world_size=dist.world_size, all_reduce=dist.all_reduce
+                )
+            except FloatingPointError as err:  # the learner's own divergence check
+                detail = " ".join(str(err).split()) or type(err).__name__
+                raise NonFiniteState(
+                    f"the learner stopped ({detail})", learner.meta_steps + 1
+                ) from None
             if not isinstance(record, MetaStep):
                 raise TypeError(f"learner {config.learner!r}: meta_step() returned {record!r}")
             if dist.is_main:
@@ -172,6 +212,10 @@ def run(
     if learner.meta_steps % config.checkpoint_every != 0:
         checkpoint()
     learned = learner.learned_optimizer()
+    if learned.preconditioner is not None:
+        bad = first_non_finite(learned.preconditioner.state_dict(), "preconditioner")
+        if bad is not None:
+            raise NonFiniteState(f"tensor {bad!r} is not finite", learner.meta_steps)
     if dist.is_main:
         metaopt.save_learned_optimizer(
             learned, out / LEARNED, metadata={"config": config.to_dict()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Mapping
@@ -31,6 +32,8 @@ from metaopt.optim.preconditioned import Preconditioned
 
 __all__ = [
     "atomic_write",
+    "current_umask",
+    "first_non_finite",
     "load_learned_optimizer",
     "load_optimizer",
     "load_preconditioner",
@@ -38,6 +41,7 @@ __all__ = [
     "read_preconditioner_metadata",
     "save_learned_optimizer",
     "save_preconditioner",
+    "stale_temp_files",
 ]
 
 FORMAT = "metaopt.preconditioner/1"
@@ -50,7 +54,8 @@ def _version() -> str:
     return __version__
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read without changing it for longer than this call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -59,7 +64,9 @@ def _current_umask() -> int:
 def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
     """Call ``write(tmp_path)`` then fsync and rename onto ``path`` (same directory).
 
-    A crash at any point leaves either the old file or the new one, never a partial file.
+    A crash at any point leaves either the old file or the new one, never a partial file;
+    a kill can leave the temporary file ``.NAME.XXXXXXXX.tmp`` beside it, which
+    :func:`stale_temp_files` finds when the next run starts.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +75,7 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
     try:
         write(tmp)
         # mkstemp makes 0600; give the file the mode a plain open() would (0666 & ~umask)
-        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -81,6 +88,41 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def stale_temp_files(folder: str | os.PathLike[str], names: list[str]) -> list[Path]:
+    """The temporary files (``.NAME.XXXXXXXX.tmp``) that killed :func:`atomic_write` calls
+    for the files ``names`` left in ``folder``, sorted; delete them only where no other
+    process is writing those files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    patterns = [re.compile(rf"\.{re.escape(n)}\.[A-Za-z0-9_]{{6,}}\.tmp") for n in names]
+    return sorted(
+        entry
+        for entry in folder.iterdir()
+        if entry.is_file() and any(p.fullmatch(entry.name) for p in patterns)
+    )
+
+
+def first_non_finite(tree: Any, prefix: str = "") -> str | None:
+    """The dotted path of the first floating tensor in ``tree`` (nested dicts, lists and
+    tuples) that holds a NaN or an infinity, or ``None`` when every one is finite."""
+    if isinstance(tree, torch.Tensor):
+        if (tree.is_floating_point() or tree.is_complex()) and not bool(torch.isfinite(tree).all()):
+            return prefix or "<tensor>"
+        return None
+    if isinstance(tree, Mapping):
+        items: Any = tree.items()
+    elif isinstance(tree, list | tuple):
+        items = enumerate(tree)
+    else:
+        return None
+    for key, value in items:
+        found = first_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def save_preconditioner(
@@ -98,7 +140,15 @@ def save_preconditioner(
         metadata: extra JSON-serialisable information (e.g. the training config).
         optimizer: the update rule it deploys with (``LearnedOptimizer.metadata()``);
             :func:`save_learned_optimizer` fills it.
+
+    Raises:
+        ValueError: a tensor holds NaN or infinity (named); nothing is written.
     """
+    bad = first_non_finite(preconditioner.state_dict())
+    if bad is not None:
+        raise ValueError(
+            f"preconditioner tensor {bad!r} is not finite; refusing to write {str(path)!r}"
+        )
     meta = {
         "format": FORMAT,
         "metaopt_version": _version(),
@@ -141,48 +191,108 @@ def read_preconditioner_metadata(path: str | os.PathLike[str]) -> dict[str, Any]
             f"{str(path)!r} is a safetensors file but not a metaopt preconditioner "
             "(no metaopt metadata)"
         ) from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{str(path)!r}: metaopt metadata is {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r}: unsupported format {meta.get('format')!r}")
     return meta
+
+
+def _check_metadata(meta: Mapping[str, Any], name: str) -> None:
+    """``ValueError`` naming the first metadata field that is missing or malformed."""
+    for key, kind in (("family", str), ("options", dict), ("layers", dict)):
+        if not isinstance(meta.get(key), kind):
+            found = "missing" if key not in meta else f"{meta[key]!r}"
+            raise ValueError(
+                f"preconditioner {name!r}: metadata field {key!r} is {found}; "
+                f"expected a {kind.__name__}"
+            )
+    for layer, shape in meta["layers"].items():
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise ValueError(
+                f"preconditioner {name!r}: metadata layers[{layer!r}]={shape!r}; "
+                "expected [out, in] (two non-negative integers)"
+            )
+    skip = meta.get("skip")
+    if skip is not None:
+        try:
+            re.compile(skip)
+        except (re.error, TypeError) as err:
+            raise ValueError(
+                f"preconditioner {name!r}: metadata skip={skip!r} is not a valid regex ({err})"
+            ) from None
+
+
+def _check_tensors(
+    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], name: str
+) -> None:
+    """``ValueError`` naming the first tensor that is missing, unexpected, not floating
+    point, of a shape the metadata does not give, or not finite."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"preconditioner {name!r}: missing tensors {missing}, unexpected {unexpected}"
+        )
+    for key in sorted(tensors):
+        t, want = tensors[key], expected[key]
+        if not t.is_floating_point():
+            raise ValueError(f"preconditioner {name!r}: tensor {key!r} has dtype {t.dtype}")
+        if t.shape != want.shape:
+            raise ValueError(
+                f"preconditioner {name!r}: tensor {key!r} has shape {list(t.shape)}, but the "
+                f"file's metadata (family, options, layers) gives {list(want.shape)}"
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"preconditioner {name!r}: tensor {key!r} holds NaN or infinity")
 
 
 def load_preconditioner(path: str | os.PathLike[str], model: nn.Module) -> KroneckerPreconditioner:
     """Load a preconditioner saved for a model of ``model``'s architecture.
 
     Raises:
-        ValueError: the file is not a metaopt safetensors preconditioner, or its layers do
-            not match ``model`` (every mismatched layer is named with both shapes).
+        ValueError: the file is not a metaopt safetensors preconditioner; its metadata lacks
+            a field or holds a malformed one (``layers``, an invalid ``skip`` regex, ...);
+            its layers do not match ``model`` (every mismatched layer is named with both
+            shapes); or a tensor is missing, of a shape its metadata does not give, or not
+            finite (the tensor is named).
     """
     meta = read_preconditioner_metadata(path)
-    pre = KroneckerPreconditioner.for_model(
-        model, meta["family"], skip=meta["skip"], **meta["options"]
-    )
+    name = str(path)
+    _check_metadata(meta, name)
+    try:
+        pre = KroneckerPreconditioner.for_model(
+            model, meta["family"], skip=meta.get("skip"), **meta["options"]
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"preconditioner {name!r}: metadata family={meta['family']!r} with options "
+            f"{meta['options']} does not build ({' '.join(str(err).split())})"
+        ) from None
     saved, ours = meta["layers"], pre.layer_shapes()
     problems = []
-    for name in sorted(set(saved) | set(ours)):
-        a, b = saved.get(name), ours.get(name)
+    for layer in sorted(set(saved) | set(ours)):
+        a, b = saved.get(layer), ours.get(layer)
         if a != b:
             problems.append(
-                f"{name}: file {'x'.join(map(str, a)) if a else 'absent'} vs model "
+                f"{layer}: file {'x'.join(map(str, a)) if a else 'absent'} vs model "
                 f"{'x'.join(map(str, b)) if b else 'absent'}"
             )
     if problems:
-        raise ValueError(
-            f"preconditioner {str(path)!r} does not fit this model: " + "; ".join(problems)
-        )
+        raise ValueError(f"preconditioner {name!r} does not fit this model: " + "; ".join(problems))
     try:
-        tensors = load_file(str(path))
+        tensors = load_file(name)
     except SafetensorError as err:
-        raise ValueError(f"{str(path)!r} is not a valid safetensors file: {err}") from None
+        raise ValueError(f"{name!r} is not a valid safetensors file: {err}") from None
+    _check_tensors(tensors, pre.state_dict(), name)
     ref = next(model.parameters(), None)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = next(iter(tensors.values())).dtype if tensors else torch.get_default_dtype()
     pre.to(dtype=dtype)
-    missing, unexpected = pre.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"preconditioner {str(path)!r}: missing tensors {missing}, unexpected {unexpected}"
-        )
+    pre.load_state_dict(tensors)
     return pre.to(device)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -232,9 +233,32 @@ class Task:
 
 
 class TaskFamily(abc.ABC):
-    """A distribution over tasks. Subclasses implement ``sample``."""
+    """A distribution over tasks. Subclasses implement ``sample``.
+
+    A subclass's ``sample`` is checked on every call: a result that is not a :class:`Task`
+    raises ``TypeError`` naming the family, instead of an ``AttributeError`` wherever the
+    task is first used.
+    """
 
     name: str = "family"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        draw = cls.__dict__.get("sample")
+        if draw is None or getattr(draw, "__isabstractmethod__", False):
+            return
+
+        @functools.wraps(draw)
+        def sample(self: TaskFamily, generator: torch.Generator) -> Task:
+            task = draw(self, generator)
+            if not isinstance(task, Task):
+                raise TypeError(
+                    f"task family {self.name!r} ({type(self).__name__}): sample() returned "
+                    f"a {type(task).__name__}, not a tasks.Task"
+                )
+            return task
+
+        cls.sample = sample  # type: ignore[method-assign]
 
     @abc.abstractmethod
     def sample(self, generator: torch.Generator) -> Task:

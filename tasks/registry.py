@@ -89,6 +89,12 @@ def _build(kind: str, name: str, options: dict[str, Any]) -> Any:
     options it does take (factories with ``**options`` check their own)."""
     factory, extra = _lookup(kind, name)
     check_options(factory, options, f"{kind} {name!r}", supplied=extra)
+    from metaopt.cli_support import check_types
+
+    try:  # a value of the wrong type (n_train="many") fails here, not deep inside
+        check_types(factory, options)
+    except ValueError as err:
+        raise ValueError(f"{kind} {name!r} option {err}") from None
     return factory(**extra, **options)
 
 

@@ -11,7 +11,9 @@ tasks and initialisation seeds of outer step ``n`` come from a generator seeded 
 the kept-task count go through ``all_reduce``.
 
 Registered as learner ``"lsq-diag"`` and family ``"lsq-test"``; run as a script it is
-``python -m meta_train`` with those registered (for subprocess and torchrun tests).
+``python -m meta_train`` with those registered (for subprocess and torchrun tests); with
+``META_TRAIN_LSQ_PAUSE_IN_CHECKPOINT_WRITE=SECONDS`` every checkpoint write pauses that long
+after writing its temporary file, so a test can kill the process inside a write.
 """
 
 from __future__ import annotations
@@ -146,8 +148,11 @@ class DiagLSQ:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        lrs = [g["lr"] for g in self.meta_opt.param_groups]
         self.preconditioner.load_state_dict(state["preconditioner"])
         self.meta_opt.load_state_dict(state["meta_opt"])
+        for group, lr in zip(self.meta_opt.param_groups, lrs, strict=True):
+            group["lr"] = lr  # a resume may lower the meta learning rate; the new one wins
         self.step = int(state["step"])
 
 
@@ -169,6 +174,19 @@ if "lsq-test" not in tasks.available()["families"]:
 meta_train.register_learner("lsq-diag", build, description="test learner (tests/meta_train_lsq)")
 
 if __name__ == "__main__":
+    import os
+
     from meta_train.cli import main
+
+    pause = float(os.environ.get("META_TRAIN_LSQ_PAUSE_IN_CHECKPOINT_WRITE", "0"))
+    if pause > 0:  # fault injection: a kill then lands while a checkpoint is being written
+        import meta_train.checkpoint as checkpoint
+
+        def slow_save_file(tensors: Any, filename: str, metadata: Any = None) -> None:
+            save_file(tensors, filename, metadata=metadata)
+            time.sleep(pause)
+
+        save_file = checkpoint.save_file
+        checkpoint.save_file = slow_save_file
 
     sys.exit(main())

@@ -132,3 +132,123 @@ def test_saved_file_has_ordinary_permissions(tmp_path):
     assert (tmp_path / "p.safetensors").stat().st_mode & 0o777 == (
         (tmp_path / "plain").stat().st_mode & 0o777
     )
+
+
+# --- hostile files: every one a one-line ValueError naming the field or tensor ---------------
+def _rewrite(path, *, meta=None, tensors=None):
+    """Re-save ``path`` with its metadata and/or tensors changed by the given functions."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        header = dict(fh.metadata())
+    info = json.loads(header["metaopt"])
+    if meta is not None:
+        meta(info)
+    data = load_file(str(path))
+    if tensors is not None:
+        tensors(data)
+    save_file(data, str(path), metadata={"metaopt": json.dumps(info)})
+
+
+def _saved(tmp_path, family="rank1"):
+    path = tmp_path / "pre.safetensors"
+    save_preconditioner(KroneckerPreconditioner.for_model(_model(), family), path)
+    return path
+
+
+def _first_key(path):
+    from safetensors.torch import load_file
+
+    return sorted(load_file(str(path)))[0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_tensors_are_refused_on_load_naming_the_tensor(tmp_path, bad):
+    path = _saved(tmp_path)
+    key = _first_key(path)
+
+    def poison(data):
+        data[key].view(-1)[0] = bad
+
+    _rewrite(path, tensors=poison)
+    with pytest.raises(ValueError, match=f"tensor '{key}' holds NaN or infinity") as err:
+        load_preconditioner(path, _model())
+    assert "\n" not in str(err.value)
+
+
+def test_writing_a_non_finite_preconditioner_is_refused_and_keeps_the_old_file(tmp_path):
+    path = _saved(tmp_path)
+    before = path.read_bytes()
+    pre = KroneckerPreconditioner.for_model(_model(), "rank1")
+    name, param = next(iter(pre.named_parameters()))
+    with torch.no_grad():
+        param.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=f"tensor '{name}' is not finite; refusing to write"):
+        save_preconditioner(pre, path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["pre.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("layers"), "metadata field 'layers' is missing; expected a dict"),
+        (lambda m: m.update(layers=[1, 2]), "metadata field 'layers' is [1, 2]"),
+        (lambda m: m.pop("family"), "metadata field 'family' is missing"),
+        (lambda m: m.update(options="rank=1"), "metadata field 'options' is 'rank=1'"),
+        (lambda m: m.update(skip="(unclosed"), "metadata skip='(unclosed' is not a valid regex"),
+        (lambda m: m.update(skip=7), "metadata skip=7 is not a valid regex"),
+        (lambda m: m["layers"].update({"2": [5, "x"]}), "metadata layers['2']=[5, 'x']"),
+        (lambda m: m.update(family="bogus"), "family='bogus' with options {'rank': 1} does not"),
+    ],
+)
+def test_malformed_metadata_is_refused_naming_the_field(tmp_path, edit, message):
+    path = _saved(tmp_path)
+    _rewrite(path, meta=edit)
+    with pytest.raises(ValueError) as err:
+        load_preconditioner(path, _model())
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_tensor_shapes_that_disagree_with_the_metadata_are_refused(tmp_path):
+    path = _saved(tmp_path)
+    key = _first_key(path)
+    want = list(load_preconditioner(path, _model()).state_dict()[key].shape)
+
+    def grow(data):
+        data[key] = torch.zeros(want[0] + 1, *want[1:], dtype=data[key].dtype)
+
+    _rewrite(path, tensors=grow)
+    with pytest.raises(ValueError) as err:
+        load_preconditioner(path, _model())
+    grown = [want[0] + 1, *want[1:]]
+    assert f"tensor '{key}' has shape {grown}, but the file's metadata" in str(err.value)
+    assert f"gives {want}" in str(err.value)
+
+    def integer(data):
+        data[key] = torch.zeros(*want, dtype=torch.int64)
+
+    _rewrite(path, tensors=integer)
+    with pytest.raises(ValueError, match=f"tensor '{key}' has dtype torch.int64"):
+        load_preconditioner(path, _model())
+
+    def drop(data):
+        del data[key]
+
+    _rewrite(path, tensors=drop)
+    with pytest.raises(ValueError, match=f"missing tensors \\['{key}'\\]"):
+        load_preconditioner(path, _model())
+
+
+def test_stale_temp_files_and_first_non_finite(tmp_path):
+    from metaopt.io import first_non_finite, stale_temp_files
+
+    names = [".checkpoint.safetensors.a1b2c3d4.tmp", ".metrics.jsonl.zz_99xy.tmp"]
+    keep = ["checkpoint.safetensors", ".checkpoint.safetensors.tmp", ".other.a1b2c3d4.tmp"]
+    for n in names + keep:
+        (tmp_path / n).write_text("x")
+    found = stale_temp_files(tmp_path, ["checkpoint.safetensors", "metrics.jsonl"])
+    assert [p.name for p in found] == sorted(names)
+    tree = {"a": [torch.zeros(2), (torch.ones(1), {"b": torch.tensor([1.0, float("inf")])})]}
+    assert first_non_finite(tree, "state") == "state.a.1.1.b"
+    assert first_non_finite({"i": torch.tensor([2**62]), "f": 1e308 * 10, "x": "nan"}) is None

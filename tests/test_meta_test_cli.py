@@ -111,7 +111,7 @@ def _bad_file(tmp_path: Path) -> str:
     [
         ("optimizer", ["--optimizers", "sgdm,nope"], "optimizer spec='nope' is unknown"),
         ("task", ["--task", "no-such-task"], "task='no-such-task' is unknown"),
-        ("steps", ["--steps", "-5"], "--steps -5: must be a positive integer"),
+        ("steps", ["--steps", "-5"], "argument --steps: '-5': must be an integer in [1, "),
         ("nonempty", [], "is not empty; pass --overwrite"),
         ("learned", ["--optimizers", "LEARNED"], "does not fit this model"),
         ("hpo", ["--hpo", "bayes"], "hpo='bayes'"),
@@ -162,7 +162,7 @@ def test_overwrite_replaces_and_module_entry_point_exits_2(tmp_path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("meta_test: error: --steps 0: must be a positive integer")
+    assert proc.stderr.startswith("meta_test: error: argument --steps: '0': must be an integer")
     assert not (tmp_path / "new").exists()
 
 
@@ -235,3 +235,148 @@ def test_unequal_grid_budgets_are_refused_unless_allowed() -> None:
                          allow_unequal_budget=True)  # fmt: skip
     assert res["protocol"]["equal_budget"] is False
     assert [r["search"]["budget"] for r in res["optimizers"].values()] == [3, 15]
+
+
+# --- strict values, output folders, --import -------------------------------------------------
+BUILDS = {"n": 0}
+
+
+def _counting(spec, model, task, hp):
+    from meta_test.specs import OptimizerTrainer
+
+    BUILDS["n"] += 1
+    return OptimizerTrainer(model, task, torch.optim.SGD(model.parameters(), lr=0.01))
+
+
+def _argv(out, *extra):
+    return ["--task", TASK, "--optimizers", "sgd", "--steps", "3", "--seeds", "0",
+            "--hpo", "none", "--out", str(out), "--no-progress", *extra]  # fmt: skip
+
+
+def _fails(capsys, argv) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("meta_test: error: "), err
+    return err
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--device", "gpu0"], "--device='gpu0': must be 'cpu', 'cuda' or 'cuda:N'"),
+        (["--device", "cudaXYZ"], "--device='cudaXYZ'"),
+        pytest.param(["--device", "cuda"], "no CUDA GPU is visible", marks=NO_GPU),
+        (["--steps", "1e20"], "argument --steps: '1e20': must be an integer in [1, 100000000]"),
+        (["--steps", "100000000000000000000"], "must be an integer in [1, 100000000]"),
+        (["--log-every", "0"], "argument --log-every: '0': must be an integer in [1, "),
+        (["--eval-every", "-1"], "argument --eval-every"),
+        (["--iterations", "0"], "argument --iterations"),
+        (["--target-loss", "nan"], "argument --target-loss: 'nan': must be a finite number"),
+        (["--seeds", "0,4294967296"], "--seeds=4294967296: must be an integer in [0, 4294967295]"),
+        (["--optimizers", "sgd,SGD"], "give at least one optimizer, each once"),
+        (["--task-option", "width=many"], "task 'meta-test-tiny' option width='many': must be int"),
+        (["--task-option", "dtype=float128"], "--task-option dtype='float128': must be one of"),
+        (["--task-option", 'w={"a": 1}'], "is not a value; VALUE is TOML"),
+        (["--task-option", "width=1", "--task-option", "width=2"], "width: given twice"),
+        (["--import", "no_such_plugin_xyz"], "--import 'no_such_plugin_xyz': cannot be imported"),
+    ],
+)
+def test_strictly_typed_values_exit_2_before_anything(tmp_path, capsys, extra, needle) -> None:
+    err = _fails(capsys, _argv(tmp_path / "out", *extra))
+    assert needle in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dtype_task_option_reaches_the_task_as_a_dtype() -> None:
+    from meta_test.cli import _resolve_task, build_parser
+
+    for text in ('dtype="float64"', "dtype=float64", "dtype=torch.float64"):
+        args = build_parser().parse_args(_argv("o", "--task-option", text))
+        task = _resolve_task(args)
+        assert task.dtype is torch.float64
+        assert next(task.make_model(0).parameters()).dtype is torch.float64
+
+
+def test_log_every_zero_is_refused_by_the_api_too() -> None:
+    for key in ("log_every", "eval_every"):
+        with pytest.raises(ValueError, match=f"{key}=0: must be a positive integer"):
+            run_comparison(TASK, ["sgd"], steps=4, seeds=[0], hpo="none", **{key: 0})
+
+
+def test_out_that_cannot_be_written_is_refused_before_any_training(
+    tmp_path, capsys, unwritable_out
+) -> None:
+    from meta_test.specs import register_spec
+
+    register_spec("test-counting", _counting, replace=True)
+    (tmp_path / "file").write_text("x")
+    BUILDS["n"] = 0
+    argv = _argv(tmp_path / "file" / "out")
+    argv[argv.index("sgd")] = "test-counting"
+    assert "lies under" in _fails(capsys, argv)
+    argv[argv.index("--out") + 1] = str(unwritable_out)
+    assert "cannot write in" in _fails(capsys, argv)
+    assert BUILDS["n"] == 0  # nothing was built, let alone trained
+
+
+def test_overwrite_never_deletes_an_input_or_a_meta_train_run(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    pre = KroneckerPreconditioner.for_model(_tiny().make_model(0), "rank1")
+    metaopt.save_preconditioner(pre, out / "learned.safetensors")
+    before = _snapshot(tmp_path)
+    argv = _argv(out, "--overwrite")
+    argv[argv.index("sgd")] = f"sgd,learned:{out / 'learned.safetensors'}"
+    err = _fails(capsys, argv)
+    assert "holds" in err and "an input of this run" in err and "choose another --out" in err
+    # the same file not named as an input: still a learned preconditioner, still refused
+    assert "learned.safetensors" in _fails(capsys, _argv(out, "--overwrite"))
+    assert _snapshot(tmp_path) == before
+    (out / "learned.safetensors").unlink()
+    (out / "run").mkdir()
+    (out / "run" / "config.json").write_text('{"learner": "metamd", "outer_steps": 3}')
+    assert "part of a meta_train run" in _fails(capsys, _argv(out, "--overwrite"))
+    (out / "run" / "config.json").unlink()
+    (out / "data").mkdir()
+    assert "an input of this run" in _fails(
+        capsys, _argv(out, "--overwrite", "--data-root", str(out / "data"))
+    )
+    assert (out / "data").is_dir()
+
+
+def test_output_folders_keep_the_users_umask(tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "plain").mkdir()  # oracle: the mode mkdir gives under this umask
+        for out in (tmp_path / "new", tmp_path / "old"):
+            if out.name == "old":
+                out.mkdir()
+                (out / "stale.txt").write_text("x")
+            assert main(_argv(out, "--overwrite")) == 0
+            assert out.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    finally:
+        os.umask(old)
+
+
+def test_import_registers_a_task_for_python_dash_m_meta_test(tmp_path) -> None:
+    (tmp_path / "my_tasks.py").write_text(
+        "import torch, torch.nn.functional as F\n"
+        "from torch import nn\nfrom torch.utils.data import TensorDataset\nimport tasks\n\n"
+        "@tasks.register_task('plugin-only-task')\n"
+        "def make():\n"
+        "    x = torch.randn(48, 3, generator=torch.Generator().manual_seed(0))\n"
+        "    d = TensorDataset(x, x.sum(1, keepdim=True))\n"
+        "    return tasks.Task('plugin-only-task', lambda: nn.Linear(3, 1), F.mse_loss, 'mse',"
+        " d, d, d, batch_size=16)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "meta_test", "--import", str(tmp_path / "my_tasks.py"),
+            "--task", "plugin-only-task", "--optimizers", "sgd", "--steps", "5", "--seeds", "0",
+            "--hpo", "none", "--out", str(tmp_path / "D"), "--no-progress"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "D" / "results.json").read_text())["task"] == "plugin-only-task"

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import meta_train
 import meta_train.checkpoint as ckpt
+import metaopt
 from meta_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from meta_train.cli import main
 from meta_train.metrics import read_metrics
@@ -284,4 +285,276 @@ def test_resume_refuses_a_truncated_checkpoint_and_touches_nothing(tmp_path, cap
     assert main([*_cli(out, 9), "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("meta_train: error:") and err.count("\n") == 1 and "truncated" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# --- layout ---------------------------------------------------------------------------------
+def _through(state: dict, path: Path) -> dict:
+    save_checkpoint(state, path)
+    return load_checkpoint(path)
+
+
+def _contiguous(tree):
+    """``tree`` with every tensor made contiguous: what a layout-losing format restores."""
+    if isinstance(tree, torch.Tensor):
+        return tree.contiguous()
+    if isinstance(tree, dict):
+        return {k: _contiguous(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_contiguous(v) for v in tree)
+    return tree
+
+
+def test_permuted_layouts_come_back_with_their_strides(tmp_path: Path) -> None:
+    state = {
+        "t": torch.randn(5, 3).t(),  # stride (1, 3)
+        "p": torch.randn(2, 3, 4).permute(2, 0, 1),
+        "gaps": torch.randn(6, 4)[:, ::2],  # not dense: restored contiguous, same values
+        "expanded": torch.randn(3, 1).expand(3, 4),  # overlapping: the same
+        "plain": torch.randn(2, 2),
+    }
+    back = _through(state, tmp_path / "c.safetensors")
+    for key in ("t", "p", "plain"):
+        assert back[key].stride() == state[key].stride() and torch.equal(back[key], state[key])
+    for key in ("gaps", "expanded"):
+        assert back[key].is_contiguous() and torch.equal(back[key], state[key])
+
+
+def test_non_finite_state_is_refused_and_the_previous_checkpoint_stays(tmp_path: Path) -> None:
+    path = _good_checkpoint(tmp_path)
+    before = path.read_bytes()
+    state = {"learner": {"pre": {"u": torch.tensor([1.0, float("nan")])}}, "step": 12}
+    with pytest.raises(
+        ckpt.NonFiniteState, match="tensor 'learner.pre.u' is not finite at step 12"
+    ):
+        save_checkpoint(state, path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["ck.safetensors"]
+
+
+def _kfac_run(name: str):
+    """(make, train, params): a K-FAC-family optimizer from ``metaopt.optim`` on the resume
+    test's conv net."""
+    from test_optim_resume import _model, _train
+
+    from metaopt.optim.registry import get_optimizer
+
+    def make(seed: int):
+        model = _model(seed)
+        return model, get_optimizer(name, model)
+
+    def train(pair, steps: range) -> None:
+        _train(pair[0], pair[1], steps)
+
+    return make, train, lambda pair: list(pair[0].parameters())
+
+
+def _apo_run():
+    """The same for APO adapting K-FAC's damping (``adapt="kfac-damping"``) on digits."""
+    import torch.nn.functional as F
+    from test_apo import _digits_like, _mlp
+
+    from metaopt import APO
+
+    x, y = _digits_like()
+
+    def make(seed: int):
+        model = _mlp(seed=seed)
+        options = {"factor_update_freq": 2}
+        apo = APO(model, F.cross_entropy, adapt="kfac-damping", lr=0.05, meta_interval=3,
+                  kfac_options=options)  # fmt: skip
+        return model, apo
+
+    def train(pair, steps: range) -> None:
+        for step in steps:
+            g = torch.Generator().manual_seed(500 + step)
+            i = torch.randint(0, len(x), (10,), generator=g)
+            j = torch.randint(0, len(x), (10,), generator=g)
+            pair[1].step((x[i], y[i]), (x[j], y[j]))
+
+    return make, train, lambda pair: list(pair[0].parameters())
+
+
+@pytest.mark.parametrize("which", ["kfac", "ekfac", "apo-kfac-damping"])
+def test_resume_through_a_checkpoint_is_bit_identical_for_eigenvector_states(
+    tmp_path: Path, which: str
+) -> None:
+    """K-FAC/EKFAC keep transposed eigenvector matrices; a checkpoint that stored them
+    contiguous made the resumed run round differently (8.6e-7 for EKFAC)."""
+    make, train, params = _apo_run() if which == "apo-kfac-damping" else _kfac_run(which)
+    steps, split = 16, 5
+    ref = make(0)
+    train(ref, range(steps))
+    first = make(0)
+    train(first, range(split))
+    state = {"model": first[0].state_dict(), "opt": first[1].state_dict()}
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(state, path)
+    assert any(
+        isinstance(t, torch.Tensor) and not t.is_contiguous()
+        for t in torch.utils._pytree.tree_leaves(state)
+    ), "no permuted tensor in the state: the test would not exercise the layout"
+
+    def resumed(transform) -> list[torch.Tensor]:
+        back = transform(load_checkpoint(path))
+        pair = make(1)  # another initialisation: everything must come from the checkpoint
+        pair[0].load_state_dict(back["model"])
+        pair[1].load_state_dict(back["opt"])
+        train(pair, range(split, steps))
+        return params(pair)
+
+    exact = resumed(lambda s: s)
+    assert all(torch.equal(a, b) for a, b in zip(params(ref), exact, strict=True))
+    # control: the same state with its layout lost does not reproduce the run bit for bit
+    lost = resumed(_contiguous)
+    assert not all(torch.equal(a, b) for a, b in zip(params(ref), lost, strict=True))
+
+
+# --- divergence ------------------------------------------------------------------------------
+class _DivergeAt(_TermAt):
+    """Wraps lsq-diag; from outer step ``at`` on, when the inner lr is above ``limit``, its
+    preconditioner turns NaN (``how="poison"``, as a too-large learning rate would make it),
+    or only its ``check_finite()`` reports the divergence (``how="report"``)."""
+
+    def __init__(self, inner, at: int, limit: float, lr: float, how: str) -> None:
+        super().__init__(inner, term_at=-1)
+        self.at, self.diverging, self.how = at, lr > limit, how
+
+    def outer_step(self, **kw):
+        stats = self.inner.outer_step(**kw)
+        if self.diverging and self.step >= self.at and self.how == "poison":
+            with torch.no_grad():
+                next(self.preconditioner.parameters()).view(-1)[0] = float("nan")
+        return stats
+
+    def check_finite(self) -> None:
+        if self.diverging and self.step >= self.at and self.how == "report":
+            raise FloatingPointError(f"loss of inner step {self.step * 10} is inf")
+
+
+def _build_diverging(config, source, device):
+    import dataclasses
+
+    opts = dict(config.options)
+    at, limit, how = int(opts.pop("at")), float(opts.pop("limit")), opts.pop("how")
+    inner_cfg = dataclasses.replace(config, learner="lsq-diag", options=opts)
+    inner = meta_train_lsq.build(inner_cfg, source, device)
+    return _DivergeAt(inner, at, limit, config.inner_lr, how)
+
+
+meta_train.register_learner("diverge-at", _build_diverging)
+
+
+@pytest.mark.parametrize("how", ["poison", "report"])
+def test_a_diverging_run_keeps_its_last_good_checkpoint_and_resumes_with_a_lower_lr(
+    tmp_path, capsys, how
+) -> None:
+    out = tmp_path / "run"
+    args = ["--learner", "diverge-at", "--family", "lsq-test", "--no-progress", "--out", str(out)]
+    args += ["--inner-steps", "5", "--meta-lr", "0.05", "--outer-steps", "8"]
+    args += ["--checkpoint-every", "2", "--option", "at=5", "--option", "limit=0.05"]
+    args += ["--option", f"how={how}"]
+    assert main([*args, "--inner-lr", "0.08"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("meta_train: error: outer step 6: ")
+    if how == "poison":
+        assert "tensor 'learner.preconditioner." in err and "is not finite" in err
+    else:
+        assert "the learner reports: loss of inner step 60 is inf" in err
+    assert "the checkpoint of outer step 4 is kept" in err
+    assert "--resume and a lower learning rate: --inner-lr (now 0.08) or --meta-lr" in err
+    assert load_checkpoint(out / "checkpoint.safetensors")["step"] == 4
+    assert not (out / "preconditioner.safetensors").exists()
+    kept = [r["meta_objective"] for r in read_metrics(out / "metrics.jsonl")][:4]
+    # the learning rates may change on --resume (said in --help); the run goes on from step 4
+    assert main([*args, "--inner-lr", "0.02", "--resume"]) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["meta_objective"] for r in rows][:4] == kept
+    meta = metaopt.io.read_preconditioner_metadata(out / "preconditioner.safetensors")
+    assert meta["user"]["config"]["inner_lr"] == 0.02
+    assert all(
+        torch.isfinite(t).all() for t in _tensors(out / "preconditioner.safetensors").values()
+    )
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch(tmp_path, capsys) -> None:
+    out, full = tmp_path / "killed", tmp_path / "full"
+    args = [*MD, "--outer-steps", "4", "--checkpoint-every", "10"]
+    assert main([*args, "--out", str(full)]) == 0
+    # what a kill after step 1 leaves: config.json, one metrics line, a torn write's temp file
+    out.mkdir()
+    (out / "config.json").write_text((full / "config.json").read_text())
+    (out / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    (out / ".checkpoint.safetensors.k1ll3d0x.tmp").write_bytes(b"\0" * 100)
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    _assert_identical(full / "preconditioner.safetensors", out / "preconditioner.safetensors")
+    ours, theirs = read_metrics(out / "metrics.jsonl"), read_metrics(full / "metrics.jsonl")
+    assert [(r["step"], r["meta_objective"]) for r in ours] == [
+        (r["step"], r["meta_objective"]) for r in theirs
+    ]
+    assert not list(out.glob(".*.tmp"))
+    # a fresh run on such a folder starts too; one that holds anything else is refused
+    (out / "checkpoint.safetensors").unlink()
+    (out / "preconditioner.safetensors").unlink()
+    (out / "meta_objective.png").unlink()
+    assert main([*args, "--out", str(out)]) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text((full / "config.json").read_text())
+    (other / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main([*args, "--out", str(other)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert main([*args, "--out", str(other), "--resume"]) == 2
+    assert "has no checkpoint.safetensors" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"name": "my project"}')
+    assert main([*args, "--out", str(foreign)]) == 2  # not a meta_train config: left alone
+    assert (foreign / "config.json").read_text() == '{"name": "my project"}'
+
+
+def test_temp_files_of_killed_writes_are_removed_when_the_run_resumes(tmp_path) -> None:
+    out = tmp_path / "run"
+    assert main([*MD, "--out", str(out), "--outer-steps", "2", "--checkpoint-every", "1"]) == 0
+    stale = [".checkpoint.safetensors.ab12cd34.tmp", ".metrics.jsonl.zz99yy88.tmp"]
+    for name in stale:
+        (out / name).write_bytes(b"partial")
+    (out / ".mine.tmp").write_text("not ours")
+    assert main([*MD, "--out", str(out), "--outer-steps", "3", "--resume"]) == 0
+    assert sorted(p.name for p in out.glob(".*")) == [".mine.tmp"]
+
+
+def test_resuming_a_finished_run_with_fewer_outer_steps_is_refused(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main([*MD, "--out", str(out), "--outer-steps", "4", "--checkpoint-every", "2"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*MD, "--out", str(out), "--outer-steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "outer_steps=2" in err and "at outer step 4" in err
+    assert "--outer-steps 4 or more" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (b'{"meta_objective": 1.0}\n', "line 3: has no integer 'step'"),
+        (b'{"step": "3"}\n', "line 3: has no integer 'step'"),
+        (b"[3]\n", "line 3: has no integer 'step'"),
+        (b"not json\n", "line 3: is not JSON"),
+        (b'{"step": 3, "x": "\xff\xfe"}\n', "is not UTF-8 text"),
+    ],
+)
+def test_a_damaged_metrics_file_is_refused_on_resume(tmp_path, capsys, damage, needle) -> None:
+    out = tmp_path / "run"
+    assert main([*MD, "--out", str(out), "--outer-steps", "2", "--checkpoint-every", "1"]) == 0
+    with open(out / "metrics.jsonl", "ab") as fh:
+        fh.write(damage)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*MD, "--out", str(out), "--outer-steps", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "metrics.jsonl" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

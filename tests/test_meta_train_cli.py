@@ -196,3 +196,162 @@ def test_apo_is_refused_under_torchrun(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before any setup
     err = _bad(capsys, ["--learner", "apo", *BASE, "--out", str(tmp_path / "o")])
     assert "one process only" in err and not (tmp_path / "o").exists()
+
+
+# --- strict values ---------------------------------------------------------------------------
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--device", "cudaXYZ"], "device='cudaXYZ': must be 'cpu', 'cuda' or 'cuda:N'"),
+        (["--device", "gpu0"], "device='gpu0'"),
+        pytest.param(["--device", "cuda"], "no CUDA GPU is visible", marks=NO_GPU),
+        (["--outer-steps", "100000000000000000000"], "must be an integer in [1, 100000000]"),
+        (["--outer-steps", "1e20"], "invalid int value: '1e20'"),
+        (["--seed", "4294967296"], "seed=4294967296: must be an integer in [0, 4294967295]"),
+        (["--dist-timeout", "0"], "dist_timeout=0.0: must be a positive finite number"),
+        (["--dist-timeout", "inf"], "dist_timeout=inf"),
+        (["--option", "a=1", "--option", "a=2"], "--option a: given twice"),
+        (["--option", 'b={"x": 1}'], "is not a value; VALUE is TOML"),
+        (["--source-option", "dim=many"], "dim='many': must be int"),
+        (["--source-option", "dim=6.5"], "dim=6.5: must be int"),
+        (["--source-option", "dtype=float128"], "dtype='float128': must be one of"),
+        (["--import", "no_such_plugin_xyz"], "--import 'no_such_plugin_xyz': cannot be imported"),
+    ],
+)
+def test_strictly_typed_values_exit_2(tmp_path, capsys, extra, needle) -> None:
+    out = tmp_path / "out"
+    err = _bad(capsys, ["--learner", "lsq-diag", *BASE, *extra, "--out", str(out)])
+    assert needle in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [
+        ("learn_scale=maybe", "learn_scale='maybe': must be true or false"),
+        ("learn_scale=1", "learn_scale=1: must be true or false"),
+    ],
+)
+def test_learner_options_of_the_wrong_type_exit_2(tmp_path, capsys, option, needle) -> None:
+    out = tmp_path / "out"
+    err = _bad(capsys, ["--learner", "metamd", *BASE, "--option", option, "--out", str(out)])
+    assert needle in err and not out.exists()
+
+
+@pytest.mark.parametrize(("text", "value"), [("False", False), ("false", False), ("true", True)])
+def test_boolean_options_mean_what_they_say(tmp_path, text, value) -> None:
+    out = tmp_path / "out"
+    argv = ["--learner", "metamd", *BASE, "--outer-steps", "1", "--option", f"learn_scale={text}"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["options"]["learn_scale"] is value
+    meta = metaopt.io.read_preconditioner_metadata(out / "preconditioner.safetensors")
+    assert meta["options"]["learn_scale"] is value
+    assert meta["user"]["config"]["options"]["learn_scale"] is value
+
+
+def test_toml_inline_tables_and_bare_words(tmp_path) -> None:
+    out = tmp_path / "out"
+    argv = ["--learner", "metamd", *BASE, "--outer-steps", "1", "--engine", "unroll"]
+    argv += ["--option", "engine_options={truncate = 3}", "--option", "family=diag"]
+    assert main([*argv, "--out", str(out)]) == 0
+    options = json.loads((out / "config.json").read_text())["options"]
+    assert options == {"engine_options": {"truncate": 3}, "family": "diag"}
+
+
+def test_toml_config_values_are_typed_too(tmp_path, capsys) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('learner = "lsq-diag"\nfamily = "lsq-test"\nprogress = "no"\n')
+    err = _bad(capsys, ["--config", str(cfg), "--out", str(tmp_path / "o")])
+    assert "progress='no': must be true or false" in err
+
+
+def test_out_under_a_regular_file_or_unwritable_exits_2(tmp_path, capsys, unwritable_out) -> None:
+    (tmp_path / "file").write_text("x")
+    err = _bad(capsys, ["--learner", "lsq-diag", *BASE, "--out", str(tmp_path / "file" / "o")])
+    assert "lies under" in err and "a regular file" in err
+    err = _bad(capsys, ["--learner", "lsq-diag", *BASE, "--out", str(unwritable_out)])
+    assert "cannot write in" in err
+
+
+def test_help_documents_the_option_syntax_resume_and_dist_timeout(capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--dist-timeout" in text and "(default: 300.0)" in text
+    assert "VALUE is TOML: 3, 0.1, true/false" in text and "a bare word is a string" in text
+    assert "killed before its first checkpoint" in text and "starts from scratch" in text
+    assert "--inner-lr" in text.split("--resume", 1)[1] and "--import MODULE" in text
+
+
+# --- --import --------------------------------------------------------------------------------
+PLUGIN = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import tasks
+
+
+class PluginRegression(tasks.TaskFamily):
+    name = "plugin-regression"
+
+    def __init__(self, dim: int = 3) -> None:
+        self.dim = dim
+
+    def sample(self, generator):
+        x = torch.randn(32, self.dim, generator=generator)
+        data = TensorDataset(x, x @ torch.randn(self.dim, 1, generator=generator))
+        dim = self.dim
+        return tasks.Task("plugin-regression", lambda: nn.Linear(dim, 1), F.mse_loss, "mse",
+                          data, data, data, batch_size=16)
+
+
+class PluginBroken(tasks.TaskFamily):
+    def sample(self, generator):
+        return 42
+
+
+tasks.register_family("plugin-regression")(PluginRegression)
+tasks.register_family("plugin-broken")(PluginBroken)
+
+
+@tasks.register_task("plugin-task")
+def plugin_task():
+    return PluginRegression().sample(torch.Generator().manual_seed(0))
+"""
+
+
+def _plugin(tmp_path: Path) -> Path:
+    (tmp_path / "my_plugin.py").write_text(PLUGIN)
+    return tmp_path
+
+
+def test_import_registers_a_family_for_python_dash_m_meta_train(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(_plugin(tmp_path))])
+    argv = [sys.executable, "-m", "meta_train", "--import", "my_plugin", "--learner", "metasgd"]
+    argv += ["--family", "plugin-regression", "--outer-steps", "1", "--tasks-per-step", "2"]
+    argv += ["--inner-steps", "3", "--no-progress", "--out", str(tmp_path / "D")]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = metaopt.io.read_preconditioner_metadata(tmp_path / "D" / "preconditioner.safetensors")
+    assert meta["user"]["config"]["family"] == "plugin-regression"
+    assert meta["layers"] == {"weight": [1, 3], "bias": [1, 1]} or "weight" in str(meta["layers"])
+    # without --import the family is unknown: one line, exit 2
+    argv[3:5] = []
+    argv[-1] = str(tmp_path / "E")
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "family='plugin-regression' is unknown" in proc.stderr
+
+
+def test_a_family_whose_sample_is_not_a_task_exits_2(tmp_path, capsys) -> None:
+    plugin = _plugin(tmp_path) / "my_plugin.py"
+    out = tmp_path / "out"
+    argv = ["--import", str(plugin), "--learner", "metasgd", "--family", "plugin-broken"]
+    err = _bad(capsys, [*argv, "--out", str(out)])
+    assert "sample() returned a int, not a tasks.Task" in err and not out.exists()
