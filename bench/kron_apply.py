@@ -1,7 +1,7 @@
 """Per-step time of learned optimizers relative to their base rule in ``torch.optim``.
 
 ``rank1-sgdm`` (a learned rank-1 Kronecker preconditioner on SGD-momentum) and ``ekfac-sgdm``
-against ``torch.optim.SGD(momentum=0.9)``; ``rank1-adam`` (the default ``kron-adam`` recipe's
+against ``torch.optim.SGD(momentum=0.9)``; ``rank1-adam`` (the default ``kron-adamw`` recipe's
 optimizer: Adam on the preconditioned gradient) and ``rank1-adam-direction`` (preconditioned
 Adam direction, learned scale) against ``torch.optim.Adam``. Each learned preconditioner has
 random non-identity factors (the cost of a learned file, not of the identity). A step is

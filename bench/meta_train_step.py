@@ -1,6 +1,6 @@
 """Cost of an offline learner's meta-step relative to the bare hypergradient engine.
 
-For each learner (the default ``kron-adam`` recipe, ``metasgd``) on rotated digits, one
+For each learner (the default ``kron-adamw`` recipe, ``metasgd``) on rotated digits, one
 meta-step (``learner.meta_step()``: ``k`` inner-run windows, each an engine call, plus
 drawing batches, averaging and the meta-optimizer step) is timed against ``k`` calls of
 the same engine on the same kind of window built beforehand (``InnerRun.window``, outside
@@ -87,7 +87,7 @@ def main() -> None:
     result = {
         "bench": "meta_train_step",
         "threads": args.threads,
-        "kron_adam": bench("kron-adam", args.rounds, args.window),
+        "kron_adamw": bench("kron-adamw", args.rounds, args.window),
         "metasgd": bench("metasgd", args.rounds, args.window),
         "target_ratio": 1.1,
     }

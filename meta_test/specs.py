@@ -287,8 +287,10 @@ def _optimizer_space(spec: str) -> SearchSpace:
     return lr_wd_space(LR_GRID, WD_GRID)
 
 
-#: the ``learned:`` lr grid, relative to the file's meta-trained lr
-LEARNED_LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: the ``learned:`` lr grid, relative to the file's meta-trained lr: steps of sqrt(2) around
+#: it (the learned optimizer has learned its step scale; the search refines it, on the same
+#: five-point budget as every other optimizer)
+LEARNED_LR_FACTORS = (0.5, 2**-0.5, 1.0, 2**0.5, 2.0)
 
 
 def parse_learned(spec: str) -> tuple[str, dict[str, Any]]:

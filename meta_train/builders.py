@@ -51,7 +51,7 @@ def _build(cls_name: str, config: TrainConfig, source: Any, device: str) -> Any:
 
 
 def build_metamd(config: TrainConfig, source: Any, device: str) -> Any:
-    """MetaMD with ``--preset`` (default ``kron-adam``, the recipe that measures best)."""
+    """MetaMD with ``--preset`` (default ``kron-adamw``, the recipe that measures best)."""
     return _build("MetaMD", config, source, device)
 
 

@@ -94,7 +94,7 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--seed", "seed", int, "seed of task draws, initialisations and batch order"),
     ("--device", "device", str, "cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)"),
     ("--data-root", "data_root", str, "dataset folder for file-backed tasks"),
-    ("--preset", "preset", str, "recipe of a MetaMD learner: kron-adam, metamd-paper, ..."),
+    ("--preset", "preset", str, "recipe of a MetaMD learner: kron-adamw, metamd-paper, ..."),
     ("--outer-steps", "outer_steps", int, "meta-steps (meta-updates) in total"),
     ("--tasks-per-step", "tasks_per_step", int, "inner runs per meta-step (k), split over ranks"),
     ("--inner-steps", "inner_steps", int, "inner training steps per task (T)"),

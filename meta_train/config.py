@@ -45,7 +45,7 @@ class TrainConfig:
 
     Attributes:
         learner: registered learner name (``metamd``, ``metasgd``, ``metacurvature``, ``apo``).
-        preset: a MetaMD preset (``kron-adam``, ``metamd-paper``, ``metasgd``,
+        preset: a MetaMD preset (``kron-adamw``, ``metamd-paper``, ``metasgd``,
             ``metacurvature``); ``None``: the learner's default recipe.
         suite: task suite to meta-train on (exclusive with ``family``).
         family: task family to sample training tasks from (exclusive with ``suite``).

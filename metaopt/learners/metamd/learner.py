@@ -56,7 +56,7 @@ class MetaMD:
     Args:
         tasks: a task family (``sample(generator) -> Task``) or a sequence of tasks.
         config: a :class:`MetaMDConfig` (``None``: ``preset`` with ``overrides``).
-        preset: a recipe of :data:`~metaopt.learners.metamd.PRESETS`: ``"kron-adam"``
+        preset: a recipe of :data:`~metaopt.learners.metamd.PRESETS`: ``"kron-adamw"``
             (default, the recipe that measures best), ``"metamd-paper"``, ``"metasgd"``,
             ``"metacurvature"``.
         model: a model of the tasks' architecture for building the preconditioner
@@ -70,7 +70,7 @@ class MetaMD:
     """
 
     #: the preset used when neither ``config`` nor ``preset`` is given
-    default_preset = "kron-adam"
+    default_preset = "kron-adamw"
 
     def __init__(
         self,
@@ -218,16 +218,26 @@ class MetaMD:
         run = InnerRun.start(task, init_seed, data_seed, at, self.rule, self.rule_hparams,
                              self.config.batch_size)  # fmt: skip
         _check_architecture(self.preconditioner, run.theta1)
+        run.end = self.config.inner_steps - (self._offset(i) if at == 0 else 0)
         return run
+
+    def _offset(self, i: int) -> int:
+        """How much shorter run ``i``'s first inner run is: the runs in flight start at
+        different points of their runs, so each meta-step averages windows from across the
+        trajectory rather than ``k`` windows of the same phase (learned_optimization's
+        ``random_initial_iteration_offset``, here evenly spaced and whole windows)."""
+        c = self.config
+        window = c.steps_per_window
+        return (i * c.inner_steps // c.tasks_per_step) // window * window
 
     def _advance(self, i: int) -> tuple[tuple[Tensor, ...] | None, float, float]:
         """One window of run ``i``: ``(hypergradient or None if dropped, objective, mean
         training loss of the window)``."""
         c = self.config
         run = self._runs[i]
-        if run is None or run.t >= c.inner_steps:
+        if run is None or run.t >= run.end:
             run = self._runs[i] = self._draw(i, self.meta_steps)
-        steps = min(c.steps_per_window, c.inner_steps - run.t)
+        steps = min(c.steps_per_window, run.end - run.t)
         problem = run.window(
             steps, self.preconditioner, self.rule, self.rule_hparams, lr=c.lr, compose=c.compose,
             meta_objective=c.meta_objective, objective_options=c.objective_options,
@@ -281,7 +291,7 @@ class MetaMD:
                 runs.append(None)
                 continue
             run = self._draw(i, int(saved["drawn_at"]))
-            run.t = int(saved["t"])
+            run.t, run.end = int(saved["t"]), int(saved["end"])
             run.state = tuple(saved["state"])
             run.stream.load_state_dict(saved["stream"])
             run.carry = saved["carry"]
@@ -310,6 +320,7 @@ def _run_state(run: InnerRun) -> dict[str, Any]:
     return {
         "drawn_at": run.drawn_at,
         "t": run.t,
+        "end": run.end,
         "state": tuple(t.clone() for t in run.state),
         "stream": run.stream.state_dict(),
         "carry": run.carry,

@@ -76,6 +76,8 @@ class InnerRun:
         init_seed, data_seed: the run's initialisation and batch-order seeds.
         drawn_at: the meta-step at which the run was drawn (to re-draw it on resume).
         t: inner steps done.
+        end: the step at which the run ends (``inner_steps``, or fewer for a first run
+            that starts staggered).
         carry: the engine's state for this run (Persistent ES), ``None`` otherwise.
     """
 
@@ -91,6 +93,7 @@ class InnerRun:
     meta_batch: tuple[Tensor, Tensor]
     val_batch: tuple[Tensor, Tensor]
     t: int = 0
+    end: int = 0
     carry: Any = None
     _forward: Callable[..., Tensor] | None = field(default=None, repr=False)
 
