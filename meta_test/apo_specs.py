@@ -15,7 +15,8 @@ Specs (registered by :mod:`meta_test.specs`):
 initial ``lr`` 0.1 for sgd/sgdm, 3e-4 for rmsprop/adam (``000_`` C.2), 1e-3 for K-FAC.
 The search spaces follow ``000_`` C.5 (learning-rate adaptation: ``lambda_fsd`` over
 ``{0.3, 0.1, 0.03, 0.01, 0.001, 0.0001}``) and C.3-C.5 (APO-Precond: ``lambda_fsd`` in
-``{0.3, 0.1}`` x ``lambda_wsd`` in ``{3, 1, 0.3, 0.1}``).
+``{0.3, 0.1, 0.03}`` x ``lambda_wsd`` in ``{3, 1, 0.3, 0.1, 0.03}``, the paper's grid plus
+0.03 on each axis: 15 points, the size of every learning-rate x weight-decay grid).
 """
 
 from __future__ import annotations
@@ -91,5 +92,8 @@ def search_space(spec: str) -> SearchSpace:
     """What the harness tunes for an APO spec (``000_`` appendix C)."""
     adapt, _ = parse_spec(spec)
     if adapt == "precond":
-        return SearchSpace((Dim("lambda_fsd", (0.3, 0.1)), Dim("lambda_wsd", (3.0, 1.0, 0.3, 0.1))))
+        # appendix C.3-C.5's grid, extended by one value of each (0.03) to the 15 points of
+        # the learning-rate x weight-decay grids, so the harness's equal budget holds
+        fsd, wsd = (0.3, 0.1, 0.03), (3.0, 1.0, 0.3, 0.1, 0.03)
+        return SearchSpace((Dim("lambda_fsd", fsd), Dim("lambda_wsd", wsd)))
     return SearchSpace((Dim("lambda_fsd", (0.3, 0.1, 0.03, 0.01, 0.001, 0.0001)),))

@@ -115,6 +115,36 @@ def _divergence(learner: MetaLearner, state: dict[str, Any]) -> str | None:
     return None
 
 
+#: the largest magnitude a learned meta-parameter may reach before the result is refused as
+#: absurd (a preconditioner factor or log-scale this large means the meta-training diverged)
+MAX_META_PARAMETER = 1e6
+
+
+def _unfit_result(learner: Any, learned: LearnedOptimizer) -> str | None:
+    """Why the learned optimizer must not be written: no meta-update was ever applied (every
+    meta-step dropped its tasks), a non-finite tensor, or one beyond ``MAX_META_PARAMETER``."""
+    history = getattr(learner, "history", [])
+    if (
+        learner.meta_steps
+        and history
+        and all(r.hypergrad_norm != r.hypergrad_norm for r in history)
+    ):
+        return "no meta-step applied an update (every task was dropped as non-finite)"
+    if learned.preconditioner is None:
+        return None
+    tensors = learned.preconditioner.state_dict()
+    bad = first_non_finite(tensors, "preconditioner")
+    if bad is not None:
+        return f"tensor {bad!r} is not finite"
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel() and float(t.abs().max()) > MAX_META_PARAMETER:
+            return (
+                f"preconditioner tensor {name!r} reaches {float(t.abs().max()):.3g}, beyond "
+                f"{MAX_META_PARAMETER:g}: the meta-training diverged"
+            )
+    return None
+
+
 def check_resumable(config: TrainConfig, out: Path) -> dict[str, Any]:
     """Load ``out``'s checkpoint and check it belongs to this configuration.
 
@@ -212,10 +242,9 @@ def run(
     if learner.meta_steps % config.checkpoint_every != 0:
         checkpoint()
     learned = learner.learned_optimizer()
-    if learned.preconditioner is not None:
-        bad = first_non_finite(learned.preconditioner.state_dict(), "preconditioner")
-        if bad is not None:
-            raise NonFiniteState(f"tensor {bad!r} is not finite", learner.meta_steps)
+    problem = _unfit_result(learner, learned)
+    if problem is not None:
+        raise NonFiniteState(problem, learner.meta_steps)
     if dist.is_main:
         metaopt.save_learned_optimizer(
             learned, out / LEARNED, metadata={"config": config.to_dict()}

@@ -111,17 +111,17 @@ class LayerView:
         elif self.kind == "conv2d":
             conv = self.module
             assert isinstance(conv, nn.Conv2d)
-            if conv.padding_mode != "zeros":
-                pad = conv._reversed_padding_repeated_twice  # noqa: SLF001
-                inp = F.pad(inp, pad, mode=conv.padding_mode)
-                padding: tuple[int, ...] | int = 0
-            else:
-                padding = conv.padding  # type: ignore[assignment]
-            if isinstance(padding, str):
+            if isinstance(conv.padding, str):
                 raise ValueError(
-                    f"layer {self.name!r}: string padding {padding!r} is not supported for "
+                    f"layer {self.name!r}: string padding {conv.padding!r} is not supported for "
                     "curvature statistics; use explicit integer padding"
                 )
+            padding: tuple[int, ...] | int = conv.padding
+            if conv.padding_mode != "zeros":
+                # F.pad wants (left, right, top, bottom): the conv's (h, w) padding reversed
+                pad = tuple(x for p in reversed(conv.padding) for x in (p, p))
+                inp = F.pad(inp, pad, mode=conv.padding_mode)
+                padding = 0
             patches = F.unfold(
                 inp,
                 conv.kernel_size,

@@ -215,6 +215,8 @@ class KroneckerStatistics:
 
 
 def _is_functorch_wrapped(t: Tensor) -> bool:
+    # torch has no public way to ask whether a hook runs inside a torch.func transform (where
+    # activations are wrapped per-sample tensors); the private check is looked up defensively
     check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)  # noqa: SLF001
     return bool(check(t)) if check is not None else False
 

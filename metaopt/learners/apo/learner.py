@@ -359,6 +359,8 @@ class APO:
             for k, v in state["meta"].items():
                 meta[k].copy_(v)
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        for group in self.meta_optimizer.param_groups:  # a resumed run may change meta_lr
+            group["lr"] = self.config.meta_lr
         ref = next(self.model.parameters())
         self.state = {
             n: state_from_dict({k: None if v is None else v.to(ref.device) for k, v in s.items()})

@@ -271,6 +271,8 @@ class PrecondRule(Rule):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if "deployed" in state:
             self.deployed.load_state_dict(state["deployed"])
+            for group in self.deployed.param_groups:  # a resumed run may change lr
+                group["lr"] = self.cfg.lr * self.cfg.precond_scale
 
 
 def _deploy_hp(cfg: Any, hp: dict[str, Any]) -> dict[str, Any]:

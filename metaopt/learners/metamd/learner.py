@@ -41,6 +41,8 @@ from metaopt.optim.rules import get_rule
 __all__ = ["MetaMD", "draw_generator"]
 
 log = logging.getLogger(__name__)
+#: config fields a resumed run may change
+RESUMABLE_CHANGES = frozenset({"lr", "meta_lr", "meta_steps"})
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates (seed, step, run) triples
 
 
@@ -276,13 +278,20 @@ class MetaMD:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the config must match this learner's."""
+        """Restore a :meth:`state_dict`. The config must match this learner's except for
+        the learning rates and the run length (``lr``, ``meta_lr``, ``meta_steps``), which a
+        resumed run may change, e.g. to continue a diverged run more gently; the configured
+        ``meta_lr`` then replaces the saved meta-optimizer's."""
         mine = self.config.to_dict()
-        if state["config"] != mine:
-            diff = sorted(k for k in mine if state["config"].get(k) != mine[k])
+        diff = sorted(
+            k for k in mine if k not in RESUMABLE_CHANGES and state["config"].get(k) != mine[k]
+        )
+        if diff:
             raise ValueError(f"state: config differs from this learner's in fields {diff}")
         self.preconditioner.load_state_dict(state["preconditioner"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        for group in self.meta_optimizer.param_groups:
+            group["lr"] = self.config.meta_lr
         self.meta_steps = int(state["meta_steps"])
         self.history = [MetaStep.from_dict(r) for r in state["history"]]
         runs: list[InnerRun | None] = []
