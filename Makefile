@@ -10,8 +10,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[dev]'
+$(STAMP): pyproject.toml constraints/ci.txt | $(BIN)/python
+	$(BIN)/python -m pip install -c constraints/ci.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

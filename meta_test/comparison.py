@@ -12,6 +12,7 @@ For every spec, with the same budget:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -184,6 +185,8 @@ def run_comparison(
         raise ValueError(f"seeds={seeds!r}: must be distinct non-negative integers (at least one)")
     if hpo not in HPO_METHODS:
         raise ValueError(f"hpo={hpo!r}: must be one of {list(HPO_METHODS)}")
+    if hpo == "botorch" and importlib.util.find_spec("botorch") is None:
+        raise ValueError("hpo='botorch' needs BoTorch: pip install 'metaopt[bayesopt]'")
     if target_loss is not None and not math.isfinite(target_loss):
         raise ValueError(f"target_loss={target_loss!r}: must be a finite number")
     specs = [check_spec(s) for s in specs]

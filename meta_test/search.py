@@ -125,13 +125,18 @@ def _botorch(
     seed: int,
     beta: float,
 ) -> None:
-    from botorch.acquisition import UpperConfidenceBound
-    from botorch.fit import fit_gpytorch_mll
-    from botorch.models import SingleTaskGP
-    from botorch.models.transforms import Standardize
-    from botorch.optim import optimize_acqf
-    from gpytorch.kernels import RBFKernel, ScaleKernel
-    from gpytorch.mlls import ExactMarginalLogLikelihood
+    try:  # an optional dependency: the "bayesopt" extra
+        from botorch.acquisition import UpperConfidenceBound
+        from botorch.fit import fit_gpytorch_mll
+        from botorch.models import SingleTaskGP
+        from botorch.models.transforms import Standardize
+        from botorch.optim import optimize_acqf
+        from gpytorch.kernels import RBFKernel, ScaleKernel
+        from gpytorch.mlls import ExactMarginalLogLikelihood
+    except ImportError as err:
+        raise ValueError(
+            f"hpo='botorch' needs BoTorch ({err}); install it with pip install 'metaopt[bayesopt]'"
+        ) from None
 
     for d in space.dims:
         d.check_box()

@@ -78,7 +78,12 @@ def higher_grad(
                 f"(give 1 or {groups})"
             )
         ov[key] = vals
-    import higher  # an optional dependency (the "higher" extra), imported on use
+    try:  # an optional dependency (the "higher" extra), imported on use
+        import higher
+    except ImportError as err:
+        raise ValueError(
+            f"higher_grad needs the higher package ({err}); pip install 'metaopt[higher]'"
+        ) from None
 
     with higher.innerloop_ctx(
         model, optimizer, copy_initial_weights=True, override=ov, track_higher_grads=True

@@ -83,9 +83,12 @@ class Direction:
     denom: Tensor | None
     step_size: Scalar
 
-    def tensor(self) -> Tensor:
-        """``num / denom`` (the direction per unit step size)."""
-        return self.num if self.denom is None else self.num / self.denom
+    def tensor(self, *, reuse_denom: bool = False) -> Tensor:
+        """``num / denom`` (the direction per unit step size). ``reuse_denom=True`` writes it
+        into ``denom``, a temporary of the rule's in-place step, instead of a new tensor."""
+        if self.denom is None:
+            return self.num
+        return torch.div(self.num, self.denom, out=self.denom if reuse_denom else None)
 
     def apply(self, param: Tensor, *, inplace: bool) -> Tensor:
         """``param - step_size * num / denom`` with ``torch.optim``'s ops."""

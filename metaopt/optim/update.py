@@ -86,7 +86,7 @@ def block_step(
             f"(step sizes {sorted(map(str, sizes))}); a layer's weight and bias step together"
         )
     step_size = steps[0].step_size
-    directions = view.blocks_of([d.tensor() for d in steps])
+    directions = view.blocks_of([d.tensor(reuse_denom=inplace) for d in steps])
     if inplace and not isinstance(step_size, Tensor):
         family.accumulate_(view.blocks_of(params), directions, -step_size)
         return params, new_states
