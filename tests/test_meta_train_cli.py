@@ -36,8 +36,13 @@ def test_help_documents_every_option_with_its_default(capsys) -> None:
         flag = flag or ("--no-progress" if name == "progress" else "--" + name.replace("_", "-"))
         assert flag in text, flag
     assert text.count("(default:") >= len(FIELDS) - 3  # --learner, --no-progress say it in words
-    for expected in ("(default: 100)", "(default: 'adam')", "(default: 10)", "(default: off)"):
+    for expected in ("(default: 10)", "(default: 200)", "(default: 'cpu')", "(default: off)"):
         assert expected in text
+    # the learner settings (and --preset) default to the learner's (its preset's) own values
+    learner_settings = ("preset", "outer_steps", "tasks_per_step", "inner_steps", "inner_lr",
+                        "meta_lr", "meta_optimizer", "engine", "rank")  # fmt: skip
+    assert all(getattr(TrainConfig, name) is None for name in learner_settings)
+    assert text.count("(default: the learner's own)") == len(learner_settings)
     for learner in ("metamd", "metasgd", "metacurvature", "apo"):
         assert learner in text
 
@@ -58,16 +63,20 @@ def test_toml_and_flags_merge_flags_win_and_config_json_is_written(tmp_path: Pat
     assert written["source_options"] == {"dim": 6, "n": 24}
     assert written["meta_lr"] == TrainConfig.meta_lr  # untouched default
     assert written == {**TrainConfig(**{**written}).to_dict()}
-    # the artefact: the config as metadata, and it deploys on a fresh model of the family
-    meta = metaopt.io.read_preconditioner_metadata(out / "preconditioner.safetensors")
+    # the artefact: the config as metadata, the rule and the inner lr it was trained with,
+    # and it deploys on a fresh model of the family
+    meta = metaopt.read_metadata(out / "learned_optimizer.safetensors")
     assert meta["user"]["config"]["seed"] == 5
+    assert meta["optimizer"]["rule"] == "sgd" and meta["optimizer"]["lr"] == 0.01
     model = torch.nn.Linear(6, 1, bias=False).double()
-    pre = metaopt.load_preconditioner(out / "preconditioner.safetensors", model)
-    assert pre.num_meta_parameters() == 6
+    learned = metaopt.load_learned_optimizer(out / "learned_optimizer.safetensors", model)
+    assert learned.preconditioner.num_meta_parameters() == 6
+    assert learned.build(model.named_parameters()).defaults["lr"] == 0.01
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    for key in ("meta_objective", "hypergrad_norm", "seconds", "skipped_tasks"):
+    for key in ("meta_objective", "hypergrad_norm", "seconds"):
         assert all(isinstance(r[key], float) for r in rows)
+    assert all(r["skipped"] == 0 for r in rows)
     png = (out / "meta_objective.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
