@@ -8,8 +8,8 @@ from torch import nn
 
 from metaopt.kron import KroneckerPreconditioner
 from metaopt.optim import Preconditioned
-from metaopt.optim.update import preconditioned_step
 from metaopt.optim.rules import get_rule
+from metaopt.optim.update import preconditioned_step
 
 TORCH = {
     "sgd": (torch.optim.SGD, {}),
@@ -23,8 +23,8 @@ TORCH = {
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(3 * 6 * 6, 5), nn.BatchNorm1d(5),
-                         nn.ReLU(), nn.Linear(5, 4))  # fmt: skip
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(3 * 6 * 6, 5),
+                         nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4))  # fmt: skip
 
 
 def _train(model, opt, steps=15):
@@ -83,8 +83,8 @@ def _dense_adam_oracle(pre, model, compose, lr, steps_grads):
     def apply_P(d):
         # dense() acts on the parameters flattened row-major in named_parameters() order
         out = P @ torch.cat([d[n].reshape(-1) for n in names])
-        return dict(zip(names, [x.reshape(d[n].shape) for n, x in
-                                zip(names, out.split([d[n].numel() for n in names]))]))  # fmt: skip
+        parts = out.split([d[n].numel() for n in names])
+        return {n: x.reshape(d[n].shape) for n, x in zip(names, parts, strict=True)}
 
     assert sorted(order) == sorted(names)
     b1, b2, eps = 0.9, 0.999, 1e-8

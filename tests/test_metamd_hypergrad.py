@@ -200,9 +200,7 @@ def test_paper_implicit_gradient_is_not_the_unrolled_one():
     """Documented property (README, MetaMD section): with gamma = k = 0, Eq. 13 on the
     rephrased objective gives -d_M B_M(theta_T||theta_1), the negative of the direct term."""
     task = regression_task(8)
-    learner = _learner(
-        task, engine="closed_form", preconditioner_options={"learn_scale": False}
-    )
+    learner = _learner(task, engine="closed_form", preconditioner_options={"learn_scale": False})
     pre, cfg = learner.preconditioner, learner.config
     res = window_hypergradient(task, pre, cfg, init_seed=2, data_seed=3)
     theta1, thetaT = _theta_T(task, pre, cfg, 2, 3)
