@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import meta_train_lsq  # noqa: F401  (registers learner "lsq-diag" and family "lsq-test")
+import meta_train_lsq  # registers learner "lsq-diag" and family "lsq-test"
 import pytest
 import torch
 
@@ -205,3 +205,9 @@ def test_apo_is_refused_under_torchrun(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; refused before any setup
     err = _bad(capsys, ["--learner", "apo", *BASE, "--out", str(tmp_path / "o")])
     assert "one process only" in err and not (tmp_path / "o").exists()
+
+
+def test_the_test_learner_is_a_meta_learner() -> None:
+    learner = meta_train_lsq.DiagLSQ(meta_train_lsq.LSQFamily())
+    assert isinstance(learner, metaopt.MetaLearner)
+    assert isinstance(meta_train_lsq.Wrapped(learner), metaopt.MetaLearner)
