@@ -336,8 +336,9 @@ def rmsprop_greedy_probe(steps: int = 2000) -> dict[str, Any]:
         names = {id(p): n for n, p in model.named_parameters()}
 
         def square_avg(p, trainer=trainer, names=names):
-            if hasattr(trainer, "apo"):  # APO's base state, keyed by parameter name
-                return trainer.apo.state.get(f"{names[id(p)]}:square_avg")
+            if hasattr(trainer, "apo"):  # APO's base state: a typed rule state per name
+                state = trainer.apo.state.get(names[id(p)])
+                return None if state is None else state.square_avg
             return trainer.optimizer.state.get(p, {}).get("square_avg")
 
         batches = task.train_batches(0)

@@ -5,16 +5,21 @@
     OMP_NUM_THREADS=1 python experiments/metamd_claims.py digits --holdout 0 --out DIR
     OMP_NUM_THREADS=1 python experiments/metamd_claims.py agreement
 
-Each learner is meta-trained on training tasks only, saved with ``save_preconditioner`` and
-deployed on a held-out task as ``learned:<path>`` beside tuned baselines by
+Each learner is meta-trained on training tasks only, saved with ``save_learned_optimizer``
+and deployed on a held-out task as ``learned:<path>`` beside tuned baselines by
 ``meta_test.run_comparison`` (grid search over lr x weight decay for every spec). Prints
 one JSON object (the summary) as its last line; ``--out`` keeps the harness's
-``results.json`` / ``report.md`` / plots and the preconditioner files.
+``results.json`` / ``report.md`` / plots and the learned-optimizer files.
+
+MetaMD here is the ``"metamd-paper"`` preset (Eq. 8, Neumann, mirror descent); MetaSGD and
+Meta-Curvature learn from the training loss at the end of truncated windows of
+``--truncate`` inner steps (a meta-step advances every run by one window).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import tempfile
@@ -28,19 +33,22 @@ import metaopt
 from metaopt.learners import MetaCurvature, MetaMD, MetaSGD
 
 LOG_GRID = tuple(float(f"{10 ** (e / 4):.3g}") for e in range(-16, 1))  # 1e-4 .. 1
+PAPER = {"preset": "metamd-paper"}
+#: the competitors' recipe: the task's training loss at the end of a window, from P = I
+COMPETITOR = {"meta_objective": "final-loss", "preconditioner_options": {"init_scale": 0.0}}
 
 
 def _train(name: str, learner: Any, outer_steps: int, path: Path) -> dict[str, Any]:
     start = time.perf_counter()
-    learner.meta_train(outer_steps)
+    learned = learner.meta_train(outer_steps)
     hist = learner.history
-    metaopt.save_preconditioner(learner.preconditioner, path, metadata={"learner": name})
+    metaopt.save_learned_optimizer(learned, path, metadata={"learner": name})
     return {
         "outer_steps": outer_steps,
         "seconds": round(time.perf_counter() - start, 1),
-        "meta_objective_first": hist[0]["meta_objective"],
-        "meta_objective_last": hist[-1]["meta_objective"],
-        "skipped_tasks": sum(h["skipped_tasks"] for h in hist),
+        "meta_objective_first": hist[0].meta_objective,
+        "meta_objective_last": hist[-1].meta_objective,
+        "skipped_tasks": sum(h.skipped for h in hist),
     }
 
 
@@ -132,16 +140,17 @@ def quadratics(args: argparse.Namespace) -> dict[str, Any]:
     family = get_family("meta-quadratics", variant=args.variant, dtype=torch.float64)
     out = Path(args.out)
     common = dict(
+        PAPER,
         engine="forward",
         inner_steps=args.inner_steps,
         tasks_per_step=4,
-        inner_lr=args.inner_lr,
+        lr=args.inner_lr,
         meta_lr=0.05,
         seed=args.seed,
     )
     learners = {
         # the paper's objective (Eq. 8) with the paper's engine for the diagonal case (A.6)
-        "metamd": MetaMD(family, **common, k_lambda=args.k_lambda),
+        "metamd": MetaMD(family, **common, objective_options={"k_lambda": args.k_lambda}),
         # the same learner with the task loss at theta_T as meta-objective
         "metamd-final-loss": MetaMD(family, **common, meta_objective="final-loss"),
         # ... and with log(f(theta_T) - f*): the final-loss gradient vanishes as the inner
@@ -186,11 +195,12 @@ def linreg(args: argparse.Namespace) -> dict[str, Any]:
     family = get_family("linear-regression-family")
     out = Path(args.out)
     common = dict(
+        PAPER,
         inner_steps=args.inner_steps,
         tasks_per_step=4,
-        inner_lr=args.inner_lr,
+        lr=args.inner_lr,
         seed=args.seed,
-        init_scale=0.1,
+        preconditioner_options={"init_scale": 0.1},
     )
     learners = {
         "metamd": MetaMD(family, **common, meta_lr=args.meta_lr),
@@ -198,7 +208,7 @@ def linreg(args: argparse.Namespace) -> dict[str, Any]:
             family,
             **common,
             engine="unroll",
-            engine_options={"truncate": 20},
+            window=min(20, args.inner_steps),
             meta_objective="final-loss",
             meta_lr=args.meta_lr,
         ),
@@ -237,22 +247,26 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
     common = dict(
         inner_steps=args.inner_steps,
         tasks_per_step=args.tasks_per_step,
-        inner_lr=args.inner_lr,
+        lr=args.inner_lr,
         seed=args.seed,
         meta_lr=args.meta_lr,
     )
-    unrolled = dict(engine_options={"truncate": args.truncate})
+    unrolled = dict(engine="unroll", window=min(args.truncate, args.inner_steps))
     # default: the paper's MetaMD (Eq. 8, Neumann) against the competitors' own final-loss;
     # --meta-objective gives all three the same objective (MetaMD then through the same
     # truncated unroll as the competitors); --learn-scale adds MetaMD's learnable c
     shared = {"meta_objective": args.meta_objective} if args.meta_objective else {}
-    metamd_opts = dict(shared, engine="unroll", **unrolled) if shared else {}
+    metamd = {
+        **PAPER,
+        **common,
+        "preconditioner_options": {"learn_scale": args.learn_scale},
+        **({**shared, **unrolled} if shared else {"objective_options": {"gamma": args.gamma}}),
+    }
+    competitor = {**common, **COMPETITOR, **unrolled, **shared}
     learners = {
-        "metamd": MetaMD(
-            train_tasks, **common, gamma=args.gamma, learn_scale=args.learn_scale, **metamd_opts
-        ),
-        "metasgd": MetaSGD(train_tasks, **common, **unrolled, **shared),
-        "metacurvature": MetaCurvature(train_tasks, **common, **unrolled, **shared),
+        "metamd": MetaMD(train_tasks, **metamd),
+        "metasgd": MetaSGD(train_tasks, **competitor),
+        "metacurvature": MetaCurvature(train_tasks, **competitor),
     }
     training, specs = {}, {"sgdm": "sgdm", "adam": "adam"}
     for name, learner in learners.items():
@@ -309,30 +323,39 @@ def momentum(args: argparse.Namespace) -> dict[str, Any]:
 
 # --- closed form vs Neumann on the MLP -------------------------------------------------------
 def agreement(args: argparse.Namespace) -> dict[str, Any]:
-    from metaopt.learners.config import OuterConfig
-    from metaopt.learners.task_hypergrad import task_hypergradient
+    from metaopt.hypergrad import get_engine
+    from metaopt.learners.metamd.window import InnerRun
     from tasks import get_suite
 
     task = get_suite("rotated-digits").task("0")
     learner = MetaMD(
         [task],
+        **PAPER,
         tasks_per_step=1,
         inner_steps=args.inner_steps,
-        inner_lr=args.inner_lr,
-        init_scale=0.5,
+        lr=args.inner_lr,
+        preconditioner_options={"init_scale": 0.5},
         engine="closed_form",
     )
-    pre, cfg = learner.preconditioner, learner.config
+    pre, cfg, rule, hp = learner.preconditioner, learner.config, learner.rule, learner.rule_hparams
 
     def run(config: Any) -> tuple[torch.Tensor, float]:
+        entry = get_engine(config.engine)
         times, flat = [], None
-        for _ in range(args.repeats):  # the engine call alone, median of repeats
-            res = task_hypergradient(task, pre, config, init_seed=0, data_seed=0, step=0)
-            times.append(res.engine_seconds)
+        for _ in range(args.repeats):  # the engine call (the window included), median
+            inner = InnerRun.start(task, 0, 0, 0, rule, hp, config.batch_size)
+            problem = inner.window(
+                config.inner_steps, pre, rule, hp, lr=config.lr, compose=config.compose,
+                meta_objective=config.meta_objective, objective_options=config.objective_options,
+                meta_step=0,
+            )  # fmt: skip
+            start = time.perf_counter()
+            res = entry.obj(problem, None, **{**entry.options, **config.engine_options})
+            times.append(time.perf_counter() - start)
             flat = torch.cat([g.reshape(-1) for g in res.grads])
         return flat, sorted(times)[len(times) // 2]
 
-    warm = OuterConfig(**{**cfg.__dict__, "engine": "neumann", "engine_options": {"iterations": 5}})
+    warm = dataclasses.replace(cfg, engine="neumann", engine_options={"iterations": 5})
     run(warm)  # warm-up: the first torch.func transforms of a process are slower
     exact, t_exact = run(cfg)
     out: dict[str, Any] = {
@@ -341,12 +364,8 @@ def agreement(args: argparse.Namespace) -> dict[str, Any]:
         "closed_form_engine_seconds": t_exact,
     }
     for J in (1, 5, 20, 50, 100):
-        c = OuterConfig(
-            **{
-                **cfg.__dict__,
-                "engine": "neumann",
-                "engine_options": {"iterations": J, "alpha": args.alpha},
-            }
+        c = dataclasses.replace(
+            cfg, engine="neumann", engine_options={"iterations": J, "alpha": args.alpha}
         )
         f, t = run(c)
         out[f"neumann_J{J}"] = {

@@ -1,4 +1,5 @@
-"""Small real Task objects for the MetaMD tests (linear regression, 2-D quadratics)."""
+"""Small real Task objects for the MetaMD tests (linear regression, 2-D quadratics) and
+one task's window hypergradient through the learner's own pieces."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from metaopt.hypergrad import EngineResult, get_engine, run_window
+from metaopt.kron import KroneckerPreconditioner
+from metaopt.learners import MetaMDConfig
+from metaopt.learners.metamd.window import InnerRun
+from metaopt.optim.rules import get_rule
 from tasks.base import Task
 
 
@@ -43,3 +49,37 @@ class RegressionFamily:
         return regression_task(
             int(torch.randint(0, 10_000, (1,), generator=generator)), **self.options
         )
+
+
+def window_hypergradient(
+    task: Task,
+    pre: KroneckerPreconditioner,
+    config: MetaMDConfig,
+    *,
+    init_seed: int,
+    data_seed: int,
+    skip: int = 0,
+) -> EngineResult:
+    """The configured engine on the window of ``task``'s inner run from
+    ``task.make_model(init_seed)`` with batches ``task.train_batches(data_seed)``
+    (:meth:`InnerRun.window`, as :class:`~metaopt.MetaMD` builds it); the first ``skip``
+    inner steps run without a graph first (the run's earlier windows). The window is
+    ``config.window`` steps (``None``: the whole run)."""
+    rule = get_rule(config.rule)
+    hp = rule.hparams(config.rule_options)
+    run = InnerRun.start(task, init_seed, data_seed, 0, rule, hp, config.batch_size)
+    options = {
+        "lr": config.lr,
+        "compose": config.compose,
+        "meta_objective": config.meta_objective,
+        "objective_options": config.objective_options,
+        "meta_step": 0,
+    }
+    if skip:
+        before = run.window(skip, pre, rule, hp, **options)
+        with torch.no_grad():
+            run.state, _ = run_window(before, before.state, before.hparams)
+        run.t += skip
+    problem = run.window(config.steps_per_window, pre, rule, hp, **options)
+    entry = get_engine(config.engine)
+    return entry.obj(problem, None, **{**entry.options, **config.engine_options})

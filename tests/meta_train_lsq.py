@@ -1,14 +1,15 @@
-"""A small, real OuterLearner for the meta_train tests (not a test file itself).
+"""A small, real MetaLearner for the meta_train tests (not a test file itself).
 
 ``DiagLSQ`` meta-learns a per-parameter (``"diag"`` family) preconditioner for a linear
 least-squares model across random least-squares tasks whose input coordinates have fixed,
 very different scales (so a good diagonal preconditioner exists). Each task trains ``T``
 steps of preconditioned gradient descent from a fresh initialisation; the meta-objective is
 the final training loss, and its hypergradient is the exact derivative through all ``T``
-steps (reverse-mode autograd, float64). It follows the OuterLearner protocol to the letter:
-tasks and initialisation seeds of outer step ``n`` come from a generator seeded by
-``(seed, n)`` alone; rank ``r`` handles tasks ``[r::world_size]``; the summed gradients and
-the kept-task count go through ``all_reduce``.
+steps (reverse-mode autograd, float64). It follows the :class:`metaopt.MetaLearner`
+protocol to the letter: tasks and initialisation seeds of meta-step ``n`` come from a
+generator seeded by ``(seed, n)`` alone; rank ``r`` handles tasks ``[r::world_size]``; the
+summed gradients and the kept-task count go through ``all_reduce``; its learned optimizer
+is the preconditioner with plain SGD at the inner learning rate (the update it trained).
 
 Registered as learner ``"lsq-diag"`` and family ``"lsq-test"``; run as a script it is
 ``python -m meta_train`` with those registered (for subprocess and torchrun tests); with
@@ -31,6 +32,8 @@ import meta_train
 import tasks
 from metaopt.func import detached_params, functional_forward, loss_and_grads
 from metaopt.kron import KroneckerPreconditioner
+from metaopt.learners import MetaStep
+from metaopt.optim import LearnedOptimizer
 from tasks.base import Task, TaskFamily
 
 
@@ -69,21 +72,32 @@ class DiagLSQ:
         source: Any,
         *,
         seed: int = 0,
-        tasks_per_step: int = 4,
-        inner_steps: int = 10,
-        inner_lr: float = 0.02,
-        meta_lr: float = 0.05,
-        meta_optimizer: str = "adam",
+        tasks_per_step: int | None = None,
+        inner_steps: int | None = None,
+        inner_lr: float | None = None,
+        meta_lr: float | None = None,
+        meta_optimizer: str | None = None,
     ) -> None:
         self.source = source
         self.seed = seed
-        self.k, self.T, self.lr = tasks_per_step, inner_steps, inner_lr
+        self.k = 4 if tasks_per_step is None else tasks_per_step
+        self.T = 10 if inner_steps is None else inner_steps
+        self.lr = 0.02 if inner_lr is None else inner_lr
         probe = self._draw(torch.Generator().manual_seed(seed))
         self.preconditioner = KroneckerPreconditioner.for_model(probe.make_model(0), "diag")
         self.preconditioner.double()
-        opt = torch.optim.Adam if meta_optimizer == "adam" else torch.optim.SGD
-        self.meta_opt = opt(self.preconditioner.parameters(), lr=meta_lr)
-        self.step = 0
+        opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
+        self.meta_opt = opt[meta_optimizer or "adam"](
+            self.preconditioner.parameters(), lr=0.05 if meta_lr is None else meta_lr
+        )
+        self.meta_steps = 0
+        self.history: list[MetaStep] = []
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        return list(self.preconditioner.parameters())
+
+    def learned_optimizer(self) -> LearnedOptimizer:
+        return LearnedOptimizer(self.preconditioner, "sgd", {}, self.lr)
 
     def _draw(self, g: torch.Generator) -> Task:
         if isinstance(self.source, list):
@@ -91,7 +105,7 @@ class DiagLSQ:
         return self.source.sample(g)
 
     def _task_seeds(self) -> list[tuple[Task, int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.meta_steps)
         return [
             (self._draw(g), int(torch.randint(2**31 - 1, (1,), generator=g))) for _ in range(self.k)
         ]
@@ -109,9 +123,9 @@ class DiagLSQ:
         grads = torch.autograd.grad(meta, list(self.preconditioner.parameters()))
         return meta.detach(), list(grads)
 
-    def outer_step(self, *, rank: int = 0, world_size: int = 1, all_reduce: Any = None) -> dict:
+    def meta_step(self, *, rank: int = 0, world_size: int = 1, all_reduce: Any = None) -> MetaStep:
         t0 = time.perf_counter()
-        metas = list(self.preconditioner.parameters())
+        metas = self.meta_parameters()
         sums = [torch.zeros_like(p) for p in metas]
         totals = torch.zeros(3, dtype=torch.float64)  # kept, sum of objectives, skipped
         for task, init in self._task_seeds()[rank::world_size]:
@@ -132,19 +146,23 @@ class DiagLSQ:
         norm = torch.sqrt(sum((p.grad**2).sum() for p in metas))
         if totals[0] > 0:
             self.meta_opt.step()
-        self.step += 1
-        return {
-            "meta_objective": float(totals[1]) / kept,
-            "hypergrad_norm": float(norm),
-            "seconds": time.perf_counter() - t0,
-            "skipped_tasks": float(totals[2]),
-        }
+        self.meta_steps += 1
+        record = MetaStep(
+            step=self.meta_steps,
+            meta_objective=float(totals[1]) / kept,
+            hypergrad_norm=float(norm),
+            seconds=time.perf_counter() - t0,
+            skipped=int(totals[2]),
+        )
+        self.history.append(record)
+        return record
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "preconditioner": self.preconditioner.state_dict(),
             "meta_opt": self.meta_opt.state_dict(),
-            "step": self.step,
+            "meta_steps": self.meta_steps,
+            "history": [r.as_dict() for r in self.history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -153,7 +171,39 @@ class DiagLSQ:
         self.meta_opt.load_state_dict(state["meta_opt"])
         for group, lr in zip(self.meta_opt.param_groups, lrs, strict=True):
             group["lr"] = lr  # a resume may lower the meta learning rate; the new one wins
-        self.step = int(state["step"])
+        self.meta_steps = int(state["meta_steps"])
+        self.history = [MetaStep.from_dict(r) for r in state["history"]]
+
+
+class Wrapped:
+    """A MetaLearner that forwards everything to ``inner`` (tests subclass it to act
+    around ``meta_step``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    @property
+    def meta_steps(self) -> int:
+        return self.inner.meta_steps
+
+    @property
+    def history(self) -> list[MetaStep]:
+        return self.inner.history
+
+    def meta_step(self, **kw: Any) -> MetaStep:
+        return self.inner.meta_step(**kw)
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        return self.inner.meta_parameters()
+
+    def learned_optimizer(self) -> LearnedOptimizer:
+        return self.inner.learned_optimizer()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
 
 
 def build(config: meta_train.TrainConfig, source: Any, device: str) -> DiagLSQ:

@@ -13,10 +13,19 @@ from torch.func import functional_call
 from metaopt.func import functional_forward, loss_and_grads
 from metaopt.hypergrad import check_hypergradient, implicit_grad, unrolled_grad
 from metaopt.kron import KroneckerPreconditioner
-from metaopt.optim.functional import preconditioned_step
+from metaopt.optim.rules import get_rule
+from metaopt.optim.update import preconditioned_step
 
 D = torch.float64
 loss_fn = nn.functional.cross_entropy
+SGD = get_rule("sgd")
+SGD_HP = SGD.hparams()
+
+
+def _sgd_step(params, grads, pre, lr):
+    """``theta - lr P g`` (one functional SGD step through the preconditioner)."""
+    states = {n: SGD.init(p, SGD_HP) for n, p in params.items()}
+    return preconditioned_step(params, grads, states, pre, SGD, SGD_HP, lr, count=1)[0]
 
 
 class _Stepper(nn.Module):
@@ -27,7 +36,7 @@ class _Stepper(nn.Module):
         self.pre, self.lr = pre, lr
 
     def forward(self, params, grads):
-        return preconditioned_step(params, grads, self.pre, lr=self.lr)[0]
+        return _sgd_step(params, grads, self.pre, self.lr)
 
 
 def _setup(family, **options):
@@ -190,7 +199,7 @@ def test_closed_form_lowrank_bregman_matches_exact_cg_and_finite_differences():
 
 def test_captured_module_parameters_as_hparams_match_functional_version():
     """APO's shape: hparams are the preconditioner's own parameters and the step calls
-    ``preconditioned_step(..., pre)`` directly; same answer as swapping copies in."""
+    ``preconditioned_step`` with ``pre`` directly; same answer as swapping copies in."""
     step, _, outer, params, hparams, _ = _setup("ekfac", init_scale=0.3)
     functional = unrolled_grad(step, outer, params, hparams, steps=1)
     torch.manual_seed(0)
@@ -204,7 +213,7 @@ def test_captured_module_parameters_as_hparams_match_functional_version():
     def captured_step(theta, h):
         p = dict(zip(names, theta, strict=True))
         _, grads = loss_and_grads(forward, loss_fn, p, batch, create_graph=True)
-        new, _ = preconditioned_step(p, grads, pre, lr=0.5)
+        new = _sgd_step(p, grads, pre, 0.5)
         return tuple(new[n] for n in names)
 
     captured = unrolled_grad(captured_step, outer, params, tuple(pre.parameters()), steps=1)

@@ -99,10 +99,10 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 
 def _bad_file(tmp_path: Path) -> str:
-    """A preconditioner saved for a 4 -> 3 linear model: the wrong architecture."""
+    """A learned optimizer saved for a 4 -> 3 linear model: the wrong architecture."""
     pre = KroneckerPreconditioner.for_model(nn.Linear(4, 3), "rank1")
     path = tmp_path / "other.safetensors"
-    metaopt.save_preconditioner(pre, path)
+    metaopt.save_learned_optimizer(metaopt.LearnedOptimizer(pre, "sgd", {}, 0.1), path)
     return str(path)
 
 

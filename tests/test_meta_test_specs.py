@@ -84,13 +84,19 @@ def test_learned_identity_preconditioner_is_sgd(tmp_path) -> None:
     task = tiny_task()
     pre = KroneckerPreconditioner.for_model(task.make_model(0), "scalar")  # log s = 0: identity
     path = tmp_path / "pre.safetensors"
-    metaopt.save_preconditioner(pre, path)
+    metaopt.save_learned_optimizer(metaopt.LearnedOptimizer(pre, "sgd", {}, 0.2), path)
     spec = f"learned:{path}"
     r = run_training(task, spec, {"lr": 0.1, "momentum": 0.5}, seed=1, steps=15, log_every=5)
     ref = manual_losses(task, lambda m: torch.optim.SGD(m.parameters(), 0.1, 0.5), 15, seed=1)
     assert r.train_loss == pytest.approx(ref, rel=1e-5)
     assert r.num_meta_parameters == pre.num_meta_parameters() > 0
     assert specs.search_space(spec).names == ["lr", "weight_decay"]
+    # the lr grid is the file's meta-trained lr times (0.25, 0.5, 1, 2, 4)
+    assert specs.search_space(spec).dims[0].grid == pytest.approx((0.05, 0.1, 0.2, 0.4, 0.8))
+    bare = tmp_path / "bare.safetensors"
+    metaopt.save_preconditioner(pre, bare)  # no update rule: not a learned optimizer
+    with pytest.raises(ValueError, match="without an update rule"):
+        run_training(task, f"learned:{bare}", {"lr": 0.1}, seed=0, steps=1)
     with pytest.raises(ValueError, match="does not fit this model"):
         run_training(tiny_task(out_features=3), spec, {"lr": 0.1}, seed=0, steps=1)
 

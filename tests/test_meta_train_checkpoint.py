@@ -185,15 +185,15 @@ def test_sigkill_at_a_random_step_then_resume_is_identical(tmp_path: Path) -> No
     assert victim.returncode == -signal.SIGKILL
     done = len(read_metrics(metrics))
     assert done < steps, f"killed too late (step {done})"
-    assert not (tmp_path / "killed" / "preconditioner.safetensors").exists()
+    assert not (tmp_path / "killed" / "learned_optimizer.safetensors").exists()
     ck_step = load_checkpoint(tmp_path / "killed" / "checkpoint.safetensors")["step"]
     # the last boundary (the kill may land between a step's metrics line and its checkpoint)
     assert ck_step % every == 0 and done - every <= ck_step <= done, (ck_step, done)
     assert main([*_cli(tmp_path / "killed", steps, "--checkpoint-every", "4"), "--resume"]) == 0
     assert main(_cli(tmp_path / "full", steps, "--checkpoint-every", "4")) == 0
     _assert_identical(
-        tmp_path / "full" / "preconditioner.safetensors",
-        tmp_path / "killed" / "preconditioner.safetensors",
+        tmp_path / "full" / "learned_optimizer.safetensors",
+        tmp_path / "killed" / "learned_optimizer.safetensors",
     )
     a = read_metrics(tmp_path / "full" / "metrics.jsonl")
     b = read_metrics(tmp_path / "killed" / "metrics.jsonl")
@@ -201,27 +201,17 @@ def test_sigkill_at_a_random_step_then_resume_is_identical(tmp_path: Path) -> No
     assert [r["meta_objective"] for r in a] == [r["meta_objective"] for r in b]
 
 
-class _TermAt:
-    """Wraps a learner; sends the process SIGTERM during outer step ``term_at``."""
+class _TermAt(meta_train_lsq.Wrapped):
+    """Wraps a learner; sends the process SIGTERM during meta-step ``term_at``."""
 
     def __init__(self, inner, term_at: int) -> None:
-        self.inner, self.term_at = inner, term_at
-        self.preconditioner = inner.preconditioner
+        super().__init__(inner)
+        self.term_at = term_at
 
-    @property
-    def step(self) -> int:
-        return self.inner.step
-
-    def outer_step(self, **kw):
-        if self.inner.step + 1 == self.term_at:
+    def meta_step(self, **kw):
+        if self.inner.meta_steps + 1 == self.term_at:
             os.kill(os.getpid(), signal.SIGTERM)
-        return self.inner.outer_step(**kw)
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state) -> None:
-        self.inner.load_state_dict(state)
+        return self.inner.meta_step(**kw)
 
 
 def _build_term(config, source, device):
@@ -260,12 +250,12 @@ def test_sigterm_checkpoints_the_finished_step_and_resume_is_identical(
     assert main(stopped) == 128 + signal.SIGTERM
     assert "continue with --resume" in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "t" / "checkpoint.safetensors")["step"] == 7
-    assert not (tmp_path / "t" / "preconditioner.safetensors").exists()
+    assert not (tmp_path / "t" / "learned_optimizer.safetensors").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     assert main([*stopped, "--resume"]) == 0
     _assert_identical(
-        tmp_path / "full" / "preconditioner.safetensors",
-        tmp_path / "t" / "preconditioner.safetensors",
+        tmp_path / "full" / "learned_optimizer.safetensors",
+        tmp_path / "t" / "learned_optimizer.safetensors",
     )
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     resumed = read_metrics(tmp_path / "t" / "metrics.jsonl")

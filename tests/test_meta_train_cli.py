@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import meta_train_lsq  # noqa: F401  (registers learner "lsq-diag" and family "lsq-test")
+import meta_train_lsq  # registers learner "lsq-diag" and family "lsq-test"
 import pytest
 import torch
 
@@ -36,8 +36,13 @@ def test_help_documents_every_option_with_its_default(capsys) -> None:
         flag = flag or ("--no-progress" if name == "progress" else "--" + name.replace("_", "-"))
         assert flag in text, flag
     assert text.count("(default:") >= len(FIELDS) - 3  # --learner, --no-progress say it in words
-    for expected in ("(default: 100)", "(default: 'adam')", "(default: 10)", "(default: off)"):
+    for expected in ("(default: 10)", "(default: 200)", "(default: 'cpu')", "(default: off)"):
         assert expected in text
+    # the learner settings (and --preset) default to the learner's (its preset's) own values
+    learner_settings = ("preset", "outer_steps", "tasks_per_step", "inner_steps", "inner_lr",
+                        "meta_lr", "meta_optimizer", "engine", "rank")  # fmt: skip
+    assert all(getattr(TrainConfig, name) is None for name in learner_settings)
+    assert text.count("(default: the learner's own)") == len(learner_settings)
     for learner in ("metamd", "metasgd", "metacurvature", "apo"):
         assert learner in text
 
@@ -58,16 +63,20 @@ def test_toml_and_flags_merge_flags_win_and_config_json_is_written(tmp_path: Pat
     assert written["source_options"] == {"dim": 6, "n": 24}
     assert written["meta_lr"] == TrainConfig.meta_lr  # untouched default
     assert written == {**TrainConfig(**{**written}).to_dict()}
-    # the artefact: the config as metadata, and it deploys on a fresh model of the family
-    meta = metaopt.io.read_preconditioner_metadata(out / "preconditioner.safetensors")
+    # the artefact: the config as metadata, the rule and the inner lr it was trained with,
+    # and it deploys on a fresh model of the family
+    meta = metaopt.read_metadata(out / "learned_optimizer.safetensors")
     assert meta["user"]["config"]["seed"] == 5
+    assert meta["optimizer"]["rule"] == "sgd" and meta["optimizer"]["lr"] == 0.01
     model = torch.nn.Linear(6, 1, bias=False).double()
-    pre = metaopt.load_preconditioner(out / "preconditioner.safetensors", model)
-    assert pre.num_meta_parameters() == 6
+    learned = metaopt.load_learned_optimizer(out / "learned_optimizer.safetensors", model)
+    assert learned.preconditioner.num_meta_parameters() == 6
+    assert learned.build(model.named_parameters()).defaults["lr"] == 0.01
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    for key in ("meta_objective", "hypergrad_norm", "seconds", "skipped_tasks"):
+    for key in ("meta_objective", "hypergrad_norm", "seconds"):
         assert all(isinstance(r[key], float) for r in rows)
+    assert all(r["skipped"] == 0 for r in rows)
     png = (out / "meta_objective.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -231,8 +240,8 @@ def test_strictly_typed_values_exit_2(tmp_path, capsys, extra, needle) -> None:
 @pytest.mark.parametrize(
     ("option", "needle"),
     [
-        ("learn_scale=maybe", "learn_scale='maybe': must be true or false"),
-        ("learn_scale=1", "learn_scale=1: must be true or false"),
+        ("preconditioner_options={learn_scale = 'maybe'}", "learn_scale='maybe': must be"),
+        ("preconditioner_options={learn_scale = 1}", "learn_scale=1: must be"),
     ],
 )
 def test_learner_options_of_the_wrong_type_exit_2(tmp_path, capsys, option, needle) -> None:
@@ -244,21 +253,24 @@ def test_learner_options_of_the_wrong_type_exit_2(tmp_path, capsys, option, need
 @pytest.mark.parametrize(("text", "value"), [("False", False), ("false", False), ("true", True)])
 def test_boolean_options_mean_what_they_say(tmp_path, text, value) -> None:
     out = tmp_path / "out"
-    argv = ["--learner", "metamd", *BASE, "--outer-steps", "1", "--option", f"learn_scale={text}"]
+    argv = ["--learner", "metamd", *BASE, "--outer-steps", "1", "--option",
+            f"preconditioner_options={{rank = 1, learn_scale = {text}}}"]  # fmt: skip
     assert main([*argv, "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["options"]["learn_scale"] is value
-    meta = metaopt.io.read_preconditioner_metadata(out / "preconditioner.safetensors")
+    meta = metaopt.io.read_preconditioner_metadata(out / "learned_optimizer.safetensors")
     assert meta["options"]["learn_scale"] is value
-    assert meta["user"]["config"]["options"]["learn_scale"] is value
+    assert meta["user"]["config"]["options"]["preconditioner_options"]["learn_scale"] is value
 
 
 def test_toml_inline_tables_and_bare_words(tmp_path) -> None:
     out = tmp_path / "out"
-    argv = ["--learner", "metamd", *BASE, "--outer-steps", "1", "--engine", "unroll"]
-    argv += ["--option", "engine_options={truncate = 3}", "--option", "family=diag"]
+    argv = ["--learner", "metamd", *BASE, "--outer-steps", "1", "--engine", "es"]
+    argv += ["--option", "engine_options={pairs = 3}", "--option", "preconditioner=diag"]
+    argv += ["--option", "preconditioner_options={}"]
     assert main([*argv, "--out", str(out)]) == 0
     options = json.loads((out / "config.json").read_text())["options"]
-    assert options == {"engine_options": {"truncate": 3}, "family": "diag"}
+    assert options == {"engine_options": {"pairs": 3}, "preconditioner": "diag",
+                       "preconditioner_options": {}}  # fmt: skip
 
 
 def test_toml_config_values_are_typed_too(tmp_path, capsys) -> None:
@@ -338,7 +350,7 @@ def test_import_registers_a_family_for_python_dash_m_meta_train(tmp_path: Path) 
     argv += ["--inner-steps", "3", "--no-progress", "--out", str(tmp_path / "D")]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    meta = metaopt.io.read_preconditioner_metadata(tmp_path / "D" / "preconditioner.safetensors")
+    meta = metaopt.io.read_preconditioner_metadata(tmp_path / "D" / "learned_optimizer.safetensors")
     assert meta["user"]["config"]["family"] == "plugin-regression"
     assert meta["layers"] == {"weight": [1, 3], "bias": [1, 1]} or "weight" in str(meta["layers"])
     # without --import the family is unknown: one line, exit 2
@@ -355,3 +367,7 @@ def test_a_family_whose_sample_is_not_a_task_exits_2(tmp_path, capsys) -> None:
     argv = ["--import", str(plugin), "--learner", "metasgd", "--family", "plugin-broken"]
     err = _bad(capsys, [*argv, "--out", str(out)])
     assert "sample() returned a int, not a tasks.Task" in err and not out.exists()
+def test_the_test_learner_is_a_meta_learner() -> None:
+    learner = meta_train_lsq.DiagLSQ(meta_train_lsq.LSQFamily())
+    assert isinstance(learner, metaopt.MetaLearner)
+    assert isinstance(meta_train_lsq.Wrapped(learner), metaopt.MetaLearner)

@@ -22,8 +22,8 @@ def test_metamd_on_cuda_resumes_to_the_uninterrupted_result(tmp_path) -> None:
     assert main([*args, "--outer-steps", "4", "--out", str(tmp_path / "full")]) == 0
     assert main([*args, "--outer-steps", "2", "--out", str(tmp_path / "part")]) == 0
     assert main([*args, "--outer-steps", "4", "--out", str(tmp_path / "part"), "--resume"]) == 0
-    a = load_file(str(tmp_path / "full" / "preconditioner.safetensors"))
-    b = load_file(str(tmp_path / "part" / "preconditioner.safetensors"))
+    a = load_file(str(tmp_path / "full" / "learned_optimizer.safetensors"))
+    b = load_file(str(tmp_path / "part" / "learned_optimizer.safetensors"))
     for k in a:  # CUDA kernels may differ in the last bits between runs
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     assert len(read_metrics(tmp_path / "part" / "metrics.jsonl")) == 4

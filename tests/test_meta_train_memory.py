@@ -6,7 +6,7 @@ import dataclasses
 import gc
 import os
 
-import meta_train_lsq  # noqa: F401  (registers family "lsq-test")
+import meta_train_lsq  # registers family "lsq-test"
 import torch
 
 import meta_train
@@ -21,33 +21,23 @@ def _rss_mib() -> float:
         return int(fh.read().split()[1]) * PAGE / 2**20
 
 
-class _Probe:
-    """Wraps a learner; records RSS after every outer step (optionally leaking on purpose)."""
+class _Probe(meta_train_lsq.Wrapped):
+    """Wraps a learner; records RSS after every meta-step (optionally leaking on purpose)."""
 
     rss: list[float] = []
 
     def __init__(self, inner, leak_mib: int) -> None:
-        self.inner, self.leak_mib, self.kept = inner, leak_mib, []
-        self.preconditioner = inner.preconditioner
+        super().__init__(inner)
+        self.leak_mib, self.kept = leak_mib, []
 
-    @property
-    def step(self) -> int:
-        return self.inner.step
-
-    def outer_step(self, **kw):
-        stats = self.inner.outer_step(**kw)
+    def meta_step(self, **kw):
+        record = self.inner.meta_step(**kw)
         if self.leak_mib:
             self.kept.append(torch.ones(self.leak_mib * 2**18))  # float32: 4 bytes each
-        if self.inner.step == 10 or self.inner.step % 25 == 0:
+        if self.inner.meta_steps == 10 or self.inner.meta_steps % 25 == 0:
             gc.collect()  # slow with torch loaded: only where RSS is compared
         _Probe.rss.append(_rss_mib())
-        return stats
-
-    def state_dict(self):
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state) -> None:
-        self.inner.load_state_dict(state)
+        return record
 
 
 def _build(config, source, device):

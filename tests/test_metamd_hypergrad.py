@@ -1,40 +1,46 @@
 """MetaMD hypergradients through the engines, against dense and finite-difference oracles.
 
-The inner run is recomputed independently with the deploy optimizer
+The learner is the ``"metamd-paper"`` preset (mirror descent = SGD through ``P = M^{-1}``,
+``"bregman-rate"``); one task's hypergradient is the engine on the problem
+:meth:`InnerRun.window` builds (:func:`tests._metamd_tasks.window_hypergradient`). The
+inner run is recomputed independently with the deploy optimizer
 (``metaopt.optim.Preconditioned``, a ``torch.optim.Optimizer``) so the oracles share no code
 with the learner's functional inner loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from metaopt import MetaContext
-from metaopt.learners import MetaMD, OuterConfig
-from metaopt.learners.task_hypergrad import task_hypergradient
+from metaopt.learners import MetaMD
 from metaopt.objectives import evaluate_meta_objective
 from metaopt.optim import Preconditioned
-from tests._metamd_tasks import regression_task
+from tests._metamd_tasks import regression_task, window_hypergradient
 
 T = 12
 
 
-def _learner(task, **fields):
+def _learner(task, k_lambda=0.0, gamma=0.0, momentum=0.0, **fields):
+    options = {"rank": 1, "learn_scale": True, "init_scale": 0.8}
     fields = {
-        "family": "lowrank",
-        "rank": 1,
-        "learn_scale": True,
-        "init_scale": 0.8,
+        "preconditioner": "lowrank",
+        "preconditioner_options": {**options, **fields.pop("preconditioner_options", {})},
+        "rule_options": {"momentum": momentum},
+        "objective_options": {"k_lambda": k_lambda, "gamma": gamma}
+        if fields.get("meta_objective", "bregman-rate") == "bregman-rate"
+        else {},
         "inner_steps": T,
-        "inner_lr": 0.2,
+        "lr": 0.2,
         "tasks_per_step": 1,
         "engine_options": {},
         **fields,
     }
-    return MetaMD([task], OuterConfig(**fields))
+    return MetaMD([task], preset="metamd-paper", **fields)
 
 
 def _theta_T(task, pre, config, init_seed, data_seed, steps=None, swap=None):
@@ -42,9 +48,7 @@ def _theta_T(task, pre, config, init_seed, data_seed, steps=None, swap=None):
     meta-parameters by ``values`` from step ``t`` on."""
     model = task.make_model(init_seed)
     theta1 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = Preconditioned(
-        model.named_parameters(), pre, lr=config.inner_lr, momentum=config.inner_momentum
-    )
+    opt = Preconditioned(model.named_parameters(), pre, lr=config.lr, **config.rule_options)
     stream = task.train_batches(data_seed, batch_size=config.batch_size)
     for t in range(config.inner_steps if steps is None else steps):
         if swap is not None and t == swap[0]:
@@ -92,10 +96,15 @@ def test_implicit_hypergradient_equals_dense_eq13(engine, rank):
     task = regression_task(3)
     opts = {"iterations": 60} if engine == "cg" else {}
     learner = _learner(
-        task, engine=engine, engine_options=opts, k_lambda=0.2, gamma=0.05, rank=rank
+        task,
+        engine=engine,
+        engine_options=opts,
+        k_lambda=0.2,
+        gamma=0.05,
+        preconditioner_options={"rank": rank},
     )
     pre, cfg = learner.preconditioner, learner.config
-    res = task_hypergradient(task, pre, cfg, init_seed=11, data_seed=5, step=0)
+    res = window_hypergradient(task, pre, cfg, init_seed=11, data_seed=5)
     theta1, thetaT = _theta_T(task, pre, cfg, 11, 5)
     expected = _eq13_oracle(pre, theta1, thetaT, 0.2, 0.05)
     assert _maxrel(res.grads, expected) < 1e-8
@@ -105,20 +114,16 @@ def test_neumann_tends_to_closed_form_as_J_grows():
     task = regression_task(4)
     base = _learner(task, engine="closed_form")
     pre, cfg = base.preconditioner, base.config
-    exact = task_hypergradient(task, pre, cfg, init_seed=1, data_seed=2, step=0).grads
+    exact = window_hypergradient(task, pre, cfg, init_seed=1, data_seed=2).grads
     # alpha below 2 / lambda_max(M) so that the series converges
     lam_max = float(torch.linalg.eigvalsh(torch.linalg.inv(pre.dense().detach()))[-1])
     alpha = 1.0 / lam_max
     errors = []
     for J in (1, 4, 16, 64, 256):
-        cfg_j = OuterConfig(
-            **{
-                **cfg.__dict__,
-                "engine": "neumann",
-                "engine_options": {"iterations": J, "alpha": alpha},
-            }
+        cfg_j = dataclasses.replace(
+            cfg, engine="neumann", engine_options={"iterations": J, "alpha": alpha}
         )
-        g = task_hypergradient(task, pre, cfg_j, init_seed=1, data_seed=2, step=0).grads
+        g = window_hypergradient(task, pre, cfg_j, init_seed=1, data_seed=2).grads
         errors.append(_maxrel(g, exact))
     assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
     assert errors[-1] < 1e-6, errors
@@ -129,7 +134,7 @@ def test_unrolled_hypergradient_equals_finite_differences():
     task = regression_task(5)
     learner = _learner(task, engine="unroll", meta_objective="final-loss")
     pre, cfg = learner.preconditioner, learner.config
-    res = task_hypergradient(task, pre, cfg, init_seed=3, data_seed=4, step=0)
+    res = window_hypergradient(task, pre, cfg, init_seed=3, data_seed=4)
     meta_batch = next(task.train_batches(4 + 1))
     params = [p.detach().clone() for p in pre.parameters()]
     g = torch.Generator().manual_seed(0)
@@ -155,9 +160,10 @@ def test_unrolled_hypergradient_equals_finite_differences():
 def test_truncated_unroll_equals_finite_differences_of_the_last_steps():
     task = regression_task(6)
     k = 4
-    learner = _learner(task, engine="unroll", engine_options={"truncate": k}, k_lambda=0.1)
+    learner = _learner(task, engine="unroll", window=k, k_lambda=0.1)
     pre, cfg = learner.preconditioner, learner.config
-    res = task_hypergradient(task, pre, cfg, init_seed=7, data_seed=8, step=0)
+    # the run's last window: its first T - k steps ran in earlier windows, without a graph
+    res = window_hypergradient(task, pre, cfg, init_seed=7, data_seed=8, skip=T - k)
     params = [p.detach().clone() for p in pre.parameters()]
     g = torch.Generator().manual_seed(1)
     direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
@@ -182,21 +188,21 @@ def test_truncated_unroll_equals_finite_differences_of_the_last_steps():
 
 def test_forward_mode_equals_reverse_mode():
     task = regression_task(7, d=3, out=1)
-    rev = _learner(task, engine="unroll", inner_momentum=0.5, rank=1)
-    fwd = _learner(task, engine="forward", inner_momentum=0.5, rank=1)
-    a = task_hypergradient(task, rev.preconditioner, rev.config, init_seed=1, data_seed=1, step=0)
-    b = task_hypergradient(task, fwd.preconditioner, fwd.config, init_seed=1, data_seed=1, step=0)
+    rev = _learner(task, engine="unroll", momentum=0.5)
+    fwd = _learner(task, engine="forward", momentum=0.5)
+    a = window_hypergradient(task, rev.preconditioner, rev.config, init_seed=1, data_seed=1)
+    b = window_hypergradient(task, fwd.preconditioner, fwd.config, init_seed=1, data_seed=1)
     assert _maxrel(b.grads, a.grads) < 1e-9
-    assert a.meta_objective == pytest.approx(b.meta_objective, rel=1e-12)
+    assert float(a.value) == pytest.approx(float(b.value), rel=1e-12)
 
 
 def test_paper_implicit_gradient_is_not_the_unrolled_one():
     """Documented property (README, MetaMD section): with gamma = k = 0, Eq. 13 on the
     rephrased objective gives -d_M B_M(theta_T||theta_1), the negative of the direct term."""
     task = regression_task(8)
-    learner = _learner(task, engine="closed_form", learn_scale=False)
+    learner = _learner(task, engine="closed_form", preconditioner_options={"learn_scale": False})
     pre, cfg = learner.preconditioner, learner.config
-    res = task_hypergradient(task, pre, cfg, init_seed=2, data_seed=3, step=0)
+    res = window_hypergradient(task, pre, cfg, init_seed=2, data_seed=3)
     theta1, thetaT = _theta_T(task, pre, cfg, 2, 3)
     ctx = MetaContext(params_before=theta1, params_after=thetaT, preconditioner=pre)
     direct = torch.autograd.grad(
@@ -216,18 +222,19 @@ def test_log_final_loss_hypergradient_on_a_quadratic_equals_closed_form(engine):
     b = torch.tensor([1.2, 0.7], dtype=torch.float64)
     task = get_family("meta-quadratics", dtype=torch.float64).task(q, b)
     eta, steps = 0.02, 9
-    cfg = OuterConfig(
-        family="rank1",
-        init_scale=0.4,
+    learner = MetaMD(
+        [task],
+        preset="metamd-paper",
+        preconditioner="rank1",
+        preconditioner_options={"init_scale": 0.4},
         inner_steps=steps,
-        inner_lr=eta,
+        lr=eta,
         tasks_per_step=1,
         engine=engine,
         meta_objective="log-final-loss",
     )
-    learner = MetaMD([task], cfg)
-    pre = learner.preconditioner
-    res = task_hypergradient(task, pre, cfg, init_seed=3, data_seed=4, step=0)
+    pre, cfg = learner.preconditioner, learner.config
+    res = window_hypergradient(task, pre, cfg, init_seed=3, data_seed=4)
     s = pre.blocks["theta"].log_scale.detach().reshape(-1)
     e1 = task.make_model(3).theta.detach() - b / (2 * q)
     r = 1 - 2 * eta * q * s.exp()
@@ -235,6 +242,6 @@ def test_log_final_loss_hypergradient_on_a_quadratic_equals_closed_form(engine):
     gap = float((q * eT * eT).sum())
     expected = 2 * q * eT * steps * (-2 * eta * q * s.exp()) * r ** (steps - 1) * e1 / gap
     assert gap > 1e-6  # far from the eps floor, so the closed form is the whole story
-    assert res.meta_objective == pytest.approx(math.log(gap + 1e-12), rel=1e-9)
+    assert float(res.value) == pytest.approx(math.log(gap + 1e-12), rel=1e-9)
     (grad,) = res.grads
     torch.testing.assert_close(grad.reshape(-1), expected, rtol=1e-8, atol=0)

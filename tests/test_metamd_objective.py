@@ -10,8 +10,8 @@ from torch import nn
 
 from metaopt import MetaContext
 from metaopt.kron import KroneckerPreconditioner
-from metaopt.learners import MetaMD, MetaSGD, OuterConfig
-from metaopt.learners.outer import step_generator
+from metaopt.learners import MetaMD, MetaMDConfig, MetaSGD
+from metaopt.learners.metamd import draw_generator
 from metaopt.objectives import evaluate_meta_objective
 from tests._metamd_tasks import RegressionFamily, regression_task
 
@@ -133,43 +133,48 @@ def test_log_final_loss_is_floored_at_eps_at_the_minimum():
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "match"),
+    ("fields", "match"),
     [
-        ("inner_steps", 0, "inner_steps=0.*T must be at least 1"),
-        ("tasks_per_step", 0, "tasks_per_step=0"),
-        ("inner_lr", -1.0, "inner_lr=-1.0"),
-        ("engine", "magic", "engine='magic'"),
-        ("meta_optimizer", "lbfgs", "meta_optimizer='lbfgs'"),
-        ("gamma", -0.1, "gamma=-0.1"),
-        ("rank", 0, "rank=0"),
-        ("family", "kfac", "family='kfac'"),
+        ({"inner_steps": 0}, "inner_steps=0: must be an integer >= 1"),
+        ({"tasks_per_step": 0}, "tasks_per_step=0"),
+        ({"lr": -1.0}, "lr=-1.0"),
+        ({"engine": "magic"}, "engine='magic'"),
+        ({"meta_optimizer": "lbfgs"}, "meta_optimizer='lbfgs'"),
+        ({"meta_objective": "bregman-rate", "objective_options": {"gamma": -0.1}}, "gamma=-0.1"),
+        ({"preconditioner": "kfac"}, "preconditioner='kfac'"),
+        ({"window": 41}, "window=41: must be at most inner_steps=40"),
+        ({"engine": "neumann", "window": 10}, "window=10 must be None or inner_steps"),
     ],
 )
-def test_config_rejects_bad_values(field, value, match):
+def test_config_rejects_bad_values(fields, match):
     with pytest.raises(ValueError, match=match):
-        OuterConfig(**{field: value})
+        MetaMDConfig(**fields)
 
 
 def test_ekfac_family_rejects_implicit_engines():
-    with pytest.raises(ValueError, match="no metric"):
-        OuterConfig(family="ekfac", engine="neumann")
+    with pytest.raises(ValueError, match="explicit metric M .*preconditioner='ekfac' has none"):
+        MetaMD([regression_task(0)], preset="metamd-paper", preconditioner="ekfac")
 
 
-def test_rank_larger_than_a_layer_is_rejected():
+def test_rank_below_one_or_larger_than_a_layer_is_rejected():
     task = regression_task(0, d=4, out=2)
+    with pytest.raises(ValueError, match="rank=0: must be a positive integer"):
+        MetaMD([task], preconditioner="lowrank", preconditioner_options={"rank": 0})
     with pytest.raises(ValueError, match="layer .*: rank=3 is larger than a 2x5 block"):
-        MetaMD([task], family="lowrank", rank=3, tasks_per_step=1)
-
-
-def test_suite_with_fewer_domains_than_k_is_rejected():
-    tasks = [regression_task(i) for i in range(5)]
-    with pytest.raises(ValueError, match="only 5 training tasks"):
-        MetaMD(tasks, tasks_per_step=6)
+        MetaMD([task], preconditioner="lowrank", preconditioner_options={"rank": 3})
 
 
 def test_bad_task_source_is_rejected():
     with pytest.raises(ValueError, match="task family"):
         MetaMD(42)
+    with pytest.raises(ValueError, match="task list is empty"):
+        MetaMD([])
+
+
+def _draws(learner, step):
+    """``(task name, init seed, data seed)`` of every run drawn at meta-step ``step``."""
+    runs = [learner._draw(i, step) for i in range(learner.config.tasks_per_step)]
+    return [(r.task.name, r.init_seed, r.data_seed) for r in runs]
 
 
 def test_tasks_and_seeds_depend_on_seed_and_step_only():
@@ -177,41 +182,50 @@ def test_tasks_and_seeds_depend_on_seed_and_step_only():
     a = MetaMD(family, tasks_per_step=3, seed=5)
     b = MetaMD(family, tasks_per_step=3, seed=5)
     torch.manual_seed(123)  # global RNG must not matter
-    draws_a = [(t.name, i, d) for t, i, d in a.draw(7)]
+    draws_a = _draws(a, 7)
     torch.manual_seed(999)
-    draws_b = [(t.name, i, d) for t, i, d in b.draw(7)]
+    draws_b = _draws(b, 7)
     assert draws_a == draws_b
-    assert draws_a != [(t.name, i, d) for t, i, d in a.draw(8)]
+    assert len(set(draws_a)) == 3  # the runs of one step differ
+    assert draws_a != _draws(a, 8)
     c = MetaSGD(family, tasks_per_step=3, seed=6)
-    assert draws_a != [(t.name, i, d) for t, i, d in c.draw(7)]
-    g1, g2 = step_generator(5, 7), step_generator(5, 7)
+    assert draws_a != _draws(c, 7)
+    g1, g2 = draw_generator(5, 7, 1), draw_generator(5, 7, 1)
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
 
 
-def test_list_source_draws_distinct_tasks():
+def test_list_source_draws_every_task_uniformly():
+    """Each run draws its task uniformly from the list (so k may exceed the list): over
+    200 draws every one of 5 tasks comes up 40 +- 20 times (3.5 binomial sigmas)."""
     tasks = [regression_task(i) for i in range(5)]
-    learner = MetaMD(tasks, tasks_per_step=5)
-    names = [t.name for t, _, _ in learner.draw(0)]
-    assert sorted(names) == sorted(t.name for t in tasks)
+    learner = MetaMD(tasks, tasks_per_step=8)
+    names = [name for step in range(25) for name, _, _ in _draws(learner, step)]
+    counts = {t.name: names.count(t.name) for t in tasks}
+    assert sum(counts.values()) == 200
+    assert all(20 <= n <= 60 for n in counts.values()), counts
 
 
-def test_metamd_defaults_are_the_papers():
-    learner = MetaMD([regression_task(0)], tasks_per_step=1)
+def test_metamd_paper_preset_is_the_papers():
+    learner = MetaMD([regression_task(0)], preset="metamd-paper", tasks_per_step=1)
     cfg = learner.config
-    assert (cfg.family, cfg.engine, cfg.meta_objective, cfg.meta_optimizer) == (
+    assert (cfg.preconditioner, cfg.rule, cfg.engine, cfg.meta_objective, cfg.meta_optimizer) == (
         "rank1",
+        "sgd",
         "neumann",
         "bregman-rate",
         "adam",
     )
+    assert (cfg.window, cfg.inner_steps, cfg.lr) == (None, 100, 0.1)
     assert cfg.engine_options == {"iterations": 20, "alpha": 0.5}
     # another engine does not inherit Neumann's options
-    assert MetaMD([regression_task(0)], tasks_per_step=1, engine="cg").config.engine_options == {}
+    other = MetaMD([regression_task(0)], preset="metamd-paper", tasks_per_step=1, engine="cg")
+    assert other.config.engine_options == {}
     blocks = list(learner.preconditioner.blocks.values())
     assert all(b.rank == 1 for b in blocks)
     assert torch.is_tensor(learner.preconditioner.dense())
+    assert MetaMD([regression_task(0)]).config.preset == "kron-adam"  # the default recipe
 
 
 def test_learn_scale_needs_the_lowrank_family():
     with pytest.raises(ValueError, match=r"family 'diag': unknown option\(s\) \['learn_scale'\]"):
-        OuterConfig(family="diag", learn_scale=True)
+        MetaMDConfig(preconditioner="diag", preconditioner_options={"learn_scale": True})

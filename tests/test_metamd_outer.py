@@ -1,7 +1,9 @@
-"""The shared outer loop: dropped runs, distributed equivalence, resume, deployment."""
+"""The offline learner's meta-step: dropped runs, distributed equivalence, resume with inner
+runs in flight, deployment."""
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -12,31 +14,44 @@ from metaopt.learners import MetaCurvature, MetaMD, MetaSGD
 from metaopt.optim import Preconditioned
 from tests._metamd_tasks import RegressionFamily, regression_task
 
-SMALL = {"inner_steps": 8, "tasks_per_step": 4, "inner_lr": 0.2, "init_scale": 0.3}
+SMALL = {
+    "inner_steps": 8,
+    "tasks_per_step": 4,
+    "lr": 0.2,
+    "preconditioner_options": {"init_scale": 0.3},
+}
+PAPER = {"preset": "metamd-paper", **SMALL}
 
 
 def _meta(learner):
     return [p.detach().clone() for p in learner.preconditioner.parameters()]
 
 
+def _trajectory(history):
+    """The records without their wall times."""
+    return [(r.step, r.meta_objective, r.hypergrad_norm, r.skipped, r.extra) for r in history]
+
+
 def test_non_finite_inner_runs_are_dropped_and_counted():
     tasks = [regression_task(i) for i in range(4)]
-    learner = MetaMD(tasks, **{**SMALL, "inner_lr": 1e6, "inner_steps": 30})
+    learner = MetaMD(tasks, **{**PAPER, "lr": 1e6, "inner_steps": 30})
     before = _meta(learner)
-    stats = learner.outer_step()
-    assert stats["skipped_tasks"] == 4.0
-    assert learner.step == 1
+    record = learner.meta_step()
+    assert record.skipped == 4
+    assert learner.meta_steps == 1 and learner.history == [record]
+    assert math.isnan(record.meta_objective) and math.isnan(record.hypergrad_norm)
     for a, b in zip(before, _meta(learner), strict=True):
         assert torch.equal(a, b)  # no meta-step without a kept task
 
 
 @pytest.mark.parametrize("cls", [MetaMD, MetaSGD, MetaCurvature])
-def test_distributed_outer_step_equals_single_process(cls):
+def test_distributed_meta_step_equals_single_process(cls):
+    # windows of 4 of the 8 inner steps: each rank carries its own runs between meta-steps
     family = RegressionFamily()
-    single = cls(family, **SMALL)
-    for _ in range(2):
-        single.outer_step()
-    ranks = [cls(family, **SMALL) for _ in range(2)]
+    single = cls(family, **SMALL, window=4)
+    for _ in range(3):
+        single.meta_step()
+    ranks = [cls(family, **SMALL, window=4) for _ in range(2)]
     barrier = threading.Barrier(2)
     # one rank computes at a time (task.make_model seeds the process-global RNG, which two
     # threads would race on; real ranks are processes); the lock is released while waiting
@@ -57,9 +72,9 @@ def test_distributed_outer_step_equals_single_process(cls):
         return all_reduce
 
     def run(rank):
-        for _ in range(2):
+        for _ in range(3):
             with lock:
-                ranks[rank].outer_step(rank=rank, world_size=2, all_reduce=make_all_reduce(rank))
+                ranks[rank].meta_step(rank=rank, world_size=2, all_reduce=make_all_reduce(rank))
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
     for th in threads:
@@ -69,42 +84,54 @@ def test_distributed_outer_step_equals_single_process(cls):
     for r in ranks:
         for a, b in zip(_meta(single), _meta(r), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for x, y in zip(single.history, r.history, strict=True):
+            assert x.meta_objective == pytest.approx(y.meta_objective, rel=1e-10)
 
 
-def test_resume_from_state_dict_continues_exactly():
+@pytest.mark.parametrize(
+    "fields",
+    [PAPER, {**SMALL, "window": 4}, {**SMALL, "window": 3, "engine": "pes"}],
+    ids=["paper", "window", "pes"],
+)
+def test_resume_from_state_dict_continues_exactly(fields):
+    """Resumed after 3 meta-steps: with windows the runs are in flight (at step 4 of 8, or
+    with a Persistent-ES carry) and continue from the saved state, not from scratch."""
     family = RegressionFamily()
-    straight = MetaMD(family, **SMALL)
-    straight.meta_train(3)
-    first = MetaMD(family, **SMALL)
-    first.meta_train(2)
+    straight = MetaMD(family, **fields)
+    straight.meta_train(5)
+    first = MetaMD(family, **fields)
+    first.meta_train(3)
     state = first.state_dict()
-    resumed = MetaMD(family, **SMALL)
+    first.meta_train(1)  # the saved state is a copy: stepping on does not change it
+    resumed = MetaMD(family, **fields)
     resumed.load_state_dict(state)
-    assert resumed.step == 2
-    resumed.meta_train(1)
+    assert resumed.meta_steps == 3
+    assert _trajectory(resumed.history) == _trajectory(straight.history[:3])
+    resumed.meta_train(2)
     for a, b in zip(_meta(straight), _meta(resumed), strict=True):
         assert torch.equal(a, b)
-    assert resumed.history[-1]["meta_objective"] == straight.history[-1]["meta_objective"]
+    assert _trajectory(resumed.history) == _trajectory(straight.history)
 
 
 def test_load_state_dict_rejects_another_config():
     family = RegressionFamily()
-    state = MetaMD(family, **SMALL).state_dict()
+    state = MetaMD(family, **PAPER).state_dict()
     with pytest.raises(ValueError, match="inner_steps"):
-        MetaMD(family, **{**SMALL, "inner_steps": 9}).load_state_dict(state)
+        MetaMD(family, **{**PAPER, "inner_steps": 9}).load_state_dict(state)
 
 
 def test_meta_training_changes_M_and_deploys_through_files(tmp_path):
     family = RegressionFamily()
-    learner = MetaMD(family, **SMALL, gamma=0.01, meta_lr=0.05)
+    learner = MetaMD(family, **PAPER, objective_options={"gamma": 0.01}, meta_lr=0.05)
     start = _meta(learner)
-    pre = learner.meta_train(3)
+    learned = learner.meta_train(3)
     assert any(not torch.equal(a, b) for a, b in zip(start, _meta(learner), strict=True))
+    assert (learned.rule, learned.lr, learned.compose) == ("sgd", 0.2, "gradient")
     path = tmp_path / "metamd.safetensors"
-    metaopt.save_preconditioner(pre, path)
+    metaopt.save_learned_optimizer(learned, path)
     model = family.sample(torch.Generator().manual_seed(0)).make_model(42)
-    loaded = metaopt.load_preconditioner(path, model)
-    opt = Preconditioned(model.named_parameters(), loaded, lr=0.1)
+    opt = metaopt.load_optimizer(path, model, lr=0.1)
+    assert isinstance(opt, Preconditioned)
     x = torch.randn(5, 4, dtype=torch.float64)
     y = torch.randn(5, 2, dtype=torch.float64)
     before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
@@ -113,7 +140,7 @@ def test_meta_training_changes_M_and_deploys_through_files(tmp_path):
     opt.step()
     after = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
     # oracle: the mirror step theta - eta M^{-1} g with the dense learned M
-    M = torch.linalg.inv(pre.dense()).detach()
+    M = torch.linalg.inv(learned.preconditioner.dense()).detach()
     torch.testing.assert_close(after, before - 0.1 * torch.linalg.solve(M, g))
 
 
@@ -129,14 +156,14 @@ def test_one_user_defined_meta_objective_runs_with_metamd_and_apo():
 
     learner = MetaMD(
         RegressionFamily(),
-        **SMALL,
+        **PAPER,
         engine="unroll",
         meta_objective="test-user-distance-loss",
-        meta_objective_options={"weight": 0.1},
+        objective_options={"weight": 0.1},
     )
     before = _meta(learner)
-    stats = learner.outer_step()
-    assert stats["skipped_tasks"] == 0.0 and calls
+    record = learner.meta_step()
+    assert record.skipped == 0 and calls
     assert any(not torch.equal(a, b) for a, b in zip(before, _meta(learner), strict=True))
 
     n_metamd = len(calls)
@@ -159,3 +186,12 @@ def test_one_user_defined_meta_objective_runs_with_metamd_and_apo():
         apo.step(next(stream), fsd_batch=next(stream))
     assert len(calls) > n_metamd  # the same function ran inside APO's meta steps
     assert apo.hparam_log() != lr0  # and its meta-gradient moved APO's learning rate
+
+
+def test_every_learner_is_a_meta_learner():
+    family = RegressionFamily()
+    for cls in (MetaMD, MetaSGD, MetaCurvature):
+        assert isinstance(cls(family, **SMALL), metaopt.MetaLearner), cls
+    model = regression_task(0).make_model(0)
+    assert isinstance(metaopt.APO(model, torch.nn.functional.mse_loss), metaopt.MetaLearner)
+    assert not isinstance(torch.optim.SGD(model.parameters(), lr=0.1), metaopt.MetaLearner)

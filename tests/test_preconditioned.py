@@ -8,7 +8,8 @@ from torch import nn
 
 from metaopt.kron import KroneckerPreconditioner
 from metaopt.optim import Preconditioned
-from metaopt.optim.functional import adam_step, preconditioned_step, rmsprop_step, sgd_step
+from metaopt.optim.rules import get_rule
+from metaopt.optim.update import preconditioned_step
 
 
 def _net():
@@ -160,7 +161,20 @@ def test_param_group_options_and_errors():
 
 
 # --- functional twins ----------------------------------------------------------------------
-def _steps(fn, opt_cls, fkw, okw, steps=6):
+def _functional(rule_name, pre=None, lr=0.1, **hp):
+    """``step(params, grads, states, count)``: one functional step of the rule (with
+    ``pre`` as the preconditioner); ``states`` start empty."""
+    rule = get_rule(rule_name)
+    hp = rule.hparams(hp)
+
+    def step(params, grads, states, count):
+        states = states or {n: rule.init(p, hp) for n, p in params.items()}
+        return preconditioned_step(params, grads, states, pre, rule, hp, lr, count=count)
+
+    return step
+
+
+def _steps(fn, opt_cls, okw, steps=6):
     torch.manual_seed(1)
     model = nn.Linear(4, 3).double()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -171,18 +185,18 @@ def _steps(fn, opt_cls, fkw, okw, steps=6):
         for p in model.parameters():
             p.grad = torch.sin((i + 1) * p.detach()) + 0.1
         opt.step()
-        params, state = fn(params, grads, state, **fkw)
+        params, state = fn(params, grads, state, i + 1)
     for n, p in model.named_parameters():
         torch.testing.assert_close(params[n], p.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_functional_steps_match_torch_optim():
     kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
-    _steps(sgd_step, torch.optim.SGD, kw, kw)
+    _steps(_functional("sgd", **kw), torch.optim.SGD, kw)
     kw = dict(lr=0.01, alpha=0.9, eps=1e-8, momentum=0.5, weight_decay=0.01)
-    _steps(rmsprop_step, torch.optim.RMSprop, kw, kw)
+    _steps(_functional("rmsprop", **kw), torch.optim.RMSprop, kw)
     kw = dict(lr=0.01, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.01)
-    _steps(adam_step, torch.optim.Adam, kw, kw)
+    _steps(_functional("adam", **kw), torch.optim.Adam, kw)
 
 
 def test_functional_preconditioned_step_matches_optimizer_and_is_differentiable():
@@ -193,15 +207,14 @@ def test_functional_preconditioned_step_matches_optimizer_and_is_differentiable(
             p.add_(0.2 * torch.randn_like(p))
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = Preconditioned(model.named_parameters(), pre, lr=0.1, momentum=0.9, weight_decay=0.1)
+    step = _functional("sgd", pre, lr=0.1, momentum=0.9, weight_decay=0.1)
     state = {}
     for i in range(3):
         grads = {n: torch.cos((i + 1) * params[n]) for n in params}
         for p in model.parameters():
             p.grad = torch.cos((i + 1) * p.detach())
         opt.step()
-        params, state = preconditioned_step(
-            params, grads, pre, state, lr=0.1, momentum=0.9, weight_decay=0.1
-        )
+        params, state = step(params, grads, state, i + 1)
     for n, p in model.named_parameters():
         torch.testing.assert_close(params[n], p.detach())
     loss = sum(v.pow(2).sum() for v in params.values())
@@ -209,18 +222,21 @@ def test_functional_preconditioned_step_matches_optimizer_and_is_differentiable(
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
-def test_eps_root_keeps_meta_gradient_finite_at_zero_second_moment():
-    """d/d rho through sqrt(v) is 0 * inf = nan at v = 0 unless eps_root > 0."""
-
-    def meta_grad(eps_root):
-        rho = torch.tensor(0.9, requires_grad=True)
-        params = {"w": torch.ones(3)}
-        grads = {"w": torch.tensor([0.0, 1.0, 2.0])}
-        new, _ = rmsprop_step(params, grads, {}, lr=0.1, alpha=rho, eps_root=eps_root)
-        return torch.autograd.grad(new["w"].sum(), rho)[0]
-
-    assert torch.isnan(meta_grad(0.0))
-    assert torch.isfinite(meta_grad(1e-12))
+@pytest.mark.parametrize("eps_root", [0.0, 1e-12])
+def test_rmsprop_meta_gradient_in_rho_at_a_zero_second_moment_is_the_closed_form(eps_root):
+    """d/d rho of ``w - lr g / ((v + eps_root)^rho + eps)`` with ``v = (1 - alpha) g^2``;
+    an entry with ``g = 0`` (``v = 0``: ``0 * log 0`` in the chain) contributes 0, so the
+    meta-gradient is finite with or without ``eps_root``."""
+    lr, alpha, eps = 0.1, 0.99, 1e-8
+    rho = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    step = _functional("rmsprop", lr=lr, alpha=alpha, eps=eps, power=rho, eps_root=eps_root)
+    new, _ = step({"w": torch.ones(3, dtype=torch.float64)}, {"w": g}, {}, 1)
+    (got,) = torch.autograd.grad(new["w"].sum(), rho)
+    v = (1 - alpha) * g[1:] ** 2 + eps_root
+    expected = (lr * g[1:] * v**0.9 * v.log() / (v**0.9 + eps) ** 2).sum()
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(

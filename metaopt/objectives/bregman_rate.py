@@ -44,8 +44,7 @@ def bregman_rate(ctx: MetaContext, k_lambda: float = 0.0, gamma: float = 0.0) ->
         gamma: weight of ``||M - I||_F`` (default 0).
     """
     ctx.require("preconditioner")
-    if k_lambda < 0 or gamma < 0:
-        raise ValueError(f"k_lambda={k_lambda!r}, gamma={gamma!r}: must be non-negative")
+    _check_weights(k_lambda, gamma)
     pre = ctx.preconditioner
     value = pre.bregman(ctx.params_after, ctx.params_before)
     if k_lambda:
@@ -53,6 +52,15 @@ def bregman_rate(ctx: MetaContext, k_lambda: float = 0.0, gamma: float = 0.0) ->
     if gamma:
         value = value + gamma * pre.frobenius_distance_to_identity()
     return value
+
+
+def _check_weights(k_lambda: float = 0.0, gamma: float = 0.0) -> None:
+    if k_lambda < 0 or gamma < 0:
+        raise ValueError(f"k_lambda={k_lambda!r}, gamma={gamma!r}: must be non-negative")
+
+
+# learners check the options when they are configured, before any run
+bregman_rate.validate = _check_weights  # type: ignore[attr-defined]
 
 
 @register_meta_objective("final-loss")

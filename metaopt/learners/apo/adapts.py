@@ -66,7 +66,9 @@ def base_step(
     *,
     count: int,
 ) -> Step:
-    """One functional step of ``rule`` (no preconditioner) with learning rate ``lr``."""
+    """One functional step of ``rule`` (no preconditioner) with learning rate ``lr``;
+    parameters without a state yet (the first step of a run) start from ``rule.init``."""
+    states = {n: states[n] if n in states else rule.init(params[n], hp) for n in grads}
     return preconditioned_step(params, grads, states, None, rule, hp, lr, count=count)
 
 

@@ -8,6 +8,7 @@ lookahead through the same kernels run functionally.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -167,7 +168,7 @@ class LayerLrRule(Rule):
             sub = (
                 {n: params[n] for n in names},
                 {n: grads[n] for n in names},
-                {n: states[n] for n in names},
+                {n: states[n] for n in names if n in states},
             )
             out, st = base_step(rule, hp, *sub, lr, count=step + 1)
             new_params.update(out)
@@ -266,7 +267,9 @@ class PrecondRule(Rule):
         self.deployed.state.clear()
 
     def extra_state(self) -> dict[str, Any]:
-        return {"deployed": self.deployed.state_dict()}
+        # a copy: the optimizer's state_dict holds its live momentum buffers, which the
+        # next steps update in place
+        return {"deployed": copy.deepcopy(self.deployed.state_dict())}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if "deployed" in state:

@@ -122,6 +122,9 @@ class MetaMDConfig:
             )
         objective = get_meta_objective(self.meta_objective)
         check_options("objective_options", objective, self.objective_options, skip=1)
+        validate = getattr(objective, "validate", None)
+        if validate is not None:
+            validate(**self.objective_options)
         entry = ENGINES.get(self.engine)
         check_options("engine_options", entry.obj, {**entry.options, **self.engine_options}, skip=2)
         validate = getattr(entry.obj, "validate", None)

@@ -18,6 +18,7 @@ domains), one drawn uniformly per run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import logging
@@ -271,7 +272,8 @@ class MetaMD:
         return {
             "config": self.config.to_dict(),
             "preconditioner": {k: v.clone() for k, v in self.preconditioner.state_dict().items()},
-            "meta_optimizer": self.meta_optimizer.state_dict(),
+            # a copy: the meta-optimizer's state_dict holds its live moment buffers
+            "meta_optimizer": copy.deepcopy(self.meta_optimizer.state_dict()),
             "meta_steps": self.meta_steps,
             "history": [r.as_dict() for r in self.history],
             "runs": [None if r is None else _run_state(r) for r in self._runs],

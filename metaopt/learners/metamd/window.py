@@ -155,9 +155,18 @@ class InnerRun:
             if i == 0:  # the sums are the window's own, whatever state it starts from
                 loss_sum, log_sum = torch.zeros_like(loss_sum), torch.zeros_like(log_sum)
             x, y = batches[i]
+            zero = None
+            if y.is_floating_point() and hparams:
+                # torch 2.x: mse_loss's forward-over-reverse formula writes into the tangent
+                # of whichever input has none (an immutable ZeroTensor) when the other has
+                # one -- the target, under the forward engine's jvp; a zero that depends on
+                # the meta-parameters (+ 0 * phi) gives both a tangent and changes no value
+                zero = 0 * hparams[0].reshape(-1)[0]
+                y = y + zero.to(y.dtype)
 
             def loss_fn(th: dict[str, Tensor]) -> Tensor:
-                return task.loss(forward(th, x), y)
+                pred = forward(th, x)
+                return task.loss(pred if zero is None else pred + zero.to(pred.dtype), y)
 
             # torch.func.grad: pure (forward mode and ES can run it) and differentiable by
             # reverse-mode autograd (second order through the step)
