@@ -95,7 +95,11 @@ def test_unknown_hparam_is_a_value_error_naming_it():
 
 def test_search_spaces_follow_the_paper_grids():
     assert search_space("apo-lr:sgdm").names == ["lambda_fsd"]
-    assert search_space("apo-precond").grid_size() == 8
+    # appendix C.3-C.5's 2 x 4 grid plus 0.03 on each axis: the 15 points of every lr x wd grid
+    precond = search_space("apo-precond")
+    assert {d.name: d.grid for d in precond.dims} == {
+        "lambda_fsd": (0.3, 0.1, 0.03), "lambda_wsd": (3.0, 1.0, 0.3, 0.1, 0.03)}
+    assert precond.grid_size() == search_space("sgdm").grid_size() == 15
 
 
 def test_run_comparison_runs_an_apo_spec_end_to_end():
