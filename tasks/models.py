@@ -49,6 +49,7 @@ from typing import Any
 
 from torch import nn
 
+from metaopt.registry import Registry
 from tasks.nets import (
     ACTIVATIONS,
     alexnet_small,
@@ -62,25 +63,32 @@ from tasks.nets import (
     vgg16,
 )
 
-__all__ = ["ACTIVATIONS", "available_models", "get_model"]
+__all__ = ["ACTIVATIONS", "MODELS", "available_models", "get_model", "register_model"]
+
+#: model builders by name: ``builder(num_classes=..., **options) -> nn.Module``
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": mlp,
-    "metamd-mlp": metamd_mlp,
-    "lenet": lenet,
-    "alexnet-small": alexnet_small,
-    "vgg16": vgg16,
-    "resnet18": resnet18,
-    "resnet32": resnet32,
-    "autoencoder": autoencoder,
-    "two-layer-linear": two_layer_linear,
-}
+def register_model(
+    name: str, builder: Callable[..., nn.Module], *, replace: bool = False
+) -> Callable[..., nn.Module]:
+    """Make ``builder`` available as ``model=name`` to every task; an existing name raises
+    ``ValueError`` unless ``replace=True``."""
+    MODELS.register(name, builder, replace=replace)
+    return builder
+
+
+for _name, _builder in (
+    ("mlp", mlp), ("metamd-mlp", metamd_mlp), ("lenet", lenet), ("alexnet-small", alexnet_small),
+    ("vgg16", vgg16), ("resnet18", resnet18), ("resnet32", resnet32),
+    ("autoencoder", autoencoder), ("two-layer-linear", two_layer_linear),
+):  # fmt: skip
+    register_model(_name, _builder)
 
 
 def available_models() -> list[str]:
     """Every model name ``get_model`` accepts."""
-    return sorted(_MODELS)
+    return MODELS.available()
 
 
 def _geometry(params: Sequence[str], input_shape: Sequence[int]) -> dict[str, int]:
@@ -119,9 +127,7 @@ def get_model(
     Raises:
         ValueError: unknown name (listing the names) or option (listing the options).
     """
-    if name not in _MODELS:
-        raise ValueError(f"model={name!r} is unknown; available models: {available_models()}")
-    builder = _MODELS[name]
+    builder = MODELS.get(name).obj
     params = [p for p in inspect.signature(builder).parameters if p != "num_classes"]
     unknown = sorted(set(options) - set(params))
     if unknown:

@@ -18,10 +18,16 @@ import meta_train.builtin  # noqa: F401  (registers the built-in learners)
 import tasks
 from meta_test.specs import SPECS, register_spec
 from meta_train.learners import LEARNERS, register_learner
+from metaopt.hypergrad import ENGINES, register_engine
 from metaopt.kron import FAMILIES, DiagFamily, register_family
+from metaopt.learners import META_OPTIMIZERS, PRESETS
+from metaopt.learners.apo import ADAPTS
+from metaopt.learners.apo.rules import LrRule
 from metaopt.objectives.base import OBJECTIVES, register_meta_objective
 from metaopt.optim.registry import OPTIMIZERS, register_optimizer
+from metaopt.optim.rules import RULES, SGDRule
 from metaopt.registry import Registry
+from tasks.models import MODELS, register_model
 from tasks.registry import SUITES, TASK_FAMILIES, TASKS
 
 
@@ -59,6 +65,34 @@ def _learner(name: str, replace: bool) -> object:
     return build
 
 
+def _engine(name: str, replace: bool) -> object:
+    return register_engine(name, _factory(), replace=replace)
+
+
+def _rule(name: str, replace: bool) -> object:
+    rule = SGDRule(name)
+    RULES.register(name, rule, replace=replace)
+    return rule
+
+
+def _adapt(name: str, replace: bool) -> object:
+    cls = type("_Rule", (LrRule,), {})
+    ADAPTS.register(name, cls, replace=replace, bases=("sgd",))
+    return cls
+
+
+def _preset(name: str, replace: bool) -> object:
+    recipe = {"lr": 0.5}
+    PRESETS.register(name, recipe, replace=replace)
+    return recipe
+
+
+def _meta_optimizer(name: str, replace: bool) -> object:
+    factory = _factory()
+    META_OPTIMIZERS.register(name, factory, replace=replace)
+    return factory
+
+
 @dataclass(frozen=True)
 class Case:
     registry: Registry[Any]
@@ -85,6 +119,13 @@ CASES = [
     Case(SPECS, "apo-precond", _spec),
     Case(SPECS, "adam", _spec),  # an optimizer name is a spec too
     Case(LEARNERS, "metamd", _learner),
+    Case(ENGINES, "unroll", _engine),
+    Case(ENGINES, "neumann", _engine),  # an alias of "implicit" with its solver fixed
+    Case(RULES, "adam", _rule),
+    Case(ADAPTS, "precond", _adapt),
+    Case(PRESETS, "kron-adamw", _preset),
+    Case(META_OPTIMIZERS, "adam", _meta_optimizer),
+    Case(MODELS, "mlp", lambda n, r: register_model(n, _factory(), replace=r)),
 ]
 
 
