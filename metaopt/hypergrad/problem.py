@@ -29,7 +29,7 @@ Conventions (what makes one signature serve every engine):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -85,8 +85,6 @@ class Problem:
         """``state`` with its ``theta`` part replaced by ``params``."""
         return (*params, *state[self.num_params :])
 
-    def with_hparams(self, hparams: Sequence[Tensor]) -> Problem:
-        return replace(self, hparams=tuple(hparams))
 
 
 @dataclass

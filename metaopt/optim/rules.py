@@ -277,7 +277,8 @@ class AdamRule(UpdateRule):
         bias1 = 1 - b1**t
         bias2_sqrt = (1 - b2**t) ** 0.5
         v_root = v if _is_zero(hp["eps_root"]) else v + hp["eps_root"]
-        denom = _sqrt(v_root, inplace) / bias2_sqrt + hp["eps"]
+        denom = _sqrt(v_root, inplace) / bias2_sqrt
+        denom = denom.add_(hp["eps"]) if inplace else denom + hp["eps"]  # torch's add_ in place
         return Direction(m, denom, lr / bias1), AdamState(step_t, m, v)
 
 
@@ -317,10 +318,12 @@ class RMSpropRule(UpdateRule):
         v = torch.mul(state.square_avg, alpha, out=_out(state.square_avg, inplace))
         v = torch.addcmul(v, grad, grad, value=1 - alpha, out=_out(v, inplace))
         v_root = v if _is_zero(hp["eps_root"]) else v + hp["eps_root"]
-        if not isinstance(power, Tensor) and power == 0.5:
-            avg = _sqrt(v_root, inplace) + hp["eps"]
-        else:
-            avg = v_root**power + hp["eps"]
+        avg = (
+            _sqrt(v_root, inplace)
+            if not isinstance(power, Tensor) and power == 0.5
+            else v_root**power
+        )
+        avg = avg.add_(hp["eps"]) if inplace else avg + hp["eps"]  # torch's add_ in place
         if state.momentum_buffer is None:
             return Direction(grad, avg, lr), RMSpropState(step_t, v, None)
         buf = torch.mul(state.momentum_buffer, mu, out=_out(state.momentum_buffer, inplace))

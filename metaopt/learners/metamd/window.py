@@ -126,9 +126,6 @@ class InnerRun:
             self._forward = functional_forward(self.model)
         return self._forward
 
-    def params(self) -> dict[str, Tensor]:
-        return self.layout.unpack(self.state)[0]
-
     def window(
         self,
         steps: int,
