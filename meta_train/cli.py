@@ -293,8 +293,11 @@ def _build(config: TrainConfig, spec: Any, resume_state: dict[str, Any] | None) 
     return learner
 
 
-def _non_finite(err: NonFiniteState, config: TrainConfig) -> str:
+def _non_finite(err: NonFiniteState, config: TrainConfig, learner: Any) -> str:
     """The one-line report of a diverged run: where, what was kept, how to go on."""
+    settings = getattr(learner, "config", None)
+    inner_lr = config.inner_lr if config.inner_lr is not None else getattr(settings, "lr", None)
+    meta_lr = config.meta_lr if config.meta_lr is not None else getattr(settings, "meta_lr", None)
     try:
         kept = (
             f"the checkpoint of outer step {load_checkpoint(Path(config.out) / CHECKPOINT)['step']}"
@@ -305,8 +308,8 @@ def _non_finite(err: NonFiniteState, config: TrainConfig) -> str:
     return (
         f"meta_train: error: outer step {err.step}: {err.detail} (the run diverged); "
         f"nothing of this step was saved and {kept}; continue with "
-        f"--resume and a lower learning rate: --inner-lr (now {config.inner_lr:g}) or "
-        f"--meta-lr (now {config.meta_lr:g})"
+        f"--resume and a lower learning rate: --inner-lr (now {inner_lr}) or "
+        f"--meta-lr (now {meta_lr})"
     )
 
 
@@ -343,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + int(stop.signum)
     except NonFiniteState as err:
         if dist.is_main:
-            print(_non_finite(err, config), file=sys.stderr)
+            print(_non_finite(err, config, learner), file=sys.stderr)
         return 1
     except CollectiveFailed as err:
         print(

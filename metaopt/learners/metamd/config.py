@@ -236,7 +236,9 @@ def preset_config(preset: str = "kron-adamw", **overrides: Any) -> MetaMDConfig:
     values = {**PRESETS[preset], **overrides, "preset": PRESETS.get(preset).target}
     if "engine" in overrides and "engine_options" not in overrides:
         values["engine_options"] = {}  # the preset's engine options belong to its engine
-    window, steps = values.get("window"), values.get("inner_steps")
-    if "window" not in overrides and window is not None and steps is not None and window > steps:
+    defaults = MetaMDConfig.__dataclass_fields__
+    window = values.get("window", defaults["window"].default)
+    steps = values.get("inner_steps", defaults["inner_steps"].default)
+    if "window" not in overrides and window is not None and window > steps:
         values["window"] = None  # shorter runs than the preset's window: one window each
     return MetaMDConfig(**values)
