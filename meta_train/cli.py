@@ -263,13 +263,21 @@ def prepare(argv: Sequence[str] | None) -> tuple[TrainConfig, Any, dict[str, Any
 
 def _check_option_types(learner: Any) -> None:
     """Every dataclass ``config`` the learner holds (its own, or one an attribute holds, as
-    APO's inside the online adapter) must hold values of its annotated types, so
-    ``--option learn_scale=maybe`` is refused rather than truthy."""
+    APO's inside the online adapter) must hold values of its annotated types, and a
+    ``preconditioner_options`` table those of its family's constructor, so
+    ``--option 'preconditioner_options={learn_scale = "maybe"}'`` is refused rather than
+    truthy."""
+    from metaopt.kron.families import FAMILIES
+
     holders = [learner, *vars(learner).values()] if hasattr(learner, "__dict__") else [learner]
     for holder in holders:
         config = getattr(holder, "config", None)
         if dataclasses.is_dataclass(config) and not isinstance(config, type):
             check_types(config)
+            family = getattr(config, "preconditioner", None)
+            options = getattr(config, "preconditioner_options", None)
+            if isinstance(family, str) and family in FAMILIES and isinstance(options, dict):
+                check_types(FAMILIES.get(family).obj, options)
 
 
 def _build(config: TrainConfig, spec: Any, resume_state: dict[str, Any] | None) -> Any:
@@ -293,11 +301,21 @@ def _build(config: TrainConfig, spec: Any, resume_state: dict[str, Any] | None) 
     return learner
 
 
+def _learning_rates(config: TrainConfig, learner: Any) -> tuple[str, str]:
+    """The run's inner and meta learning rates as the error shows them: the flag's value,
+    else the learner's own (its ``config.lr`` / ``config.meta_lr``, as MetaMD's and APO's)."""
+    own = getattr(learner, "config", None)
+    shown = []
+    for ours, theirs in (("inner_lr", "lr"), ("meta_lr", "meta_lr")):
+        value = getattr(config, ours)
+        value = getattr(own, theirs, None) if value is None else value
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        shown.append(f"{value:g}" if number else "the learner's own")
+    return shown[0], shown[1]
+
+
 def _non_finite(err: NonFiniteState, config: TrainConfig, learner: Any) -> str:
     """The one-line report of a diverged run: where, what was kept, how to go on."""
-    settings = getattr(learner, "config", None)
-    inner_lr = config.inner_lr if config.inner_lr is not None else getattr(settings, "lr", None)
-    meta_lr = config.meta_lr if config.meta_lr is not None else getattr(settings, "meta_lr", None)
     try:
         kept = (
             f"the checkpoint of outer step {load_checkpoint(Path(config.out) / CHECKPOINT)['step']}"
@@ -305,6 +323,7 @@ def _non_finite(err: NonFiniteState, config: TrainConfig, learner: Any) -> str:
         kept += " is kept"
     except CheckpointError:
         kept = "no checkpoint was written yet, so --resume starts from scratch"
+    inner_lr, meta_lr = _learning_rates(config, learner)
     return (
         f"meta_train: error: outer step {err.step}: {err.detail} (the run diverged); "
         f"nothing of this step was saved and {kept}; continue with "

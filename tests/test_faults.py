@@ -1,5 +1,5 @@
 """Faults at the command line: kills (inside checkpoint writes too), runs that diverge,
-hostile preconditioner files, unwritable and overlapping output folders, a hung rank.
+hostile learned-optimizer files, unwritable and overlapping output folders, a hung rank.
 
 Every case checks the same two promises: no good checkpoint and no input file is ever lost,
 and every failure is one line on stderr with a documented exit code (2 bad input, 1 a
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,7 +86,7 @@ def _check_after_kill(out: Path, last_step: int) -> int:
     """The checkpoint left is a good one, never older than the last one seen."""
     step = load_checkpoint(out / "checkpoint.safetensors")["step"]
     assert step >= last_step, f"a good checkpoint was lost: step {step} after {last_step}"
-    assert not (out / "preconditioner.safetensors").exists()
+    assert not (out / "learned_optimizer.safetensors").exists()
     return step
 
 
@@ -100,7 +101,7 @@ def test_sigkill_inside_a_checkpoint_write_loses_nothing_and_resumes_identically
     assert train_main([*LSQ, "--out", str(out), "--outer-steps", str(steps), "--resume"]) == 0
     assert not any(p.exists() for p in leftovers)  # removed at the next start
     assert train_main([*LSQ, "--out", str(full), "--outer-steps", str(steps)]) == 0
-    _identical(full / "preconditioner.safetensors", out / "preconditioner.safetensors")
+    _identical(full / "learned_optimizer.safetensors", out / "learned_optimizer.safetensors")
     a, b = read_metrics(full / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
     assert [r["meta_objective"] for r in a] == [r["meta_objective"] for r in b]
 
@@ -121,7 +122,7 @@ def test_repeated_sigkills_at_random_points_resume_bit_identically(tmp_path):
     assert train_main([*LSQ, "--out", str(out), "--outer-steps", str(steps), "--resume"]) == 0
     assert not list(out.glob(".*.tmp"))
     assert train_main([*LSQ, "--out", str(full), "--outer-steps", str(steps)]) == 0
-    _identical(full / "preconditioner.safetensors", out / "preconditioner.safetensors")
+    _identical(full / "learned_optimizer.safetensors", out / "learned_optimizer.safetensors")
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1)), f"seed {seed}"
 
@@ -152,72 +153,119 @@ def test_apo_blowing_up_at_the_first_step_never_writes_a_nan_checkpoint(tmp_path
     assert "outer step 1:" in err and "is not finite" in err and "--inner-lr (now 1e+06)" in err
     assert "--resume starts from scratch" in err
     assert _finite_checkpoint_or_none(out) is None
-    assert not (out / "preconditioner.safetensors").exists()
+    assert not (out / "learned_optimizer.safetensors").exists()
     assert train_main([*argv, "--inner-lr", "0.1", "--resume"]) == 0
-    tensors = load_file(str(out / "preconditioner.safetensors"))
+    tensors = load_file(str(out / "learned_optimizer.safetensors"))
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="learner internals: APO records a non-finite loss in its state (first_bad) and "
-    "raises only at the next meta step, and APOOnline exposes no check_finite() for the "
-    "runner's gate, so the checkpoint before the raise already holds the divergence",
-)
 def test_apo_blowing_up_mid_run_resumes_from_the_last_good_checkpoint(tmp_path, capsys):
+    """Two good outer steps, then ``--resume`` at an inner lr that blows up the next one: its
+    checkpoint is refused (APO's ``check_finite()`` or its own raise), the one of step 2 and
+    the earlier file stay, and a resume at a sane lr finishes the run."""
     out = tmp_path / "apo"
     argv = ["--learner", "apo", *DIGITS, "--outer-steps", "6", "--steps-per-domain", "100"]
     argv += ["--checkpoint-every", "1", "--out", str(out)]
-    err = _diverge(capsys, [*argv, "--inner-lr", "1e3"])
-    kept = _finite_checkpoint_or_none(out)
-    assert kept is not None and f"the checkpoint of outer step {kept} is kept" in err
+    assert train_main([*argv, "--outer-steps", "2", "--inner-lr", "0.1"]) == 0
+    earlier = (out / "learned_optimizer.safetensors").read_bytes()
+    err = _diverge(capsys, [*argv, "--inner-lr", "1e6", "--resume"])
+    assert _finite_checkpoint_or_none(out) == 2 and "the checkpoint of outer step 2 is kept" in err
+    assert "outer step 3: " in err and "is not finite" in err and "--inner-lr (now 1e+06)" in err
+    assert (out / "learned_optimizer.safetensors").read_bytes() == earlier
     assert train_main([*argv, "--inner-lr", "0.1", "--resume"]) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    tensors = load_file(str(out / "learned_optimizer.safetensors"))
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    deployed = metaopt.read_metadata(out / "learned_optimizer.safetensors")["optimizer"]["lr"]
+    assert deployed == pytest.approx(0.1 * 0.9)  # the resumed lr times APO's precond_scale
+
+
+# MetaMD drops an inner run whose hypergradient or state turns non-finite, so its state only
+# turns non-finite through the meta-update itself: Adam's first step moves each
+# meta-parameter by about meta_lr, and at meta_lr = 1e308 that step overflows to infinity
+MD = ["--learner", "metamd", *LSQ[2:], "--option", "window=5", "--checkpoint-every", "1"]
+
+
+def _metamd_blowing_up_at_step_3(tmp_path: Path, capsys) -> tuple[Path, str, bytes]:
+    """Two good meta-steps (checkpointed, and written as a file), then ``--resume`` with an
+    absurd meta-lr: ``(out, the one-line error of outer step 3, the step-2 file)``."""
+    out = tmp_path / "md"
+    assert train_main([*MD, "--outer-steps", "2", "--out", str(out)]) == 0
+    earlier = (out / "learned_optimizer.safetensors").read_bytes()
+    err = _diverge(capsys, [*MD, "--outer-steps", "6", "--out", str(out), "--meta-lr", "1e308",
+                            "--resume"])  # fmt: skip
+    return out, err, earlier
 
 
 def test_metamd_with_an_absurd_meta_lr_stops_before_its_checkpoint(tmp_path, capsys):
-    out = tmp_path / "md"
-    argv = ["--learner", "metamd", *LSQ[2:], "--outer-steps", "6", "--checkpoint-every", "1"]
-    err = _diverge(capsys, [*argv, "--out", str(out), "--meta-lr", "1e3"])
-    kept = _finite_checkpoint_or_none(out)
-    assert kept is not None and kept >= 1
-    assert (
-        f"outer step {kept + 1}:" in err and f"the checkpoint of outer step {kept} is kept" in err
-    )
-    assert "--meta-lr (now 1000)" in err
-    assert not (out / "preconditioner.safetensors").exists()
+    out, err, earlier = _metamd_blowing_up_at_step_3(tmp_path, capsys)
+    assert _finite_checkpoint_or_none(out) == 2
+    assert "outer step 3: tensor 'learner.preconditioner." in err and "is not finite" in err
+    assert "the checkpoint of outer step 2 is kept" in err and "--meta-lr (now 1e+308)" in err
+    assert (out / "learned_optimizer.safetensors").read_bytes() == earlier  # not replaced
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="learner internals: OuterLearner.load_state_dict refuses a state whose config "
-    "differs (meta_lr), so --resume with a lower --meta-lr exits 2 'does not fit'",
-)
 def test_metamd_resumes_its_last_good_checkpoint_with_a_lower_meta_lr(tmp_path, capsys):
+    out, _, _ = _metamd_blowing_up_at_step_3(tmp_path, capsys)
+    kept = [r["meta_objective"] for r in read_metrics(out / "metrics.jsonl")][:2]
+    # a resume that kept the saved meta-optimizer's lr (1e308) would blow up again
+    assert train_main([*MD, "--outer-steps", "6", "--out", str(out), "--meta-lr", "0.05",
+                       "--resume"]) == 0  # fmt: skip
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["meta_objective"] for r in rows][:2] == kept
+    tensors = load_file(str(out / "learned_optimizer.safetensors"))
+    assert all(torch.isfinite(t).all() and t.abs().max() < 10 for t in tensors.values())
+    config = metaopt.read_metadata(out / "learned_optimizer.safetensors")["user"]["config"]
+    assert config["meta_lr"] == 0.05
+
+
+def test_metamd_whose_meta_parameters_leave_the_bound_writes_no_result(tmp_path, capsys):
+    """At meta_lr = 1e7 the first meta-step moves the factors to about 1e7 and every later
+    run is dropped: the states stay finite, but the result is refused (beyond 1e6)."""
     out = tmp_path / "md"
-    argv = ["--learner", "metamd", *LSQ[2:], "--outer-steps", "6", "--checkpoint-every", "1"]
-    _diverge(capsys, [*argv, "--out", str(out), "--meta-lr", "1e3"])
-    assert train_main([*argv, "--out", str(out), "--meta-lr", "0.05", "--resume"]) == 0
+    err = _diverge(capsys, [*MD, "--outer-steps", "4", "--out", str(out), "--meta-lr", "1e7"])
+    assert "outer step 4: preconditioner tensor 'blocks." in err
+    assert "beyond 1e+06: the meta-training diverged" in err and "--meta-lr (now 1e+07)" in err
+    assert not (out / "learned_optimizer.safetensors").exists()
 
 
-def test_a_run_failing_in_its_first_step_leaves_a_folder_that_starts_again(tmp_path):
+def test_a_bad_learner_option_is_refused_before_anything_is_written(tmp_path, capsys):
+    """MetaMDConfig checks the objective, the engine and their options at construction, so a
+    bad one is a one-line error before the folder is made (not a traceback in step 1)."""
     out = tmp_path / "md"
     argv = ["--learner", "metamd", *LSQ[2:], "--outer-steps", "2", "--out", str(out)]
-    with pytest.raises(ValueError, match="meta_objective='bogus' is unknown"):
-        train_main([*argv, "--option", "meta_objective=bogus"])  # found in outer step 1
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
-    assert train_main([*argv, "--resume"]) == 0  # from scratch, with the option fixed
+    for option, needle in [
+        ("meta_objective=bogus", "meta_objective='bogus' is unknown"),
+        ("objective_options={bogus = 1}", "objective_options: unknown option(s) ['bogus']"),
+        ("engine_options={iterations = 5}", "engine_options: unknown option(s) ['iterations']"),
+    ]:
+        capsys.readouterr()
+        assert train_main([*argv, "--option", option]) == 2
+        assert needle in _one_line_error(capsys.readouterr().err, "meta_train")
+        assert not out.exists()
+    capsys.readouterr()
+    assert train_main([*argv, "--engine", "neumann", "--option", "window=10", "--option",
+                       "engine_options={iterations = -5}"]) == 2  # fmt: skip
+    err = _one_line_error(capsys.readouterr().err, "meta_train")
+    assert "engine_options['iterations']=-5: must be an integer >= 1" in err
+    assert not out.exists()
+    assert train_main(argv) == 0  # the same folder then starts, with the option fixed
 
 
-# --- hostile preconditioner files -------------------------------------------------------------
+# --- hostile learned-optimizer files -----------------------------------------------------------
 TASK = ["--suite", "rotated-digits", "--domain", "75", "--steps", "3", "--seeds", "0"]
 TASK += ["--hpo", "none", "--no-progress"]
 
 
 def _good_file(path: Path) -> Path:
+    """A learned optimizer for the held-out task's model: rank-1 preconditioner on SGD."""
     import tasks
 
     model = tasks.get_suite("rotated-digits").task("75").make_model(0)
-    metaopt.save_preconditioner(metaopt.KroneckerPreconditioner.for_model(model, "rank1"), path)
+    pre = metaopt.KroneckerPreconditioner.for_model(model, "rank1")
+    metaopt.save_learned_optimizer(metaopt.LearnedOptimizer(pre, "sgd", {}, 0.1), path)
     return path
 
 
@@ -300,7 +348,7 @@ def test_meta_test_overwrite_refuses_the_folder_of_its_own_meta_train_input(tmp_
     train = ["--learner", "metamd", *DIGITS, "--outer-steps", "1", "--tasks-per-step", "1"]
     assert train_main([*train, "--inner-steps", "2", "--out", str(run)]) == 0
     before = _snapshot(run)
-    argv = [*TASK, "--optimizers", f"sgd,learned:{run / 'preconditioner.safetensors'}"]
+    argv = [*TASK, "--optimizers", f"sgd,learned:{run / 'learned_optimizer.safetensors'}"]
     capsys.readouterr()
     assert meta_test_main([*argv, "--out", str(run), "--overwrite"]) == 2
     err = _one_line_error(capsys.readouterr().err, "meta_test")
@@ -314,19 +362,25 @@ def test_meta_test_overwrite_refuses_the_folder_of_its_own_meta_train_input(tmp_
     assert _snapshot(run) == before
 
 
-def test_demo_overwrite_replaces_only_an_earlier_demo(tmp_path, capsys):
-    from meta_train.demo import main as demo_main
-
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_replaces_only_an_earlier_demo(tmp_path):
+    """``make demo`` (two CLI commands) clears only its own two output folders before it
+    runs, so a file of the user's in ``DEMO`` survives it; run its clearing command on a
+    folder holding an earlier demo and such a file."""
     out = tmp_path / "demo"
-    (out / "meta_train").mkdir(parents=True)
+    for name in ("meta_train", "meta_test"):
+        (out / name).mkdir(parents=True)
+        (out / name / "old.json").write_text("{}")
     (out / "thesis.tex").write_text("precious")
-    assert demo_main(["--quick", "--out", str(out), "--overwrite"]) == 2
-    err = capsys.readouterr().err
-    assert "['thesis.tex']" in err and "not a demo's outputs" in err
+    plan = subprocess.run(["make", "-n", "-C", str(ROOT), "demo", f"DEMO={out}"],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    clearing = [line for line in plan.splitlines() if line.startswith("rm ")]
+    assert len(clearing) == 1 and str(out) in clearing[0]
+    subprocess.run(clearing[0], shell=True, check=True, cwd=tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
     assert (out / "thesis.tex").read_text() == "precious"
-    (tmp_path / "file").write_text("x")
-    assert demo_main(["--quick", "--out", str(tmp_path / "file" / "d")]) == 2
-    assert "a regular file" in capsys.readouterr().err
+    # and the commands write only there: meta_train into the folder it just cleared
+    assert f"--out {out}/meta_train" in plan and f"--out {out}/meta_test" in plan
 
 
 def test_unwritable_outputs_are_one_line_errors_before_any_work(unwritable_out, capsys):

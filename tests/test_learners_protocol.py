@@ -63,7 +63,8 @@ def test_a_user_engine_is_used_by_metamd_through_the_registry():
 
 def test_a_user_engine_reaches_the_cli_through_import(tmp_path):
     module = tmp_path / "my_engine.py"
-    module.write_text(textwrap.dedent('''
+    module.write_text(
+        textwrap.dedent("""
         from metaopt.hypergrad import register_engine
         from metaopt.hypergrad.engines import unroll
 
@@ -73,7 +74,8 @@ def test_a_user_engine_reaches_the_cli_through_import(tmp_path):
 
         counted.calls = 0
         register_engine("counted-unroll", counted)
-    '''))
+    """)
+    )
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "meta_train", "--import", str(module), "--learner", "metamd",
            "--suite", "rotated-digits", "--holdout", "75", "--engine", "counted-unroll",
@@ -98,8 +100,12 @@ def test_the_file_rebuilds_the_exact_trained_optimizer(tmp_path):
     path = tmp_path / "opt.safetensors"
     metaopt.save_learned_optimizer(learned, path)
     meta = metaopt.read_metadata(path)["optimizer"]
-    assert meta == {"rule": "adamw", "hparams": {"betas": [0.9, 0.999], "eps": 1e-8,
-                    "eps_root": 0.0, "weight_decay": 0.01}, "lr": 0.01, "compose": "direction"}
+    assert meta == {
+        "rule": "adamw",
+        "hparams": {"betas": [0.9, 0.999], "eps": 1e-8, "eps_root": 0.0, "weight_decay": 0.01},
+        "lr": 0.01,
+        "compose": "direction",
+    }
     task = _source()[0]
     a, b = task.make_model(7), task.make_model(7)
     opt_a = learned.build(a.named_parameters())

@@ -1,5 +1,5 @@
 """Checkpoints: exact round trip, refusal of damaged or foreign files, atomic replacement,
-and resume after SIGKILL / SIGTERM giving the uninterrupted run's preconditioner exactly."""
+and resume after SIGKILL / SIGTERM giving the uninterrupted run's learned optimizer exactly."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from meta_train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 MD = ["--learner", "metamd", "--family", "lsq-test", "--no-progress"]
-MD += ["--inner-steps", "10", "--inner-lr", "0.02", "--meta-lr", "0.05"]
+# 10-step inner runs in 5-step windows: every checkpoint holds inner runs in flight
+MD += ["--inner-steps", "10", "--inner-lr", "0.02", "--meta-lr", "0.05", "--option", "window=5"]
 
 
 def _env() -> dict[str, str]:
@@ -235,7 +236,8 @@ APO_ARGS = ["--steps-per-domain", "25", "--option", 'fsd="mse"', "--option", "wa
 
 
 @pytest.mark.parametrize(
-    ("learner", "extra"), [("lsq-diag", []), ("metamd", []), ("apo", APO_ARGS)]
+    ("learner", "extra"),
+    [("lsq-diag", []), ("metamd", ["--option", "window=5"]), ("apo", APO_ARGS)],
 )
 def test_sigterm_checkpoints_the_finished_step_and_resume_is_identical(
     tmp_path, capsys, learner, extra
@@ -409,16 +411,16 @@ class _DivergeAt(_TermAt):
         super().__init__(inner, term_at=-1)
         self.at, self.diverging, self.how = at, lr > limit, how
 
-    def outer_step(self, **kw):
-        stats = self.inner.outer_step(**kw)
-        if self.diverging and self.step >= self.at and self.how == "poison":
+    def meta_step(self, **kw):
+        record = self.inner.meta_step(**kw)
+        if self.diverging and self.meta_steps >= self.at and self.how == "poison":
             with torch.no_grad():
-                next(self.preconditioner.parameters()).view(-1)[0] = float("nan")
-        return stats
+                self.meta_parameters()[0].view(-1)[0] = float("nan")
+        return record
 
     def check_finite(self) -> None:
-        if self.diverging and self.step >= self.at and self.how == "report":
-            raise FloatingPointError(f"loss of inner step {self.step * 10} is inf")
+        if self.diverging and self.meta_steps >= self.at and self.how == "report":
+            raise FloatingPointError(f"loss of inner step {self.meta_steps * 10} is inf")
 
 
 def _build_diverging(config, source, device):
@@ -453,17 +455,17 @@ def test_a_diverging_run_keeps_its_last_good_checkpoint_and_resumes_with_a_lower
     assert "the checkpoint of outer step 4 is kept" in err
     assert "--resume and a lower learning rate: --inner-lr (now 0.08) or --meta-lr" in err
     assert load_checkpoint(out / "checkpoint.safetensors")["step"] == 4
-    assert not (out / "preconditioner.safetensors").exists()
+    assert not (out / "learned_optimizer.safetensors").exists()
     kept = [r["meta_objective"] for r in read_metrics(out / "metrics.jsonl")][:4]
     # the learning rates may change on --resume (said in --help); the run goes on from step 4
     assert main([*args, "--inner-lr", "0.02", "--resume"]) == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert [r["meta_objective"] for r in rows][:4] == kept
-    meta = metaopt.io.read_preconditioner_metadata(out / "preconditioner.safetensors")
+    meta = metaopt.read_metadata(out / "learned_optimizer.safetensors")
     assert meta["user"]["config"]["inner_lr"] == 0.02
     assert all(
-        torch.isfinite(t).all() for t in _tensors(out / "preconditioner.safetensors").values()
+        torch.isfinite(t).all() for t in _tensors(out / "learned_optimizer.safetensors").values()
     )
 
 
@@ -477,7 +479,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch(tmp_path,
     (out / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text().splitlines()[0] + "\n")
     (out / ".checkpoint.safetensors.k1ll3d0x.tmp").write_bytes(b"\0" * 100)
     assert main([*args, "--out", str(out), "--resume"]) == 0
-    _assert_identical(full / "preconditioner.safetensors", out / "preconditioner.safetensors")
+    _assert_identical(full / "learned_optimizer.safetensors", out / "learned_optimizer.safetensors")
     ours, theirs = read_metrics(out / "metrics.jsonl"), read_metrics(full / "metrics.jsonl")
     assert [(r["step"], r["meta_objective"]) for r in ours] == [
         (r["step"], r["meta_objective"]) for r in theirs
@@ -485,7 +487,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch(tmp_path,
     assert not list(out.glob(".*.tmp"))
     # a fresh run on such a folder starts too; one that holds anything else is refused
     (out / "checkpoint.safetensors").unlink()
-    (out / "preconditioner.safetensors").unlink()
+    (out / "learned_optimizer.safetensors").unlink()
     (out / "meta_objective.png").unlink()
     assert main([*args, "--out", str(out)]) == 0
     other = tmp_path / "other"

@@ -250,14 +250,19 @@ def test_learner_options_of_the_wrong_type_exit_2(tmp_path, capsys, option, need
     assert needle in err and not out.exists()
 
 
-@pytest.mark.parametrize(("text", "value"), [("False", False), ("false", False), ("true", True)])
-def test_boolean_options_mean_what_they_say(tmp_path, text, value) -> None:
+@pytest.mark.parametrize(("text", "value"), [("False", None), ("false", False), ("true", True)])
+def test_boolean_options_mean_what_they_say(tmp_path, capsys, text, value) -> None:
     out = tmp_path / "out"
     argv = ["--learner", "metamd", *BASE, "--outer-steps", "1", "--option",
             f"preconditioner_options={{rank = 1, learn_scale = {text}}}"]  # fmt: skip
+    if value is None:  # Python's spelling is no TOML value inside a table: refused, not truthy
+        err = _bad(capsys, [*argv, "--out", str(out)])
+        assert "is not a value; VALUE is TOML: 3, 0.1, true/false" in err and not out.exists()
+        return
     assert main([*argv, "--out", str(out)]) == 0
-    assert json.loads((out / "config.json").read_text())["options"]["learn_scale"] is value
-    meta = metaopt.io.read_preconditioner_metadata(out / "learned_optimizer.safetensors")
+    options = json.loads((out / "config.json").read_text())["options"]
+    assert options["preconditioner_options"]["learn_scale"] is value
+    meta = metaopt.read_metadata(out / "learned_optimizer.safetensors")
     assert meta["options"]["learn_scale"] is value
     assert meta["user"]["config"]["options"]["preconditioner_options"]["learn_scale"] is value
 
@@ -350,7 +355,7 @@ def test_import_registers_a_family_for_python_dash_m_meta_train(tmp_path: Path) 
     argv += ["--inner-steps", "3", "--no-progress", "--out", str(tmp_path / "D")]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    meta = metaopt.io.read_preconditioner_metadata(tmp_path / "D" / "learned_optimizer.safetensors")
+    meta = metaopt.read_metadata(tmp_path / "D" / "learned_optimizer.safetensors")
     assert meta["user"]["config"]["family"] == "plugin-regression"
     assert meta["layers"] == {"weight": [1, 3], "bias": [1, 1]} or "weight" in str(meta["layers"])
     # without --import the family is unknown: one line, exit 2
@@ -367,6 +372,8 @@ def test_a_family_whose_sample_is_not_a_task_exits_2(tmp_path, capsys) -> None:
     argv = ["--import", str(plugin), "--learner", "metasgd", "--family", "plugin-broken"]
     err = _bad(capsys, [*argv, "--out", str(out)])
     assert "sample() returned a int, not a tasks.Task" in err and not out.exists()
+
+
 def test_the_test_learner_is_a_meta_learner() -> None:
     learner = meta_train_lsq.DiagLSQ(meta_train_lsq.LSQFamily())
     assert isinstance(learner, metaopt.MetaLearner)

@@ -33,7 +33,8 @@ def _free_port() -> int:
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     steps = 5
     args = ["--learner", "metamd", "--family", "lsq-test", "--tasks-per-step", "4"]
-    args += ["--inner-steps", "8", "--inner-lr", "0.02", "--meta-lr", "0.5"]
+    # 8-step inner runs in 4-step windows: each rank carries its runs from one step to the next
+    args += ["--inner-steps", "8", "--option", "window=4", "--inner-lr", "0.02", "--meta-lr", "0.5"]
     args += ["--meta-optimizer", "sgd"]
     args += ["--outer-steps", str(steps), "--checkpoint-every", "2", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -61,7 +61,9 @@ def _growth(tmp_path, leak_mib: int, steps: int) -> float:
         str(tmp_path / str(leak_mib)),
     ]
     args += ["--source-option", "dim=64", "--source-option", "n=128", "--outer-steps", str(steps)]
-    args += ["--inner-steps", "5", "--inner-lr", "0.001", "--tasks-per-step", "1"]
+    # 6-step inner runs in 3-step windows: the run in flight is carried across meta-steps
+    args += ["--inner-steps", "6", "--option", "window=3", "--inner-lr", "0.001"]
+    args += ["--tasks-per-step", "1"]
     args += ["--checkpoint-every", "10", "--no-progress", "--option", f"leak_mib={leak_mib}"]
     assert main(args) == 0
     assert len(_Probe.rss) == steps

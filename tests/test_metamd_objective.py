@@ -10,7 +10,7 @@ from torch import nn
 
 from metaopt import MetaContext
 from metaopt.kron import KroneckerPreconditioner
-from metaopt.learners import MetaMD, MetaMDConfig, MetaSGD
+from metaopt.learners import MetaMD, MetaMDConfig, MetaSGD, preset_config
 from metaopt.learners.metamd import draw_generator
 from metaopt.objectives import evaluate_meta_objective
 from tests._metamd_tasks import RegressionFamily, regression_task
@@ -142,13 +142,25 @@ def test_log_final_loss_is_floored_at_eps_at_the_minimum():
         ({"meta_optimizer": "lbfgs"}, "meta_optimizer='lbfgs'"),
         ({"meta_objective": "bregman-rate", "objective_options": {"gamma": -0.1}}, "gamma=-0.1"),
         ({"preconditioner": "kfac"}, "preconditioner='kfac'"),
-        ({"window": 41}, "window=41: must be at most inner_steps=40"),
+        ({"inner_steps": 40, "window": 41}, "window=41: must be at most inner_steps=40"),
         ({"engine": "neumann", "window": 10}, "window=10 must be None or inner_steps"),
     ],
 )
 def test_config_rejects_bad_values(fields, match):
     with pytest.raises(ValueError, match=match):
         MetaMDConfig(**fields)
+
+
+def test_runs_shorter_than_the_presets_window_are_one_window_each():
+    """The default recipe cuts its 300-step runs into 20-step windows; asked for shorter runs
+    it differentiates each whole run, while a window given explicitly is kept and checked."""
+    assert (preset_config().window, preset_config().inner_steps) == (20, 300)
+    assert preset_config(inner_steps=5).window is None
+    assert preset_config(inner_steps=40).window == 20
+    assert preset_config(inner_steps=5, window=2).window == 2
+    with pytest.raises(ValueError, match="window=20: must be at most inner_steps=5"):
+        preset_config(inner_steps=5, window=20)
+    assert MetaMD([regression_task(0)], inner_steps=5).config.window is None
 
 
 def test_ekfac_family_rejects_implicit_engines():
@@ -223,7 +235,7 @@ def test_metamd_paper_preset_is_the_papers():
     blocks = list(learner.preconditioner.blocks.values())
     assert all(b.rank == 1 for b in blocks)
     assert torch.is_tensor(learner.preconditioner.dense())
-    assert MetaMD([regression_task(0)]).config.preset == "kron-adam"  # the default recipe
+    assert MetaMD([regression_task(0)]).config.preset == "kron-adamw"  # the default recipe
 
 
 def test_learn_scale_needs_the_lowrank_family():

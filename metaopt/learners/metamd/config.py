@@ -236,9 +236,14 @@ def preset_config(preset: str = "kron-adamw", **overrides: Any) -> MetaMDConfig:
     values = {**PRESETS[preset], **overrides, "preset": PRESETS.get(preset).target}
     if "engine" in overrides and "engine_options" not in overrides:
         values["engine_options"] = {}  # the preset's engine options belong to its engine
-    defaults = MetaMDConfig.__dataclass_fields__
-    window = values.get("window", defaults["window"].default)
-    steps = values.get("inner_steps", defaults["inner_steps"].default)
-    if "window" not in overrides and window is not None and window > steps:
+    # the default preset's window and run length are the dataclass defaults, not table entries
+    window = values.get("window", MetaMDConfig.window)
+    steps = values.get("inner_steps", MetaMDConfig.inner_steps)
+    if (
+        "window" not in overrides
+        and isinstance(window, int)
+        and isinstance(steps, int)
+        and window > steps
+    ):
         values["window"] = None  # shorter runs than the preset's window: one window each
     return MetaMDConfig(**values)
