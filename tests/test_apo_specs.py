@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from meta_test import specs
 from meta_test.apo_specs import APOTrainer, parse_spec, search_space
 from meta_test.specs import build_trainer
 from tasks.base import Task
@@ -98,8 +99,10 @@ def test_search_spaces_follow_the_paper_grids():
     # appendix C.3-C.5's 2 x 4 grid plus 0.03 on each axis: the 15 points of every lr x wd grid
     precond = search_space("apo-precond")
     assert {d.name: d.grid for d in precond.dims} == {
-        "lambda_fsd": (0.3, 0.1, 0.03), "lambda_wsd": (3.0, 1.0, 0.3, 0.1, 0.03)}
-    assert precond.grid_size() == search_space("sgdm").grid_size() == 15
+        "lambda_fsd": (0.3, 0.1, 0.03),
+        "lambda_wsd": (3.0, 1.0, 0.3, 0.1, 0.03),
+    }
+    assert precond.grid_size() == specs.search_space("sgdm").grid_size() == 15
 
 
 def test_run_comparison_runs_an_apo_spec_end_to_end():

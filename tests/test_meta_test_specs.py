@@ -91,8 +91,9 @@ def test_learned_identity_preconditioner_is_sgd(tmp_path) -> None:
     assert r.train_loss == pytest.approx(ref, rel=1e-5)
     assert r.num_meta_parameters == pre.num_meta_parameters() > 0
     assert specs.search_space(spec).names == ["lr", "weight_decay"]
-    # the lr grid is the file's meta-trained lr times (0.25, 0.5, 1, 2, 4)
-    assert specs.search_space(spec).dims[0].grid == pytest.approx((0.05, 0.1, 0.2, 0.4, 0.8))
+    # the lr grid: the file's meta-trained lr 0.2 in steps of sqrt(2), from 0.2 / 2 to 0.2 * 2
+    grid = (0.1, 0.2 / 2**0.5, 0.2, 0.2 * 2**0.5, 0.4)
+    assert specs.search_space(spec).dims[0].grid == pytest.approx(grid)
     bare = tmp_path / "bare.safetensors"
     metaopt.save_preconditioner(pre, bare)  # no update rule: not a learned optimizer
     with pytest.raises(ValueError, match="without an update rule"):
