@@ -146,6 +146,43 @@ def test_search_trials_train_search_steps_and_reported_runs_train_steps() -> Non
     assert r["curves"]["steps"][-1] == 2  # the reported curve has 3 steps (0, 1, 2)
 
 
+SPLIT = "meta-test-selection-split"  # train targets 0, validation targets 1
+
+
+@tasks.register_task(SPLIT)
+def _split() -> tasks.Task:
+    x = torch.ones(8, 1)
+    train, val = TensorDataset(x, torch.zeros(8, 1)), TensorDataset(x, torch.ones(8, 1))
+    return tasks.Task(SPLIT, lambda: nn.Linear(1, 1, bias=False), nn.functional.mse_loss,
+                      "mse", train, val, val, batch_size=4)  # fmt: skip
+
+
+def test_train_loss_selects_on_the_training_split() -> None:
+    # lr 0.05 ends at w = 0.25 on seed 0 (train MSE 0.0625, val MSE 0.5625), lr 0.01 at
+    # w = 0.375 (train 0.140625, val 0.390625): the splits disagree
+    kw = dict(steps=2, seeds=[0], grids={"lr": (0.05, 0.01)})
+    on_train = run_comparison(SPLIT, ["test-weights"], select_on="train-loss", **kw)
+    on_val = run_comparison(SPLIT, ["test-weights"], **kw)
+    assert on_train["optimizers"]["test-weights"]["hparams"] == {"lr": 0.05}
+    assert on_train["optimizers"]["test-weights"]["search"]["best_value"] == 0.0625
+    assert on_train["protocol"]["select_on"] == "train_loss"
+    assert on_val["optimizers"]["test-weights"]["hparams"] == {"lr": 0.01}
+    assert on_val["optimizers"]["test-weights"]["search"]["best_value"] == 0.390625
+
+
+def test_spaces_replace_a_specs_search_space_under_its_query() -> None:
+    space = SearchSpace((Dim("momentum", (0.0, 0.5)), Dim("lr", (0.1, 0.3))), {"nesterov": False})
+    res = run_comparison(REG, ["sgd", "sgd?lr=0.2"], steps=2, seeds=[0], allow_unequal_budget=True,
+                         spaces={"sgd": space, "SGD?lr=0.2": space})  # fmt: skip
+    configs = [t["config"] for t in res["optimizers"]["sgd"]["search"]["trials"]]
+    assert configs == [{"nesterov": False, "momentum": m, "lr": lr}
+                       for m in (0.0, 0.5) for lr in (0.1, 0.3)]  # fmt: skip
+    fixed = [t["config"] for t in res["optimizers"]["sgd?lr=0.2"]["search"]["trials"]]
+    assert fixed == [{"nesterov": False, "lr": 0.2, "momentum": m} for m in (0.0, 0.5)]
+    with pytest.raises(ValueError, match=r"spaces: \['adam'\] are not among the specs"):
+        run_comparison(REG, ["sgd"], steps=2, seeds=[0], spaces={"adam": space})
+
+
 # --- steps to a target -----------------------------------------------------------------------
 TARGET = 0.1
 #: lr -> training-loss curve; None: diverges at step 2
