@@ -23,7 +23,8 @@ tied goes to the first configuration in evaluation order (the grid's order under
 **Seeds**: a configuration trains once per search seed; its score is the aggregate
 (``"median"``, the default, or ``"mean"``) of its per-seed scores, a diverged seed counting
 as the worst value (``+inf`` when minimising, ``-inf`` when maximising); tie-break values
-are aggregated the same way. The per-seed scores are kept with the trial (``seed_values``).
+are aggregated the same way. The per-seed scores are kept with the trial (``seed_values``,
+``None`` for a diverged seed).
 """
 
 from __future__ import annotations
@@ -120,5 +121,5 @@ class Selection:
         tiebreak = None
         if all(t is not None for t in ties):
             tiebreak = combine([t if math.isfinite(t) else math.inf for t in ties])  # type: ignore[arg-type]
-        seed_values = {str(s): v for s, (v, _) in scores.items()}
+        seed_values = {str(s): v if math.isfinite(v) else None for s, (v, _) in scores.items()}
         return Score(combine(values), tiebreak, {"seed_values": seed_values})
