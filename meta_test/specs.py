@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from meta_test import apo_specs
 from meta_test.space import ADAM_LR_GRID, LR_GRID, WD_GRID, SearchSpace, lr_wd_space
+from metaopt.cli_support import parse_options
 from metaopt.registry import Registry, import_target
 
 __all__ = [
@@ -224,8 +225,6 @@ def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
     True})``: the spec without its query and the hyperparameters the query fixes (values
     parsed as :func:`metaopt.cli_support.parse_value`; ``{}`` without a query). The query
     starts at the first ``?``; ``&`` separates its items, so neither may appear in a value."""
-    from metaopt.cli_support import parse_options
-
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"optimizer spec={spec!r}: must be a non-empty string")
     name, _, query = spec.strip().partition("?")

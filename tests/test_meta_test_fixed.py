@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_meta_test_specs import manual_losses  # the hand-written torch loop
 from torch.utils.data import TensorDataset
 
 import metaopt
@@ -33,21 +34,6 @@ def _task(metric: str = "mse") -> Task:
     d = TensorDataset(x, y)
     return Task("tiny-fixed", lambda: torch.nn.Linear(4, out), loss, metric, d, d, d,
                 batch_size=16)  # fmt: skip
-
-
-def _torch_losses(task: Task, make_opt, steps: int, seed: int = 0) -> list[float]:
-    model = task.make_model(seed)
-    opt = make_opt(model)
-    stream = task.train_batches(seed)
-    out = []
-    for _ in range(steps):
-        x, y = next(stream)
-        opt.zero_grad()
-        loss = task.loss(model(x), y)
-        loss.backward()
-        opt.step()
-        out.append(loss.item())
-    return out
 
 
 def test_split_spec_parses_toml_values_and_keeps_learned_paths() -> None:
@@ -82,7 +68,7 @@ def test_split_spec_parses_toml_values_and_keeps_learned_paths() -> None:
 
 def test_a_fixed_momentum_reaches_the_optimizer_and_beats_the_trials_value() -> None:
     task = _task()
-    ref = _torch_losses(task, lambda m: torch.optim.SGD(m.parameters(), 0.05, 0.5), 12, seed=1)
+    ref = manual_losses(task, lambda m: torch.optim.SGD(m.parameters(), 0.05, 0.5), 12, seed=1)
     for hp in ({"lr": 0.05}, {"lr": 0.05, "momentum": 0.9}):  # the fixed 0.5 wins over 0.9
         r = run_training(task, "sgdm?momentum=0.5", hp, seed=1, steps=12, log_every=4)
         assert r.train_loss == pytest.approx(ref, rel=1e-6)
@@ -126,7 +112,7 @@ def test_learned_with_fixed_momentum_is_sgd_momentum(tmp_path) -> None:
     metaopt.save_learned_optimizer(metaopt.LearnedOptimizer(pre, "sgd", {}, 0.2), path)
     spec = f"learned:{path}?momentum=0.5"
     r = run_training(task, spec, {"lr": 0.1}, seed=2, steps=10, log_every=5)
-    ref = _torch_losses(task, lambda m: torch.optim.SGD(m.parameters(), 0.1, 0.5), 10, seed=2)
+    ref = manual_losses(task, lambda m: torch.optim.SGD(m.parameters(), 0.1, 0.5), 10, seed=2)
     assert r.train_loss == pytest.approx(ref, rel=1e-5)
     assert search_space(spec).names == ["lr", "weight_decay"]  # momentum is not tuned
     assert search_space(f"learned:{path}?lr=0.05").names == ["weight_decay"]
