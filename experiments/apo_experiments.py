@@ -1,9 +1,13 @@
-"""APO's done-when experiments, run through the harness's training loop
-(:func:`meta_test.runs.run_training`), each printing ONE JSON object as its last line.
+"""APO's done-when experiments as configurations of :func:`meta_test.run_comparison`, each
+printing ONE JSON object as its last line (a progress bar goes to stderr).
 
 Every configuration of a grid trains from the same seed for the same number of steps; the
 best configuration of each method is the one with the lowest final loss on the full
-training split (the papers select on final training loss, ``000_`` C.3-C.4).
+training split (``select_on="train-loss"``: the APO paper selects on the final training
+loss, Bae et al. 2022, appendix C.3-C.4); on the ill-conditioned regression each
+configuration scores the median over seeds 0, 1, 2 (``search_seeds``). The selected
+configuration is re-run on the reported seeds (``selected``); ``best.final_train_loss`` is
+its search score (the median over seeds where there are several).
 
     OMP_NUM_THREADS=1 python experiments/apo_experiments.py rosenbrock
     OMP_NUM_THREADS=1 python experiments/apo_experiments.py ill-conditioned
@@ -15,88 +19,94 @@ training split (the papers select on final training loss, ``000_`` C.3-C.4).
     OMP_NUM_THREADS=1 python experiments/apo_experiments.py bf16-lenet
     OMP_NUM_THREADS=1 python experiments/apo_experiments.py rmsprop-greedy-probe
 
-(LR for digits-eps-rho: the best RMSprop lr of digits-lr; L: the best lambdas of digits-lr.)
+(LR for digits-eps-rho: the best RMSprop lr of digits-lr; L: the best lambdas of digits-lr.
+``--steps N`` shortens any experiment, e.g. for a smoke run.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 import tasks  # noqa: F401  (registers the tasks)
-from meta_test.runs import run_training
+from meta_test import Dim, SearchSpace, run_comparison
+from metaopt.learners.apo import greedy_lr
+from metaopt.optim.rules import RMSpropState
 from tasks.registry import get_task
 
+#: the step at which a run's training loss first reaches this is reported
+TARGET = 1e-10
 
-def _run(task: Any, spec: str, hp: dict[str, Any], steps: int, seed: int = 0) -> dict[str, Any]:
-    start = time.perf_counter()
-    res = run_training(
-        task,
-        spec,
-        hp,
-        seed=seed,
-        steps=steps,
-        log_every=max(1, steps // 20),
-        final_splits=("train",),
-    )
-    final = res.final.get("train_loss", math.nan)
-    hp_log = {k: v[-1] for k, v in res.hparams_adapted.items() if v and "/" not in k}
+
+def _summary(spec: str, r: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """One row of the outputs from a ``run_comparison`` entry (its reported runs)."""
+    adapted = r["curves"]["hparams"]
     return {
         "spec": spec,
-        "hparams": {k: v for k, v in hp.items() if not isinstance(v, dict)},
-        "final_train_loss": None if not math.isfinite(final) else final,
-        "diverged": res.diverged,
-        "adapted_end": hp_log,
-        "first_step_below_1e-10": next(
-            (i for i, v in enumerate(res.train_loss) if v < 1e-10), None
-        ),
-        "seconds": round(time.perf_counter() - start, 1),
+        "hparams": r["hparams"],
+        "final_train_loss": r["final_train_loss"]["mean"],
+        "diverged": r["diverged_seeds"] > 0,
+        "adapted_end": {k: v[-1] for k, v in adapted.items() if v and "/" not in k},
+        "first_step_below_1e-10": r["steps_to_target"],
+        "seconds": round(seconds, 1),
     }
 
 
-def _best(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _compare(task: Any, spec: str, space: SearchSpace, steps: int, **kw: Any) -> dict[str, Any]:
+    start = time.perf_counter()
+    res = run_comparison(
+        task, [spec], steps=steps, spaces={spec: space}, select_on="train-loss",
+        log_every=max(1, steps // 20), eval_every=steps, target_loss=TARGET, progress=True,
+        **{"seeds": (0,), **kw},
+    )  # fmt: skip
+    r = res["optimizers"][spec]
+    return {**r, "row": _summary(spec, r, time.perf_counter() - start)}
+
+
+def _run(task: Any, spec: str, hp: dict[str, Any], steps: int) -> dict[str, Any]:
+    """One run of ``spec`` with ``hp`` on seed 0."""
+    row = _compare(task, spec, SearchSpace(fixed=hp), steps, hpo="none")["row"]
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+def _grid(
+    task: Any, spec: str, space: SearchSpace, steps: int, seeds: Sequence[int] = (0,)
+) -> dict[str, Any]:
+    """``spec`` tuned on ``space``, each configuration scored by the median over ``seeds`` of
+    its final training loss (a diverged seed counts as +inf)."""
+    r = _compare(task, spec, space, steps, seeds=seeds, search_seeds=seeds, hpo="grid")
+    runs = []
+    for t in r["search"]["trials"]:
+        row = {"spec": spec, "hparams": t["config"], "final_train_loss": t["value"]}
+        if len(seeds) > 1:
+            row["final_train_loss_per_seed"] = t["seed_values"]
+        runs.append(row)
+    best = {"hparams": r["hparams"], "final_train_loss": r["search"]["best_value"]}
+    out = {"best": best, "runs": runs, "selected": r["row"]}
+    return {**out, "seeds": list(seeds)} if len(seeds) > 1 else out
+
+
+def _lowest(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run of lowest final training loss among ``runs`` (a recorded grid's subset)."""
     ok = [r for r in runs if r["final_train_loss"] is not None]
     return min(ok, key=lambda r: r["final_train_loss"]) if ok else None
 
 
-def _grid(task, spec, configs, steps, seed=0) -> dict[str, Any]:
-    runs = [_run(task, spec, hp, steps, seed) for hp in configs]
-    for r in runs:
-        print(json.dumps(r), file=sys.stderr, flush=True)
-    return {"best": _best(runs), "runs": runs}
+def _lr_space(lrs: Sequence[float], **fixed: Any) -> SearchSpace:
+    return SearchSpace((Dim("lr", tuple(lrs)),), fixed)
 
 
-def _seeded_grid(task, spec, configs, steps, seeds) -> dict[str, Any]:
-    """:func:`_grid` over several seeds: each configuration scores the median of its final
-    losses (a diverged seed counts as +inf) and the best configuration is the lowest median."""
-    runs = []
-    for hp in configs:
-        per_seed = [_run(task, spec, hp, steps, s) for s in seeds]
-        finals = [r["final_train_loss"] for r in per_seed]
-        median = statistics.median(math.inf if f is None else f for f in finals)
-        row = {
-            "spec": spec,
-            "hparams": per_seed[0]["hparams"],
-            "final_train_loss": median if math.isfinite(median) else None,
-            "final_train_loss_per_seed": dict(zip(map(str, seeds), finals, strict=True)),
-        }
-        print(json.dumps(row), file=sys.stderr, flush=True)
-        runs.append(row)
-    return {"best": _best(runs), "seeds": list(seeds), "runs": runs}
-
-
-def rosenbrock() -> dict[str, Any]:
+def rosenbrock(steps: int = 20_000) -> dict[str, Any]:
     task = get_task("rosenbrock", dtype=torch.float64)
-    steps = 20_000
     lrs = (2e-3, 1.5e-3, 1.2e-3, 1e-3, 7e-4, 5e-4, 3e-4, 1e-4)
-    sgd = _grid(task, "sgd", [{"lr": lr} for lr in lrs], steps)
+    sgd = _grid(task, "sgd", _lr_space(lrs), steps)
     common = dict(
         lambda_fsd=0.0,
         lambda_wsd=0.0,
@@ -104,47 +114,34 @@ def rosenbrock() -> dict[str, Any]:
         warmup=0,
         precond_options={"dense_diag_max": 4},
     )
-    apo = _grid(task, "apo-precond", [dict(common, lr=lr) for lr in (3e-3, 2e-3, 1e-3)], steps)
+    apo = _grid(task, "apo-precond", _lr_space((3e-3, 2e-3, 1e-3), **common), steps)
     best_sgd = sgd["best"]["final_train_loss"]
-    best_apo = apo["best"]["final_train_loss"] if apo["best"] else math.inf
+    best_apo = apo["best"]["final_train_loss"]
     return {
         "experiment": "rosenbrock",
         "steps": steps,
         "sgd": sgd,
         "apo_precond": apo,
-        "claim_apo_below_1e-10": best_apo < 1e-10,
-        "claim_sgd_above_1e-10": best_sgd >= 1e-10,
+        "claim_apo_below_1e-10": best_apo is not None and best_apo < 1e-10,
+        "claim_sgd_above_1e-10": best_sgd is None or best_sgd >= 1e-10,
     }
 
 
-def ill_conditioned(seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
+def ill_conditioned(steps: int = 3000, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
     """Each method tuned by grid on the median final loss over ``seeds`` (initialisation and
     batch order): K-FAC's final loss jumps by orders of magnitude between neighbouring
     configurations and seeds, so one seed's best K-FAC run is a draw, not a tuned value."""
     task = get_task("ill-conditioned-regression")
-    steps = 3000
-    sgdm_lrs = (0.3, 0.1, 0.03, 0.01, 0.003)
-    sgdm = _seeded_grid(task, "sgdm", [{"lr": lr} for lr in sgdm_lrs], steps, seeds)
-    kfac = _seeded_grid(
-        task,
-        "kfac",
-        [
-            {"lr": lr, "damping": d, "momentum": m}
-            for m in (0.9, 0.0)
-            for lr in (0.3, 0.1, 0.03, 0.01)
-            for d in (1e-2, 1e-3, 1e-4)
-        ],
-        steps,
-        seeds,
-    )
+    sgdm = _grid(task, "sgdm", _lr_space((0.3, 0.1, 0.03, 0.01, 0.003)), steps, seeds)
+    kfac_space = SearchSpace(
+        (Dim("momentum", (0.9, 0.0)), Dim("lr", (0.3, 0.1, 0.03, 0.01)),
+         Dim("damping", (1e-2, 1e-3, 1e-4)))
+    )  # fmt: skip
+    kfac = _grid(task, "kfac", kfac_space, steps, seeds)
     common = {"lr": 0.1, "precond_momentum": 0.9, "warmup": 0, "meta_lr": 1e-2}
-    apo = _seeded_grid(
-        task,
-        "apo-precond",
-        [dict(common, lambda_fsd=f, lambda_wsd=w) for f in (0.3, 0.1, 0.03) for w in (0.01, 0.001)],
-        steps,
-        seeds,
-    )
+    apo_space = SearchSpace((Dim("lambda_fsd", (0.3, 0.1, 0.03)), Dim("lambda_wsd", (0.01, 0.001))),
+                            common)  # fmt: skip
+    apo = _grid(task, "apo-precond", apo_space, steps, seeds)
     f = {
         k: v["best"]["final_train_loss"] for k, v in (("sgdm", sgdm), ("kfac", kfac), ("apo", apo))
     }
@@ -168,9 +165,8 @@ EXTRA_FIXED = {"sgdm": (1.0, 0.3, 0.03), "rmsprop": (3e-3, 3e-4)}  # a finer gri
 PAPER_LAMBDAS = {"sgdm": (0.1, 0.01, 1e-3), "rmsprop": (0.1, 0.01, 1e-3, 1e-4, 1e-5, 0.0)}
 
 
-def digits_lr(bases: tuple[str, ...] = ("sgdm", "rmsprop")) -> dict[str, Any]:
+def digits_lr(bases: tuple[str, ...] = ("sgdm", "rmsprop"), steps: int = 2000) -> dict[str, Any]:
     task = get_task("digits", **DIGITS)
-    steps = 2000
     out: dict[str, Any] = {
         "experiment": "digits-lr",
         "steps": steps,
@@ -178,13 +174,10 @@ def digits_lr(bases: tuple[str, ...] = ("sgdm", "rmsprop")) -> dict[str, Any]:
         "protocol": "001_ 5.2 grids; APO lr0 0.1 (sgdm) / 3e-4 (rmsprop), meta RMSprop 0.1",
     }
     for base in bases:
-        fixed = _grid(
-            task, base, [{"lr": lr} for lr in PAPER_FIXED[base] + EXTRA_FIXED[base]], steps
-        )
-        paper_best = _best([r for r in fixed["runs"] if r["hparams"]["lr"] in PAPER_FIXED[base]])
-        apo = _grid(
-            task, f"apo-lr:{base}", [{"lambda_fsd": lam} for lam in PAPER_LAMBDAS[base]], steps
-        )
+        fixed = _grid(task, base, _lr_space(PAPER_FIXED[base] + EXTRA_FIXED[base]), steps)
+        paper_best = _lowest([r for r in fixed["runs"] if r["hparams"]["lr"] in PAPER_FIXED[base]])
+        lambdas = SearchSpace((Dim("lambda_fsd", PAPER_LAMBDAS[base]),))
+        apo = _grid(task, f"apo-lr:{base}", lambdas, steps)
         out[base] = dict(fixed, best_paper_grid=paper_best)
         out[f"{base}_apo"] = apo
         a = apo["best"]["final_train_loss"]
@@ -193,23 +186,20 @@ def digits_lr(bases: tuple[str, ...] = ("sgdm", "rmsprop")) -> dict[str, Any]:
     return out
 
 
-def digits_initial_lr(lambdas: dict[str, float]) -> dict[str, Any]:
+def digits_initial_lr(lambdas: dict[str, float], steps: int = 2000) -> dict[str, Any]:
     """APO from initial lrs 1e-7 .. 1e-1 (000_ J.2) at each base's best lambda of digits-lr."""
     task = get_task("digits", **DIGITS)
-    steps = 2000
     out: dict[str, Any] = {"experiment": "digits-initial-lr", "steps": steps}
     for base, lam in lambdas.items():
         runs = [
             _run(task, f"apo-lr:{base}", {"lr": lr, "lambda_fsd": lam}, steps)
             for lr in (1e-7, 1e-5, 1e-3, 1e-1)
         ]
-        for r in runs:
-            print(json.dumps(r), file=sys.stderr, flush=True)
         finals = [r["final_train_loss"] for r in runs]
         ok = [v for v in finals if v is not None]
-        ratio = max(ok) / min(ok) if len(ok) == len(finals) else math.inf
+        ratio = max(ok) / min(ok) if len(ok) == len(finals) else float("inf")
         lrs = [r["adapted_end"].get("lr") for r in runs]
-        lr_ratio = max(lrs) / min(lrs) if all(lrs) and len(ok) == len(finals) else math.inf
+        lr_ratio = max(lrs) / min(lrs) if all(lrs) and len(ok) == len(finals) else float("inf")
         out[base] = {
             "lambda_fsd": lam,
             "runs": runs,
@@ -221,23 +211,18 @@ def digits_initial_lr(lambdas: dict[str, float]) -> dict[str, Any]:
     return out
 
 
-def digits_eps_rho(rmsprop_lr: float = 1e-2, fixed_lr: bool = False) -> dict[str, Any]:
+def digits_eps_rho(rmsprop_lr: float = 1e-2, fixed_lr: bool = False, steps: int = 2000) -> dict:
     """RMSprop at its best fixed lr (from ``digits-lr``, same seed and steps) against APO
     adapting eps and rho (and lr) from that lr, with 000_ D.7's protocol: meta-RMSprop at
     0.01, lambda_fsd in {1e-3, 1e-4, 1e-5} x lambda_wsd in {1e-1, ..., 1e-6}."""
     task = get_task("digits", **DIGITS)
-    steps = 2000
     fixed = _run(task, "rmsprop", {"lr": rmsprop_lr}, steps)
-    apo = _grid(
-        task,
-        "apo-rmsprop-eps-rho",
-        [
-            {"lr": rmsprop_lr, "lambda_fsd": f, "lambda_wsd": w, "fixed_lr": fixed_lr}
-            for f in (1e-3, 1e-4, 1e-5)
-            for w in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
-        ],
-        steps,
+    wsd = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+    space = SearchSpace(
+        (Dim("lambda_fsd", (1e-3, 1e-4, 1e-5)), Dim("lambda_wsd", wsd)),
+        {"lr": rmsprop_lr, "fixed_lr": fixed_lr},
     )
+    apo = _grid(task, "apo-rmsprop-eps-rho", space, steps)
     return {
         "experiment": "digits-eps-rho",
         "steps": steps,
@@ -249,72 +234,25 @@ def digits_eps_rho(rmsprop_lr: float = 1e-2, fixed_lr: bool = False) -> dict[str
     }
 
 
-def bf16_lenet() -> dict[str, Any]:
+def bf16_lenet(steps: int = 1500) -> dict[str, Any]:
     """LeNet on the digits with the model in bf16: APO-Precond (fp32 preconditioner), SGDm,
     and K-FAC (fp32 factors) at three dampings; K-FAC also in fp32 for reference."""
-    steps = 1500
     out: dict[str, Any] = {"experiment": "bf16-lenet", "steps": steps}
     for dtype in ("bfloat16", "float32"):
-        task = get_task(
-            "digits",
-            model="lenet",
-            model_options={"input_size": 8},
-            dtype=getattr(torch, dtype),
-            batch_size=100,
-        )
-        runs = {
-            "kfac": [
-                _run(task, "kfac", {"lr": 0.05, "damping": d}, steps)
-                for d in ((1e-3, 1e-2, 1e-1) if dtype == "bfloat16" else (1e-3,))
-            ]
-        }
+        task = get_task("digits", model="lenet", model_options={"input_size": 8},
+                        dtype=getattr(torch, dtype), batch_size=100)  # fmt: skip
+        dampings = (1e-3, 1e-2, 1e-1) if dtype == "bfloat16" else (1e-3,)
+        runs = {"kfac": [_run(task, "kfac", {"lr": 0.05, "damping": d}, steps) for d in dampings]}
         if dtype == "bfloat16":
-            runs["apo_precond"] = _run(
-                task,
-                "apo-precond",
-                {
-                    "lr": 0.05,
-                    "lambda_fsd": 0.1,
-                    "lambda_wsd": 0.1,
-                    "warmup": 300,
-                    "meta_lr": 1e-4,
-                    "precond_momentum": 0.9,
-                },
-                steps,
-            )
+            apo = {"lr": 0.05, "lambda_fsd": 0.1, "lambda_wsd": 0.1, "warmup": 300,
+                   "meta_lr": 1e-4, "precond_momentum": 0.9}  # fmt: skip
+            runs["apo_precond"] = _run(task, "apo-precond", apo, steps)
             runs["sgdm"] = _run(task, "sgdm", {"lr": 0.05}, steps)
         out[dtype] = runs
-        print(json.dumps(runs), file=sys.stderr, flush=True)
     return out
 
 
 PROBE_STEPS = (0, 10, 50, 200, 500, 1000, 1500, 2000)
-PROBE_ETAS = tuple(10 ** (e / 4) for e in range(-24, 1))  # 1e-6 .. 1, four per decade
-
-
-def _greedy_eta(model, loss_fn, batch, square_avg, alpha=0.99, eps=1e-8) -> dict[str, float]:
-    """The lr minimising ``J_B(theta - eta g / (sqrt(v') + eps))`` over ``PROBE_ETAS``, with
-    ``v' = alpha v + (1 - alpha) g^2`` the RMSprop step this batch would take: the objective
-    APO's meta-gradient descends at ``lambda = 0`` (its one-step lookahead on B)."""
-    x, y = batch
-    params = list(model.parameters())
-    grads = torch.autograd.grad(loss_fn(model(x), y), params)
-    dirs = []
-    for p, g in zip(params, grads, strict=True):
-        v = square_avg(p)
-        v = (1 - alpha) * g * g if v is None else alpha * v + (1 - alpha) * g * g
-        dirs.append(g / (v.sqrt() + eps))
-    values = []
-    with torch.no_grad():
-        saved = [p.clone() for p in params]
-        for eta in PROBE_ETAS:
-            for p, s, d in zip(params, saved, dirs, strict=True):
-                p.copy_(s - eta * d)
-            values.append(float(loss_fn(model(x), y)))
-        for p, s in zip(params, saved, strict=True):
-            p.copy_(s)
-    best = min(range(len(values)), key=values.__getitem__)
-    return {"greedy_lr": PROBE_ETAS[best], "loss_after_greedy_step": values[best]}
 
 
 def rmsprop_greedy_probe(steps: int = 2000) -> dict[str, Any]:
@@ -322,7 +260,8 @@ def rmsprop_greedy_probe(steps: int = 2000) -> dict[str, Any]:
 
     Along two trajectories -- RMSprop at its best fixed lr 0.01, and RMSprop-APO at
     lambda = 0 (digits-lr's best) from lr 3e-4 -- the one-step-optimal lr on the current
-    batch (``_greedy_eta``) at the steps of ``PROBE_STEPS``, next to the lr in use.
+    batch (:func:`metaopt.learners.apo.greedy_lr`) at the steps of ``PROBE_STEPS``, next
+    to the lr in use.
     """
     from meta_test.runs import EXTRA_STREAM_OFFSET
     from meta_test.specs import build_trainer
@@ -333,29 +272,33 @@ def rmsprop_greedy_probe(steps: int = 2000) -> dict[str, Any]:
         model = task.make_model(0)
         model.train()
         trainer = build_trainer(spec, model, task, hp)
-        names = {id(p): n for n, p in model.named_parameters()}
-
-        def square_avg(p, trainer=trainer, names=names):
-            if hasattr(trainer, "apo"):  # APO's base state: a typed rule state per name
-                state = trainer.apo.state.get(names[id(p)])
-                return None if state is None else state.square_avg
-            return trainer.optimizer.state.get(p, {}).get("square_avg")
-
         batches = task.train_batches(0)
         extra = task.train_batches(EXTRA_STREAM_OFFSET)
         rows = []
         for step in range(steps + 1):
             batch = next(batches)
             if step in PROBE_STEPS:
+                greedy = greedy_lr(model, task.loss, batch, "rmsprop", states=_states(trainer))
                 lr = trainer.hparam_log().get("lr", hp.get("lr"))
-                row = {"step": step, "lr_in_use": lr}
-                row.update(_greedy_eta(model, task.loss, batch, square_avg))
+                row = {"step": step, "lr_in_use": lr, "greedy_lr": greedy.lr,
+                       "loss_after_greedy_step": greedy.loss}  # fmt: skip
                 rows.append(row)
                 print(json.dumps({spec: row}), file=sys.stderr, flush=True)
             if step < steps:
                 trainer.step(batch, lambda extra=extra: next(extra))
         out[spec] = rows
     return out
+
+
+def _states(trainer: Any) -> dict[str, Any]:
+    """The RMSprop state per parameter name of an APO trainer or a ``torch.optim.RMSprop``."""
+    if hasattr(trainer, "apo"):
+        return dict(trainer.apo.state)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    return {
+        names[id(p)]: RMSpropState(s["step"], s["square_avg"], s.get("momentum_buffer"))
+        for p, s in trainer.optimizer.state.items()
+    }
 
 
 EXPERIMENTS = {
@@ -379,18 +322,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", choices=("sgdm", "rmsprop"), help="digits-lr/-initial-lr: one")
     parser.add_argument("--lambda-sgdm", type=float, default=0.1, help="digits-initial-lr")
     parser.add_argument("--lambda-rmsprop", type=float, default=0.0, help="digits-initial-lr")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: each "
+                        "experiment's own; fewer for a smoke run)")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     bases = (args.base,) if args.base else ("sgdm", "rmsprop")
+    kw = {} if args.steps is None else {"steps": args.steps}
     if args.experiment == "digits-eps-rho":
-        print(json.dumps(digits_eps_rho(args.rmsprop_lr, args.fixed_lr)))
+        result = digits_eps_rho(args.rmsprop_lr, args.fixed_lr, **kw)
     elif args.experiment == "digits-lr":
-        print(json.dumps(digits_lr(bases)))
+        result = digits_lr(bases, **kw)
     elif args.experiment == "digits-initial-lr":
         lams = {"sgdm": args.lambda_sgdm, "rmsprop": args.lambda_rmsprop}
-        print(json.dumps(digits_initial_lr({b: lams[b] for b in bases})))
+        result = digits_initial_lr({b: lams[b] for b in bases}, **kw)
     else:
-        print(json.dumps(EXPERIMENTS[args.experiment]()))
+        result = EXPERIMENTS[args.experiment](**kw)
+    print(json.dumps(result))
     return 0
 
 

@@ -7,7 +7,10 @@
 
 Each learner is meta-trained on training tasks only, saved with ``save_learned_optimizer``
 and deployed on a held-out task as ``learned:<path>`` beside tuned baselines by
-``meta_test.run_comparison`` (grid search over lr x weight decay for every spec). Prints
+``meta_test.run_comparison`` (grid search over lr x weight decay for every spec;
+``--tune-steps`` is its ``search_steps``, ``--tune-on iterations`` its
+``select_on="steps-to-target"``; the ``momentum`` experiment deploys the files as
+``learned:<path>?momentum=0.9``). Prints
 one JSON object (the summary) as its last line; ``--out`` keeps the harness's
 ``results.json`` / ``report.md`` / plots and the learned-optimizer files.
 
@@ -60,34 +63,24 @@ def _compare(
     tune_on: str = "loss",
     **kw: Any,
 ) -> dict[str, Any]:
-    """``run_comparison`` on ``task``. With ``tune_steps``, every spec's grid is searched on
-    a ``tune_steps`` horizon first, then every spec is re-run on the full ``steps`` with its
-    picked hyperparameters. ``tune_on="loss"`` picks by the loss after ``tune_steps`` (on a
-    synthetic problem every stable lr reaches ``f*`` within the full budget, so a full-length
-    search would break ties at rounding level); ``tune_on="iterations"`` picks the point
-    that reaches ``target_loss`` in the fewest steps within ``tune_steps`` (see
-    :func:`_fewest_iterations`)."""
+    """``meta_test.run_comparison`` of ``specs`` on ``task`` (grid search, 3 seeds), written
+    to ``out``; returns the summary per label. ``tune_steps`` is the search runs' horizon
+    (``search_steps``; default the reported ``steps``). ``tune_on="loss"`` picks by the loss
+    at the end of the search runs (``select_on`` as given); ``tune_on="iterations"`` by the
+    fewest steps to ``target_loss`` (``select_on="steps-to-target"``; a point that never
+    reaches it ranks by its final loss), the quantity the quadratics report: on a synthetic
+    problem every stable lr reaches ``f*`` within the budget, so the final loss would pick
+    among them by rounding noise."""
     from meta_test import run_comparison
 
-    kw = {"seeds": (0, 1, 2), "hpo": "grid", **kw}  # every experiment here: 3 seeds, grid
     if tune_on not in ("loss", "iterations"):
         raise ValueError(f"tune_on={tune_on!r}: must be 'loss' or 'iterations'")
-    if tune_steps is not None:
-        if tune_on == "iterations":
-            picked = {s: _fewest_iterations(task, s, tune_steps, **kw) for s in specs.values()}
-        else:
-            tuned = run_comparison(task, list(specs.values()), **{**kw, "steps": tune_steps})
-            picked = {s: tuned["optimizers"][s]["hparams"] for s in specs.values()}
-        results = {}
-        for spec in specs.values():
-            grids = {k: (v,) for k, v in picked[spec].items()}
-            one = run_comparison(task, [spec], **{**kw, "grids": grids})
-            results[spec] = one["optimizers"][spec]
-        res = {"optimizers": results}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(res, default=str))
-    else:
-        res = run_comparison(task, list(specs.values()), out=out, overwrite=True, **kw)
+    if tune_on == "iterations":
+        kw["select_on"] = "steps-to-target"
+    kw = {"seeds": (0, 1, 2), "hpo": "grid", **kw}  # every experiment here: 3 seeds, grid
+    res = run_comparison(
+        task, list(specs.values()), out=out, overwrite=True, search_steps=tune_steps, **kw
+    )
     summary = {}
     for label, spec in specs.items():
         r = res["optimizers"][spec]
@@ -100,37 +93,6 @@ def _compare(
             "sec_per_iter": r["sec_per_iter"]["mean"],
         }
     return summary
-
-
-def _fewest_iterations(
-    task: Any,
-    spec: str,
-    tune_steps: int,
-    *,
-    grids: dict[str, Any],
-    target_loss: float,
-    seeds: Any,
-    **_: Any,
-) -> dict[str, Any]:
-    """The grid point of ``spec`` whose run on the search seed (``seeds[0]``, as in
-    ``run_comparison``) reaches ``target_loss`` first within ``tune_steps``; ties and
-    points that never reach it are ranked by the loss after ``tune_steps``. This is the
-    quantity the quadratics report, so no optimizer is handed an lr picked by rounding
-    noise (with ``tune_on="loss"`` every fast optimizer is at ``f*`` to float64 precision
-    after ``tune_steps`` and the pick among them is arbitrary)."""
-    from meta_test.metrics import steps_to_target
-    from meta_test.runs import run_training
-    from meta_test.specs import search_space
-
-    def score(config: dict[str, Any]) -> tuple[float, float]:
-        r = run_training(task, spec, config, seed=int(seeds[0]), steps=tune_steps)
-        if r.diverged:
-            return math.inf, math.inf
-        hit = steps_to_target(r.train_loss, target_loss)
-        return (math.inf if hit is None else hit), r.train_loss[-1]
-
-    points = list(search_space(spec).override(grids).grid_points())
-    return min(points, key=score)
 
 
 # --- meta-quadratics -----------------------------------------------------------------------
@@ -281,40 +243,29 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _compare_digits(task: Any, specs: dict[str, str], out: Path, args: argparse.Namespace) -> Any:
+def _compare_digits(
+    task: Any, specs: dict[str, str], out: Path, args: argparse.Namespace, **grids: Any
+) -> Any:
     """The rotated-digits protocol: lr grid per spec at a fixed weight decay, 3 seeds."""
     return _compare(
-        task,
-        specs,
-        out,
-        steps=args.steps,
-        grids={"weight_decay": (args.weight_decay,)},
+        task, specs, out, steps=args.steps, grids={"weight_decay": (args.weight_decay,), **grids}
     )
 
 
 # --- the same learned files deployed with momentum -------------------------------------------
 def momentum(args: argparse.Namespace) -> dict[str, Any]:
-    """Re-deploy the files of a ``digits`` run with heavy-ball momentum 0.9 (the spec
-    ``learned-sgdm:<path>``, registered here), to separate the learned ``M`` from momentum:
-    with ``M = I`` it is exactly SGD-momentum."""
-    from meta_test.specs import OptimizerTrainer, register_spec
-    from metaopt.optim import Preconditioned
+    """Re-deploy the files of a ``digits`` run (SGD rule) with heavy-ball momentum 0.9, to
+    separate the learned ``M`` from momentum: with ``M = I`` it is exactly SGD-momentum.
+    Every spec tunes lr on SGD-momentum's grid (not the file's lr x factors)."""
+    from meta_test.space import LR_GRID
     from tasks import get_suite
 
-    def build(spec: str, model: Any, task: Any, hp: dict[str, Any]) -> Any:
-        pre = metaopt.load_preconditioner(spec.split(":", 1)[1], model)
-        opt = Preconditioned(model.named_parameters(), pre, momentum=0.9, **hp)
-        return OptimizerTrainer(model, task, opt, num_meta_parameters=pre.num_meta_parameters())
-
-    from meta_test.space import LR_GRID, lr_wd_space
-
-    register_spec("learned-sgdm:<path>", build, search_space=lr_wd_space(LR_GRID, (0.0,)))
     run_dir = Path(args.out) / f"holdout-{args.holdout}"
     specs = {"sgdm": "sgdm"}
     for name in ("metamd", "metasgd", "metacurvature"):
-        specs[f"{name}+momentum"] = f"learned-sgdm:{run_dir / (name + '.safetensors')}"
+        specs[f"{name}+momentum"] = f"learned:{run_dir / (name + '.safetensors')}?momentum=0.9"
     task = get_suite("rotated-digits").meta_test_task(args.holdout)
-    summary = _compare_digits(task, specs, run_dir / "momentum", args)
+    summary = _compare_digits(task, specs, run_dir / "momentum", args, lr=LR_GRID)
     return {
         "experiment": f"rotated-digits/holdout={args.holdout} deployed with momentum 0.9",
         "comparison": summary,
@@ -397,7 +348,9 @@ def main() -> None:
     p.add_argument("--truncate", type=int, default=20)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--tune-steps", type=int, default=None)
+    p.add_argument(
+        "--tune-steps", type=int, default=None, help="steps of the search runs (default --steps)"
+    )
     p.add_argument(
         "--tune-on",
         choices=["loss", "iterations"],

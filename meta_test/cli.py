@@ -6,6 +6,19 @@ Example::
         --seeds 0,1,2 --hpo grid --out runs/rosenbrock
     python -m meta_test --import my_tasks.py --task mine --optimizers sgd --steps 100 --out r
 
+Fixed hyperparameters per optimizer: ``SPEC?key=value&key=value`` (``sgdm?momentum=0.5``,
+``apo-precond?warmup=100``, ``learned:run/learned_optimizer.safetensors?momentum=0.9``);
+a fixed value is not searched. Selection (``meta_test.selection``): ``--select-on``
+auto | loss | METRIC | train-loss | steps-to-target (with ``--target-loss``);
+``--search-seeds 0,1,2 --search-aggregate median`` scores each configuration by the median
+over several seeds; ``--search-steps N`` tunes on N-step runs while the reported runs
+train ``--steps``. Ties go to the lower validation loss (selecting on the metric) or the
+lower final training loss (steps-to-target), then to the first in grid order::
+
+    python -m meta_test --task rosenbrock --optimizers "sgd,sgdm?momentum=0.5" --steps 2000 \\
+        --search-steps 500 --select-on steps-to-target --target-loss 1e-6 \\
+        --search-seeds 0,1,2 --out runs/rosenbrock-fast
+
 Bad input (unknown task / suite / domain / optimizer, an out-of-range number, a device
 that is not here, a non-empty ``--out`` without ``--overwrite``, an ``--out`` that cannot be
 written, a ``learned:<path>`` file for another architecture, ...) exits with code 2 and one
@@ -66,6 +79,26 @@ def _grid(items: Sequence[str]) -> dict[str, list[float]]:
     return grids
 
 
+def _spec_list(text: str) -> list[str]:
+    """Comma-separated specs; a comma inside brackets or quotes belongs to a query value
+    (``adam?betas=[0.9,0.99]``)."""
+    specs, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            specs.append(text[start:i])
+            start = i + 1
+    specs.append(text[start:])
+    return [s.strip() for s in specs if s.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m meta_test", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -73,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--suite", help="a registered suite name (with --domain)")
     p.add_argument("--domain", help="the suite's domain to train on")
     p.add_argument(
-        "--optimizers", required=True, help="comma-separated specs, each once: sgdm,adam,kfac"
+        "--optimizers",
+        required=True,
+        help="comma-separated specs, each once: sgdm,adam,kfac; "
+        "SPEC?key=value&key=value fixes hyperparameters (sgdm?momentum=0.5)",
     )
     p.add_argument("--steps", type=int_arg(1), required=True,
                    help="training steps per run, 1 to 100000000")  # fmt: skip
@@ -96,7 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-loss", type=float_arg(), default=None, help="for steps-to-target")
     p.add_argument("--search-seed", type=int_arg(0, MAX_SEED), default=None,
                    help="seed of the search trials (default: the first seed)")  # fmt: skip
-    p.add_argument("--select-on", default="auto", help="auto | loss | the task's metric")
+    p.add_argument("--select-on", default="auto",
+                   help="auto | loss | the task's metric | train-loss | steps-to-target "
+                   "(needs --target-loss)")  # fmt: skip
+    p.add_argument("--search-seeds", default=None,
+                   help="comma-separated seeds of every search trial, scored by "
+                   "--search-aggregate over them (default: --search-seed)")  # fmt: skip
+    p.add_argument("--search-aggregate", default="median",
+                   help="median | mean over --search-seeds (default median)")  # fmt: skip
+    p.add_argument("--search-steps", type=int_arg(1), default=None,
+                   help="training steps of each search trial (default --steps)")  # fmt: skip
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra task/suite option, e.g. dtype=float64 (repeatable; "
                    f"{VALUE_SYNTAX})")  # fmt: skip
@@ -136,10 +181,13 @@ def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.device is not None:
         check_device(args.device, "--device")
-    specs = [s.strip() for s in args.optimizers.split(",") if s.strip()]
+    specs = _spec_list(args.optimizers)
     inputs = [] if args.data_root is None else [args.data_root]
     check_out_dir(args.out, args.overwrite, [*inputs, *(f for s in specs for f in input_files(s))])
     seeds = _seed_list(args.seeds, "--seeds")
+    search_seeds = (
+        None if args.search_seeds is None else _seed_list(args.search_seeds, "--search-seeds")
+    )
     task = _resolve_task(args)
     results = run_comparison(
         task,
@@ -155,6 +203,9 @@ def _run(argv: Sequence[str] | None) -> int:
         eval_every=args.eval_every,
         target_loss=args.target_loss,
         search_seed=args.search_seed,
+        search_seeds=search_seeds,
+        search_aggregate=args.search_aggregate,
+        search_steps=args.search_steps,
         select_on=args.select_on,
         device=args.device,
         progress=not args.no_progress,

@@ -2,11 +2,15 @@
 
 For every spec, with the same budget:
 
-1. search its :class:`~meta_test.space.SearchSpace` (``hpo``) on the validation split: each
-   trial trains ``steps`` steps from seed ``search_seed`` (default: the first seed) and is
-   scored by the validation metric (accuracy maximised; MSE minimised; the validation
-   loss for synthetic tasks, ``task.info["synthetic"]``); a diverged trial scores worst;
-2. re-run the selected configuration on every seed, recording curves;
+1. search its :class:`~meta_test.space.SearchSpace` (``hpo``; the values fixed by the
+   spec's query, ``sgdm?momentum=0.5``, are not searched): each trial trains
+   ``search_steps`` steps (default ``steps``) from each of ``search_seeds`` (default: the
+   first seed) and is scored by the aggregate over those seeds (median by default) of the
+   selected quantity: by default the validation metric (accuracy maximised; MSE
+   minimised; the validation loss for synthetic tasks, ``task.info["synthetic"]``), or
+   the training-split loss, or the steps to ``target_loss`` (:mod:`meta_test.selection`,
+   which also says how ties are broken); a diverged trial scores worst;
+2. re-run the selected configuration on every seed for ``steps`` steps, recording curves;
 3. summarise (:mod:`meta_test.metrics`) into the ``results.json`` dict.
 """
 
@@ -20,8 +24,17 @@ from typing import Any
 
 from meta_test.metrics import auc, mean_curve, mean_std, steps_to_target
 from meta_test.runs import RunResult, run_training
-from meta_test.search import HPO_METHODS, SearchResult, run_search
-from meta_test.specs import build_trainer, canonical_spec, check_spec, input_files, search_space
+from meta_test.search import HPO_METHODS, SearchResult, Trial, run_search
+from meta_test.selection import AGGREGATES, Selection, selection_objective
+from meta_test.space import SearchSpace
+from meta_test.specs import (
+    build_trainer,
+    canonical_spec,
+    check_spec,
+    input_files,
+    search_space,
+    split_spec,
+)
 
 __all__ = ["run_comparison", "selection_objective"]
 
@@ -30,20 +43,24 @@ def _finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def selection_objective(task: Any, select_on: str = "auto") -> tuple[str, bool]:
-    """``(key, maximize)``: the validation quantity the search optimises.
+def _trial_record(t: Trial) -> dict[str, Any]:
+    record = {"config": t.config, "value": _finite_or_none(t.value)}
+    if t.tiebreak is not None:
+        record["tiebreak"] = _finite_or_none(t.tiebreak)
+    return {**record, **t.detail}
 
-    ``"auto"``: ``"accuracy"`` (maximised) for classification, ``"loss"`` for synthetic
-    tasks (``task.info["synthetic"]``), else ``"mse"`` (minimised). ``"loss"`` or the task's
-    metric name choose explicitly.
-    """
-    if select_on == "auto":
-        if task.metric == "accuracy":
-            return "accuracy", True
-        return ("loss" if task.info.get("synthetic") else task.metric), False
-    if select_on not in ("loss", task.metric):
-        raise ValueError(f"select_on={select_on!r}: must be 'auto', 'loss' or {task.metric!r}")
-    return select_on, select_on == "accuracy"
+
+def _seed_list(name: str, seeds: Sequence[int]) -> list[int]:
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"{name}={seeds!r}: must be distinct non-negative integers (at least one)")
+    return seeds
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: must be a positive integer")
+    return value
 
 
 def _check_budget(spaces: Mapping[str, Any], hpo: str, allow_unequal: bool) -> dict[str, int]:
@@ -104,9 +121,7 @@ def _summary(
             "method": search.method,
             "budget": len(search.trials),
             "best_value": _finite_or_none(search.best_value),
-            "trials": [
-                {"config": t.config, "value": _finite_or_none(t.value)} for t in search.trials
-            ],
+            "trials": [_trial_record(t) for t in search.trials],
         },
         "curves": {
             "steps": idx,
@@ -135,7 +150,11 @@ def run_comparison(
     eval_every: int | None = None,
     target_loss: float | None = None,
     search_seed: int | None = None,
+    search_seeds: Sequence[int] | None = None,
+    search_aggregate: str = "median",
+    search_steps: int | None = None,
     select_on: str = "auto",
+    spaces: Mapping[str, SearchSpace] | None = None,
     device: str | None = None,
     progress: bool = False,
     allow_unequal_budget: bool = False,
@@ -159,9 +178,19 @@ def run_comparison(
             that tunes ``hparam``.
         log_every: curve resolution in steps (default ``max(1, steps // 100)``).
         eval_every: test-metric curve resolution (default ``max(1, steps // 10)``).
-        target_loss: loss for ``steps_to_target`` (``None``: reported as ``null``).
-        search_seed: seed of the search trials (default ``seeds[0]``).
-        select_on: ``"auto"``, ``"loss"`` or the task's metric (see ``selection_objective``).
+        target_loss: loss for ``steps_to_target`` (``None``: reported as ``null``; needed
+            by ``select_on="steps-to-target"``).
+        search_seed: seed of the search trials (default ``seeds[0]``); the same as
+            ``search_seeds=[search_seed]``.
+        search_seeds: seeds every search trial trains from; a configuration scores the
+            ``search_aggregate`` of its per-seed scores (default ``[search_seed]``).
+        search_aggregate: ``"median"`` (default) or ``"mean"`` over ``search_seeds``.
+        search_steps: training steps of each search trial (default ``steps``): a tuning
+            horizon shorter (or longer) than the reported runs'.
+        select_on: ``"auto"``, ``"loss"``, the task's metric, ``"train-loss"`` or
+            ``"steps-to-target"`` (see :mod:`meta_test.selection`, also for ties).
+        spaces: ``{spec: SearchSpace}`` replacing the search space of the named specs
+            (their query's fixed values and ``grids`` still apply on top).
         device: move the task there (``"cpu"``, ``"cuda"``, ...).
         progress: show a tqdm bar (stderr) over all training steps.
         allow_unequal_budget: accept grids of different sizes (``protocol.equal_budget``
@@ -178,11 +207,18 @@ def run_comparison(
         task = get_task(task, **dict(task_options or {}))
     if device is not None:
         task = task.with_device(device)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps={steps!r}: must be a positive integer")
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ValueError(f"seeds={seeds!r}: must be distinct non-negative integers (at least one)")
+    steps = _positive_int("steps", steps)
+    seeds = _seed_list("seeds", seeds)
+    if search_seeds is not None and search_seed is not None:
+        raise ValueError("search_seed and search_seeds: give one of them")
+    if search_seeds is None:
+        search_seeds = [seeds[0] if search_seed is None else int(search_seed)]
+    search_seeds = _seed_list("search_seeds", search_seeds)
+    if search_aggregate not in AGGREGATES:
+        raise ValueError(
+            f"search_aggregate={search_aggregate!r}: must be one of {list(AGGREGATES)}"
+        )
+    search_steps = _positive_int("search_steps", steps if search_steps is None else search_steps)
     if hpo not in HPO_METHODS:
         raise ValueError(f"hpo={hpo!r}: must be one of {list(HPO_METHODS)}")
     if hpo == "botorch" and importlib.util.find_spec("botorch") is None:
@@ -194,14 +230,13 @@ def run_comparison(
         raise ValueError(f"specs={specs!r}: give at least one optimizer, each once")
     log_every = max(1, steps // 100) if log_every is None else log_every
     eval_every = max(1, steps // 10) if eval_every is None else eval_every
-    for name, value in (("log_every", log_every), ("eval_every", eval_every)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r}: must be a positive integer")
+    log_every = _positive_int("log_every", log_every)
+    eval_every = _positive_int("eval_every", eval_every)
     inputs = [*inputs, *(f for s in specs for f in input_files(s))]
     if out is not None:
         report.check_out_dir(out, overwrite, inputs)
-    key, maximize = selection_objective(task, select_on)
-    spaces = {s: search_space(s).override(dict(grids or {})) for s in specs}
+    selection = Selection.for_task(task, select_on, target_loss)
+    spaces = _spaces(specs, spaces or {}, grids or {})
     known = {n for sp in spaces.values() for n in [*sp.names, *sp.fixed]}
     unused = set(grids or {}) - known  # a typo must not silently leave the default grid
     if unused:
@@ -216,14 +251,13 @@ def run_comparison(
     for s, space in spaces.items():
         first = next(space.grid_points()) if space.dims else space.default_point()
         _validate(task, s, [space.default_point()] if hpo == "none" else [first])
-    search_seed = seeds[0] if search_seed is None else int(search_seed)
 
     n_trials = {"none": 0, "botorch": iterations, "random": iterations}
     trials = [
         sizes[s] if hpo == "grid" else n_trials[hpo] if spaces[s].dims else min(n_trials[hpo], 1)
         for s in specs
     ]
-    total = steps * (len(seeds) * len(specs) + sum(trials))
+    total = steps * len(seeds) * len(specs) + search_steps * len(search_seeds) * sum(trials)
     bar = _bar(total, progress)
     results: dict[str, Any] = {
         "task": task.name,
@@ -232,11 +266,15 @@ def run_comparison(
         "hpo": hpo,
         "optimizers": {},
         "protocol": {
-            "select_on": f"val_{key}",
-            "maximize": maximize,
-            "search_seed": search_seed,
+            "select_on": selection.label,
+            "maximize": selection.maximize,
+            "search_seed": search_seeds[0],
+            "search_seeds": search_seeds,
+            "search_aggregate": search_aggregate,
+            "search_steps": search_steps,
             "iterations": iterations if hpo in ("botorch", "random") else None,
             "grids": {s: {d.name: list(d.grid) for d in sp.dims} for s, sp in spaces.items()},
+            "fixed": {s: dict(sp.fixed) for s, sp in spaces.items()},
             "log_every": log_every,
             "eval_every": eval_every,
             "target_loss": target_loss,
@@ -248,16 +286,27 @@ def run_comparison(
         for spec in specs:
             bar.set_postfix_str(f"{spec}: search")
 
-            def objective(config: dict[str, Any], spec: str = spec) -> float:
-                r = run_training(
-                    task, spec, config, seed=search_seed, steps=steps, log_every=log_every,
-                    final_splits=("val",), progress=bar.update,
-                )  # fmt: skip
-                return r.final[f"val_{key}"]
+            def objective(config: dict[str, Any], spec: str = spec) -> Any:
+                scores = {
+                    seed: selection.score(
+                        run_training(
+                            task,
+                            spec,
+                            config,
+                            seed=seed,
+                            steps=search_steps,
+                            log_every=log_every,
+                            final_splits=selection.splits,
+                            progress=bar.update,
+                        )  # fmt: skip
+                    )
+                    for seed in search_seeds
+                }
+                return selection.aggregate(scores, search_aggregate)
 
             found = run_search(
                 spaces[spec], objective, method=hpo, iterations=iterations,
-                maximize=maximize, seed=search_seed,
+                maximize=selection.maximize, seed=search_seeds[0],
             )  # fmt: skip
             bar.set_postfix_str(f"{spec}: seeds")
             runs = [
@@ -279,6 +328,28 @@ def run_comparison(
     if out is not None:
         report.write_outputs(results, out, overwrite=overwrite, inputs=inputs)
     return results
+
+
+def _spaces(
+    specs: Sequence[str], given: Mapping[str, SearchSpace], grids: Mapping[str, Sequence[float]]
+) -> dict[str, SearchSpace]:
+    """Each spec's search space: ``given[spec]`` or its own, the query's values fixed, then
+    ``grids`` overriding the dims it names."""
+    by_name = {canonical_spec(s): sp for s, sp in given.items()}
+    unknown = sorted(set(by_name) - {canonical_spec(s) for s in specs})
+    if unknown:
+        raise ValueError(f"spaces: {unknown} are not among the specs {list(specs)}")
+    out = {}
+    for s in specs:
+        space = by_name.get(canonical_spec(s))
+        if space is None:
+            space = search_space(s)
+        elif not isinstance(space, SearchSpace):
+            raise ValueError(f"spaces[{s!r}]={space!r}: must be a meta_test.SearchSpace")
+        else:
+            space = space.fix(split_spec(s)[1])
+        out[s] = space.override(dict(grids))
+    return out
 
 
 def _bar(total: int, enabled: bool) -> Any:

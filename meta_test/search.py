@@ -12,7 +12,13 @@ Methods (``hpo``):
 - ``"random"``: ``iterations`` uniform draws in the same unit cube (a baseline for tests).
 
 A trial whose objective is not finite (a diverged run) scores as the worst value: it is
-never selected, and the GP sees it as the worst finite value observed so far.
+never selected over a finite one, and the GP sees it as the worst finite value observed so
+far.
+
+Ties: the objective may return a :class:`Score` with a ``tiebreak`` (lower is better) that
+orders trials of equal value (and trials that are all non-finite, e.g. configurations
+that never reach a target); trials still tied go to the first in evaluation order (the
+grid's order for ``"grid"``).
 """
 
 from __future__ import annotations
@@ -26,15 +32,32 @@ import torch
 
 from meta_test.space import SearchSpace
 
-__all__ = ["HPO_METHODS", "SearchResult", "Trial", "run_search"]
+__all__ = ["HPO_METHODS", "Score", "SearchResult", "Trial", "run_search"]
 
 HPO_METHODS = ("none", "grid", "botorch", "random")
+
+
+@dataclass(frozen=True)
+class Score:
+    """What an objective may return instead of a float.
+
+    Attributes:
+        value: the quantity the search minimises (or maximises).
+        tiebreak: orders trials of equal ``value``, lower is better (``None``: no tie-break).
+        detail: recorded with the trial (e.g. the per-seed values behind an aggregate).
+    """
+
+    value: float
+    tiebreak: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Trial:
     config: dict[str, Any]
     value: float
+    tiebreak: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -47,28 +70,25 @@ class SearchResult:
     trials: list[Trial] = field(default_factory=list)
 
 
-def _better(a: float, b: float, maximize: bool) -> bool:
-    if not math.isfinite(a):
-        return False
-    if not math.isfinite(b):
-        return True
-    return a > b if maximize else a < b
+def _rank(trial: Trial, maximize: bool) -> tuple[float, float]:
+    """The sort key of a trial (lower is better): its value (negated when maximising;
+    non-finite: worst), then its tie-break (absent or non-finite: worst)."""
+    v, tb = trial.value, trial.tiebreak
+    primary = (-v if maximize else v) if math.isfinite(v) else math.inf
+    return primary, tb if tb is not None and math.isfinite(tb) else math.inf
 
 
 def _finish(method: str, space: SearchSpace, trials: list[Trial], maximize: bool) -> SearchResult:
     if not trials:
         return SearchResult(method, space.default_point(), None, trials)
-    best = trials[0]
-    for t in trials[1:]:
-        if _better(t.value, best.value, maximize):
-            best = t
+    best = min(trials, key=lambda t: _rank(t, maximize))  # min keeps the first of equals
     value = best.value if math.isfinite(best.value) else None
     return SearchResult(method, dict(best.config), value, trials)
 
 
 def run_search(
     space: SearchSpace,
-    objective: Callable[[dict[str, Any]], float],
+    objective: Callable[[dict[str, Any]], float | Score],
     *,
     method: str,
     iterations: int = 25,
@@ -80,7 +100,8 @@ def run_search(
 
     Args:
         space: what to tune.
-        objective: ``config -> float`` (e.g. the validation metric after training).
+        objective: ``config -> float`` (e.g. the validation metric after training) or
+            ``config -> Score`` (a value with a tie-break).
         method: one of ``HPO_METHODS``.
         iterations: evaluations for ``"botorch"`` and ``"random"`` (default 25).
         maximize: maximise instead of minimise (accuracy).
@@ -94,9 +115,12 @@ def run_search(
     trials: list[Trial] = []
 
     def evaluate(config: dict[str, Any]) -> float:
-        value = float(objective(config))
-        trials.append(Trial(dict(config), value))
-        return value
+        score = objective(config)
+        if not isinstance(score, Score):
+            score = Score(float(score))
+        tb = None if score.tiebreak is None else float(score.tiebreak)
+        trials.append(Trial(dict(config), float(score.value), tb, dict(score.detail)))
+        return float(score.value)
 
     if method == "none":
         pass

@@ -135,6 +135,12 @@ class SearchSpace:
     def to_unit(self, config: Mapping[str, Any]) -> list[float]:
         return [d.to_unit(float(config[d.name])) for d in self.dims]
 
+    def fix(self, values: Mapping[str, Any]) -> SearchSpace:
+        """This space with ``values`` fixed: a tuned dim of the same name stops being tuned
+        (the fixed value wins), and every trial gets ``values``."""
+        dims = tuple(d for d in self.dims if d.name not in values)
+        return SearchSpace(dims, {**self.fixed, **values})
+
     def override(self, grids: Mapping[str, Sequence[float]]) -> SearchSpace:
         """This space with the grids (and boxes) of the named dims replaced.
 

@@ -13,11 +13,19 @@ Built-in specs:
   hyperparameters (:func:`metaopt.load_optimizer`). It tunes ``lr`` over the file's
   meta-trained lr times ``LEARNED_LR_FACTORS`` (the learned optimizer has tuned its own
   step scale; the search refines it on the same 5-point budget as every optimizer) x the
-  weight-decay grid. ``learned:<path>?momentum=0.9&nesterov=true`` overrides rule
-  hyperparameters (values as TOML: numbers, ``true``/``false``, quoted strings);
+  weight-decay grid; ``learned:<path>?momentum=0.9`` deploys it with heavy-ball momentum;
 - ``apo-lr:<base>``, ``apo-layer-lr:<base>``, ``apo-rmsprop-eps-rho``, ``apo-kfac-damping``,
   ``apo-precond``: built by :func:`meta_test.apo_specs.build`, searched over
   :func:`meta_test.apo_specs.search_space`.
+
+Fixed hyperparameters: any spec may end in a query, ``SPEC?key=value&key=value`` (values
+as in ``--task-option``: TOML, a bare word is a string), e.g. ``sgdm?momentum=0.5``,
+``apo-precond?warmup=100``, ``adam?betas=[0.9,0.99]``. The fixed values reach the builder
+on every trial and leave the spec's search space: a fixed hyperparameter that the space
+also tunes is not tuned (``learned:<path>?lr=0.05`` trains at lr 0.05 and tunes only the
+weight decay). Builders and search spaces see the spec without its query
+(:func:`split_spec`); the query is part of the spec's name in the results, so
+``sgdm?momentum=0.5`` and ``sgdm`` can be compared side by side.
 
 Register your own with :func:`register_spec`; a name ending in ``:`` (or written
 ``"name:<arg>"``) is a prefix that matches every ``name:...`` spec. Registered names live in
@@ -37,6 +45,7 @@ from torch import Tensor, nn
 
 from meta_test import apo_specs
 from meta_test.space import ADAM_LR_GRID, LR_GRID, WD_GRID, SearchSpace, lr_wd_space
+from metaopt.cli_support import parse_options
 from metaopt.registry import Registry, import_target
 
 __all__ = [
@@ -53,6 +62,7 @@ __all__ = [
     "input_files",
     "register_spec",
     "search_space",
+    "split_spec",
 ]
 
 #: L4's step-size fraction grid (the L4 paper recommends 0.1-0.3; default 0.15).
@@ -210,10 +220,20 @@ def _display(key: str) -> str:
     return f"{key}<arg>" if key.endswith(":") else key
 
 
-def _lookup(spec: str) -> _Spec:
+def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"sgdm?momentum=0.5&nesterov=true"`` -> ``("sgdm", {"momentum": 0.5, "nesterov":
+    True})``: the spec without its query and the hyperparameters the query fixes (values
+    parsed as :func:`metaopt.cli_support.parse_value`; ``{}`` without a query). The query
+    starts at the first ``?``; ``&`` separates its items, so neither may appear in a value."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"optimizer spec={spec!r}: must be a non-empty string")
-    key = spec.strip()
+    name, _, query = spec.strip().partition("?")
+    fixed = parse_options([q for q in query.split("&") if q.strip()], f"spec {spec.strip()!r}")
+    return name.strip(), fixed
+
+
+def _lookup(spec: str) -> _Spec:
+    key, _ = split_spec(spec)
     low = key.lower()
     if not low.endswith(":") and low in SPECS:
         found = low
@@ -239,32 +259,37 @@ def available_specs() -> list[str]:
 
 
 def check_spec(spec: str) -> str:
-    """``spec`` stripped, or ``ValueError`` listing the valid specs."""
+    """``spec`` stripped, or ``ValueError`` listing the valid specs (or naming a bad query)."""
     _lookup(spec)
     return spec.strip()
 
 
 def canonical_spec(spec: str) -> str:
     """The form shared by specs that train the same way (``SGD`` and ``sgd``): names and
-    prefixes are case-insensitive, a prefix's argument (``learned:<path>``) is kept."""
-    head, sep, arg = check_spec(spec).partition(":")
-    return head.lower() + sep + arg
+    prefixes are case-insensitive, a prefix's argument (``learned:<path>``) and the query
+    (``?momentum=0.5``) are kept."""
+    name, sep, query = check_spec(spec).partition("?")
+    head, colon, arg = name.partition(":")
+    return head.lower() + colon + arg + sep + query
 
 
 def input_files(spec: str) -> list[str]:
     """Files the spec reads (``learned:<path>`` -> ``[path]``), which no output may replace."""
-    head, sep, arg = spec.strip().partition(":")
+    head, sep, arg = split_spec(spec)[0].partition(":")
     return [arg] if sep and head.lower() == "learned" and arg else []
 
 
 def search_space(spec: str) -> SearchSpace:
-    """The search space that ``spec`` declares."""
-    return _lookup(spec).search_space(spec.strip())
+    """The search space that ``spec`` declares, with its query's values fixed."""
+    name, fixed = split_spec(spec)
+    return _lookup(spec).search_space(name).fix(fixed)
 
 
 def build_trainer(spec: str, model: nn.Module, task: Any, hparams: Mapping[str, Any]) -> Trainer:
-    """Build the :class:`Trainer` that ``spec`` names for ``model`` on ``task``."""
-    trainer = _lookup(spec).builder(spec.strip(), model, task, dict(hparams))
+    """Build the :class:`Trainer` that ``spec`` names for ``model`` on ``task``; the values
+    fixed by the spec's query replace those of ``hparams``."""
+    name, fixed = split_spec(spec)
+    trainer = _lookup(spec).builder(name, model, task, {**hparams, **fixed})
     for attr in ("step", "hparam_log", "num_meta_parameters"):
         if not hasattr(trainer, attr):
             raise TypeError(f"spec={spec!r}: its builder returned {trainer!r} without {attr!r}")
@@ -293,33 +318,11 @@ def _optimizer_space(spec: str) -> SearchSpace:
 LEARNED_LR_FACTORS = (0.5, 2**-0.5, 1.0, 2**0.5, 2.0)
 
 
-def parse_learned(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"learned:PATH?k=v&k2=v2"`` -> ``(PATH, {k: v, k2: v2})`` (values as TOML values,
-    a bare word as a string)."""
-    import tomllib
-
-    body = spec.split(":", 1)[1]
-    path, _, query = body.partition("?")
-    overrides: dict[str, Any] = {}
-    for item in filter(None, query.split("&")):
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"spec={spec!r}: write overrides as learned:PATH?key=value&key=value")
-        try:
-            overrides[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            overrides[key.strip()] = raw
-    if not path:
-        raise ValueError(f"spec={spec!r}: write learned:PATH (a learned optimizer file)")
-    return path, overrides
-
-
 def _learned_builder(spec: str, model: nn.Module, task: Any, hp: dict[str, Any]) -> Trainer:
     from metaopt.io import load_learned_optimizer
 
-    path, overrides = parse_learned(spec)
-    learned = load_learned_optimizer(path, model)
-    hp = {**overrides, **hp}
+    learned = load_learned_optimizer(spec.split(":", 1)[1], model)
+    hp = dict(hp)
     opt = learned.build(model.named_parameters(), hp.pop("lr", None), **hp)
     pre = learned.preconditioner
     return OptimizerTrainer(model, task, opt, num_meta_parameters=pre.num_meta_parameters())
@@ -328,9 +331,8 @@ def _learned_builder(spec: str, model: nn.Module, task: Any, hp: dict[str, Any])
 def _learned_space(spec: str) -> SearchSpace:
     from metaopt.io import read_metadata
 
-    path, overrides = parse_learned(spec)
-    meta = read_metadata(path).get("optimizer") or {}
-    lr = float(overrides.get("lr", meta.get("lr", 0.01)))
+    meta = read_metadata(spec.split(":", 1)[1]).get("optimizer") or {}
+    lr = float(meta.get("lr", 0.01))
     return lr_wd_space(tuple(lr * f for f in LEARNED_LR_FACTORS), WD_GRID)
 
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from meta_test import specs
 from meta_test.apo_specs import APOTrainer, parse_spec, search_space
 from meta_test.specs import build_trainer
-from meta_test.specs import search_space as optimizer_space
 from tasks.base import Task
 
 
@@ -102,7 +102,7 @@ def test_search_spaces_follow_the_paper_grids():
         "lambda_fsd": (0.3, 0.1, 0.03),
         "lambda_wsd": (3.0, 1.0, 0.3, 0.1, 0.03),
     }
-    assert precond.grid_size() == optimizer_space("sgdm").grid_size() == 15
+    assert precond.grid_size() == specs.search_space("sgdm").grid_size() == 15
 
 
 def test_run_comparison_runs_an_apo_spec_end_to_end():
