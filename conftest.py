@@ -169,8 +169,8 @@ class _DocBlocks:
             else:
                 evaluator = _run_python
             lexemes = {"slow": slow, "title": title.group("title") if title else None}
-            yield Region(region.start, region.end, str(region.lexemes["source"]), _in_order(evaluator),
-                         lexemes=lexemes)  # fmt: skip
+            source = str(region.lexemes["source"])
+            yield Region(region.start, region.end, source, _in_order(evaluator), lexemes=lexemes)
 
 
 if Sybil is not None:
