@@ -30,6 +30,17 @@ REGION = re.compile(
 )
 
 
+#: the file keys older JSON records use for the APO papers, as citations
+_KEYS = {"000_": "Bae et al. 2022 appendix", "001_": "Bae et al. 2022 earlier version",
+         "002_": "Bae et al. 2022"}  # fmt: skip
+
+
+def _cite(text: str) -> str:
+    for key, citation in _KEYS.items():
+        text = text.replace(key, citation)
+    return text
+
+
 def _load(path: Path) -> Any:
     return json.loads(path.read_text())  # Python's json reads the NaN some files hold
 
@@ -97,7 +108,7 @@ def apo_experiment(name: str) -> Callable[[], str]:
         head = f"{data.get('steps', '?')} steps"
         for key in ("model", "protocol", "selection"):
             if key in data:
-                head += f"; {key}: {data[key]}"
+                head += f"; {key}: {_cite(str(data[key]))}"
         return f"*{head}* (`docs/results/apo/{name}.json`)\n\n{_groups(data)}\n{_claims(data)}"
 
     return render
