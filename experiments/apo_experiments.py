@@ -3,7 +3,7 @@
 
 Every configuration of a grid trains from the same seed for the same number of steps; the
 best configuration of each method is the one with the lowest final loss on the full
-training split (the papers select on final training loss, ``000_`` C.3-C.4).
+training split (the papers select on final training loss, Bae et al. 2022, appendix C.3-C.4).
 
     OMP_NUM_THREADS=1 python experiments/apo_experiments.py rosenbrock
     OMP_NUM_THREADS=1 python experiments/apo_experiments.py ill-conditioned
@@ -161,8 +161,9 @@ def ill_conditioned(seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
 
 
 DIGITS = dict(model="mlp", model_options={"in_features": 64, "widths": (256, 256)}, batch_size=100)
-# 001_ §5.2 (the MNIST MLP behind 002_ Fig. 4 right): fixed-lr grids and APO's lambda grids;
-# APO starts from lr 0.1 (SGDm) / 3e-4 (RMSprop) with meta-RMSprop at 0.1 (000_ C.2), lambda_wsd 0
+# Bae et al. 2022, earlier version, section 5.2 (the MNIST MLP behind Fig. 4 right): fixed-lr
+# grids and APO's lambda grids; APO starts from lr 0.1 (SGDm) / 3e-4 (RMSprop) with meta-RMSprop
+# at 0.1 (Bae et al. 2022, appendix C.2), lambda_wsd 0
 PAPER_FIXED = {"sgdm": (0.1, 0.01, 0.001), "rmsprop": (0.01, 0.001, 1e-4)}
 EXTRA_FIXED = {"sgdm": (1.0, 0.3, 0.03), "rmsprop": (3e-3, 3e-4)}  # a finer grid, reported too
 PAPER_LAMBDAS = {"sgdm": (0.1, 0.01, 1e-3), "rmsprop": (0.1, 0.01, 1e-3, 1e-4, 1e-5, 0.0)}
@@ -175,7 +176,8 @@ def digits_lr(bases: tuple[str, ...] = ("sgdm", "rmsprop")) -> dict[str, Any]:
         "experiment": "digits-lr",
         "steps": steps,
         "model": "mlp 64-256-256-10",
-        "protocol": "001_ 5.2 grids; APO lr0 0.1 (sgdm) / 3e-4 (rmsprop), meta RMSprop 0.1",
+        "protocol": "Bae et al. 2022 earlier version, section 5.2 grids; APO lr0 0.1 (sgdm) / "
+        "3e-4 (rmsprop), meta RMSprop 0.1",
     }
     for base in bases:
         fixed = _grid(
@@ -194,7 +196,8 @@ def digits_lr(bases: tuple[str, ...] = ("sgdm", "rmsprop")) -> dict[str, Any]:
 
 
 def digits_initial_lr(lambdas: dict[str, float]) -> dict[str, Any]:
-    """APO from initial lrs 1e-7 .. 1e-1 (000_ J.2) at each base's best lambda of digits-lr."""
+    """APO from initial lrs 1e-7 .. 1e-1 (Bae et al. 2022, appendix J.2) at each base's best
+    lambda of digits-lr."""
     task = get_task("digits", **DIGITS)
     steps = 2000
     out: dict[str, Any] = {"experiment": "digits-initial-lr", "steps": steps}
@@ -223,8 +226,8 @@ def digits_initial_lr(lambdas: dict[str, float]) -> dict[str, Any]:
 
 def digits_eps_rho(rmsprop_lr: float = 1e-2, fixed_lr: bool = False) -> dict[str, Any]:
     """RMSprop at its best fixed lr (from ``digits-lr``, same seed and steps) against APO
-    adapting eps and rho (and lr) from that lr, with 000_ D.7's protocol: meta-RMSprop at
-    0.01, lambda_fsd in {1e-3, 1e-4, 1e-5} x lambda_wsd in {1e-1, ..., 1e-6}."""
+    adapting eps and rho (and lr) from that lr, with Bae et al. 2022's appendix D.7 protocol:
+    meta-RMSprop at 0.01, lambda_fsd in {1e-3, 1e-4, 1e-5} x lambda_wsd in {1e-1, ..., 1e-6}."""
     task = get_task("digits", **DIGITS)
     steps = 2000
     fixed = _run(task, "rmsprop", {"lr": rmsprop_lr}, steps)
@@ -241,7 +244,8 @@ def digits_eps_rho(rmsprop_lr: float = 1e-2, fixed_lr: bool = False) -> dict[str
     return {
         "experiment": "digits-eps-rho",
         "steps": steps,
-        "protocol": "000_ D.7: meta RMSprop lr 0.01, lambda grids as in the paper",
+        "protocol": "Bae et al. 2022 appendix D.7: meta RMSprop lr 0.01, lambda grids as in the "
+        "paper",
         "fixed_lr": fixed_lr,
         "rmsprop": fixed,
         "apo_rmsprop_eps_rho": apo,

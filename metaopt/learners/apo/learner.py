@@ -1,4 +1,4 @@
-"""APO: Amortized Proximal Optimization (``002_`` Algorithm 1), an online meta-learner.
+"""APO: Amortized Proximal Optimization (Bae et al. 2022, Algorithm 1), an online meta-learner.
 
 Every ``K = meta_interval`` steps APO forms the one-step lookahead ``theta'(phi) =
 u(theta, phi, B)``, evaluates a meta-objective on it (default ``"proximal"``:
