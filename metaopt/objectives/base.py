@@ -60,7 +60,7 @@ class MetaContext:
         extras: learner-specific additions. APO: ``"hparams"``, the meta-parameters
             ``phi`` by name as the meta-optimizer sees them, differentiable and mostly in log
             space (``log_lr``, ``log_eps``, ``rho_logit``, ``log_damping``,
-            ``blocks.<i>.log_scale``, ``blocks.<i>.A``/``B``/``S``; the linear values that
+            ``blocks.<layer>.log_scale``, ``blocks.<layer>.A``/``B``/``S``; the linear values that
             ``APO.hparam_log()`` reports are ``exp(log_lr)`` etc.), and with
             ``fresh_loss_batch`` ``"loss_batch"`` (B'). MetaMD: ``"task"``, the inner run's
             task.
