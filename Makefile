@@ -2,9 +2,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow test-gpu lint bench clean demo
+.PHONY: install test test-slow test-gpu lint bench clean demo docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +14,10 @@ $(BIN)/python:
 $(STAMP): pyproject.toml constraints/ci.txt | $(BIN)/python
 	$(BIN)/python -m pip install -c constraints/ci.txt -e '.[dev]'
 	touch $(STAMP)
+
+$(DOCS_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[dev,docs]'
+	touch $(DOCS_STAMP)
 
 install: $(STAMP)
 
@@ -45,6 +50,13 @@ demo: install
 		--optimizers sgd,sgdm,adam,apo-precond,learned:$(DEMO)/meta_train/learned_optimizer.safetensors \
 		--hpo grid --seeds 0,1,2 --steps 300 --out $(DEMO)/meta_test
 	cat $(DEMO)/meta_test/report.md
+
+# the documentation site (MkDocs + Material + mkdocstrings) into build/site: the results
+# pages' tables are regenerated from docs/results/*.json first; warnings and broken links or
+# references are errors (--strict)
+docs: $(DOCS_STAMP)
+	$(BIN)/python tools/results_pages.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir build/site
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,4 +1,5 @@
-"""APO's wall-clock overhead (``002_`` §4.5, ``000_`` J.2), printed as one JSON object.
+"""APO's wall-clock overhead (Bae et al. 2022, section 4.5 and appendix J.2), printed as one
+JSON object.
 
 * APO-LR on SGDm at K=10 and K=100 relative to plain SGDm (``torch.optim.SGD``,
   momentum 0.9) on an MLP 784-1000-1000-10, batch 100 (targets: <= 1.2x and <= 1.03x);

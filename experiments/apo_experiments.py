@@ -158,8 +158,9 @@ def ill_conditioned(steps: int = 3000, seeds: tuple[int, ...] = (0, 1, 2)) -> di
 
 
 DIGITS = dict(model="mlp", model_options={"in_features": 64, "widths": (256, 256)}, batch_size=100)
-# 001_ §5.2 (the MNIST MLP behind 002_ Fig. 4 right): fixed-lr grids and APO's lambda grids;
-# APO starts from lr 0.1 (SGDm) / 3e-4 (RMSprop) with meta-RMSprop at 0.1 (000_ C.2), lambda_wsd 0
+# Bae et al. 2022, earlier version, section 5.2 (the MNIST MLP behind Fig. 4 right): fixed-lr
+# grids and APO's lambda grids; APO starts from lr 0.1 (SGDm) / 3e-4 (RMSprop) with meta-RMSprop
+# at 0.1 (Bae et al. 2022, appendix C.2), lambda_wsd 0
 PAPER_FIXED = {"sgdm": (0.1, 0.01, 0.001), "rmsprop": (0.01, 0.001, 1e-4)}
 EXTRA_FIXED = {"sgdm": (1.0, 0.3, 0.03), "rmsprop": (3e-3, 3e-4)}  # a finer grid, reported too
 PAPER_LAMBDAS = {"sgdm": (0.1, 0.01, 1e-3), "rmsprop": (0.1, 0.01, 1e-3, 1e-4, 1e-5, 0.0)}
@@ -171,7 +172,8 @@ def digits_lr(bases: tuple[str, ...] = ("sgdm", "rmsprop"), steps: int = 2000) -
         "experiment": "digits-lr",
         "steps": steps,
         "model": "mlp 64-256-256-10",
-        "protocol": "001_ 5.2 grids; APO lr0 0.1 (sgdm) / 3e-4 (rmsprop), meta RMSprop 0.1",
+        "protocol": "Bae et al. 2022 earlier version, section 5.2 grids; APO lr0 0.1 (sgdm) / "
+        "3e-4 (rmsprop), meta RMSprop 0.1",
     }
     for base in bases:
         fixed = _grid(task, base, _lr_space(PAPER_FIXED[base] + EXTRA_FIXED[base]), steps)
@@ -187,7 +189,8 @@ def digits_lr(bases: tuple[str, ...] = ("sgdm", "rmsprop"), steps: int = 2000) -
 
 
 def digits_initial_lr(lambdas: dict[str, float], steps: int = 2000) -> dict[str, Any]:
-    """APO from initial lrs 1e-7 .. 1e-1 (000_ J.2) at each base's best lambda of digits-lr."""
+    """APO from initial lrs 1e-7 .. 1e-1 (Bae et al. 2022, appendix J.2) at each base's best
+    lambda of digits-lr."""
     task = get_task("digits", **DIGITS)
     out: dict[str, Any] = {"experiment": "digits-initial-lr", "steps": steps}
     for base, lam in lambdas.items():
@@ -213,8 +216,8 @@ def digits_initial_lr(lambdas: dict[str, float], steps: int = 2000) -> dict[str,
 
 def digits_eps_rho(rmsprop_lr: float = 1e-2, fixed_lr: bool = False, steps: int = 2000) -> dict:
     """RMSprop at its best fixed lr (from ``digits-lr``, same seed and steps) against APO
-    adapting eps and rho (and lr) from that lr, with 000_ D.7's protocol: meta-RMSprop at
-    0.01, lambda_fsd in {1e-3, 1e-4, 1e-5} x lambda_wsd in {1e-1, ..., 1e-6}."""
+    adapting eps and rho (and lr) from that lr, with Bae et al. 2022's appendix D.7 protocol:
+    meta-RMSprop at 0.01, lambda_fsd in {1e-3, 1e-4, 1e-5} x lambda_wsd in {1e-1, ..., 1e-6}."""
     task = get_task("digits", **DIGITS)
     fixed = _run(task, "rmsprop", {"lr": rmsprop_lr}, steps)
     wsd = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
@@ -226,7 +229,8 @@ def digits_eps_rho(rmsprop_lr: float = 1e-2, fixed_lr: bool = False, steps: int 
     return {
         "experiment": "digits-eps-rho",
         "steps": steps,
-        "protocol": "000_ D.7: meta RMSprop lr 0.01, lambda grids as in the paper",
+        "protocol": "Bae et al. 2022 appendix D.7: meta RMSprop lr 0.01, lambda grids as in the "
+        "paper",
         "fixed_lr": fixed_lr,
         "rmsprop": fixed,
         "apo_rmsprop_eps_rho": apo,

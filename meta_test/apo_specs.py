@@ -12,8 +12,9 @@ Specs (registered by :mod:`meta_test.specs`):
 
 ``hparams`` are :class:`metaopt.APOConfig` fields. Defaults where they are not given:
 ``fsd="kl"`` for classification tasks (``task.metric == "accuracy"``), else ``"mse"``;
-initial ``lr`` 0.1 for sgd/sgdm, 3e-4 for rmsprop/adam (``000_`` C.2), 1e-3 for K-FAC.
-The search spaces follow ``000_`` C.5 (learning-rate adaptation: ``lambda_fsd`` over
+initial ``lr`` 0.1 for sgd/sgdm, 3e-4 for rmsprop/adam (Bae et al. 2022, appendix C.2), 1e-3
+for K-FAC. The search spaces follow Bae et al. 2022, appendix C.5 (learning-rate adaptation:
+``lambda_fsd`` over
 ``{0.3, 0.1, 0.03, 0.01, 0.001, 0.0001}``) and C.3-C.5 (APO-Precond: ``lambda_fsd`` in
 ``{0.3, 0.1, 0.03}`` x ``lambda_wsd`` in ``{3, 1, 0.3, 0.1, 0.03}``, the paper's grid plus
 0.03 on each axis: 15 points, the size of every learning-rate x weight-decay grid).
@@ -89,7 +90,7 @@ def build(spec: str, model: nn.Module, task: Any, hparams: dict[str, Any]) -> AP
 
 
 def search_space(spec: str) -> SearchSpace:
-    """What the harness tunes for an APO spec (``000_`` appendix C)."""
+    """What the harness tunes for an APO spec (Bae et al. 2022, appendix C)."""
     adapt, _ = parse_spec(spec)
     if adapt == "precond":
         # appendix C.3-C.5's grid, extended by one value of each (0.03) to the 15 points of

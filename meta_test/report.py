@@ -22,7 +22,10 @@ from metaopt.io import current_umask
 __all__ = [
     "REQUIRED_KEYS",
     "check_out_dir",
+    "curve_figure",
+    "plot_label",
     "render_markdown",
+    "spans_decades",
     "to_json",
     "write_outputs",
     "write_plots",
@@ -161,67 +164,100 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_plots(results: dict[str, Any], out: Path) -> list[str]:
-    """``train_loss.png``, ``test_metric.png`` and, when some optimizer reports a
-    hyperparameter that changes during training, ``hparams.png``. Returns the file names."""
+def plot_label(spec: str, specs: Sequence[str] = ()) -> str:
+    """A short legend label: ``learned:<path>[?k=v]`` becomes ``learned:<file stem>[?k=v]``
+    (the parent folder is kept when two of ``specs`` would otherwise read the same); other
+    specs are their own label."""
+    head, sep, rest = spec.partition(":")
+    if not (sep and head.lower() == "learned"):
+        return spec
+    path, q, query = rest.partition("?")
+
+    def short(p: str, parts: int) -> str:
+        pieces = Path(p).with_suffix("").parts if p.endswith(".safetensors") else Path(p).parts
+        return "/".join(pieces[-parts:])
+
+    others = [s.partition(":")[2].partition("?")[0] for s in specs
+              if s != spec and s.partition(":")[0].lower() == "learned"]  # fmt: skip
+    parts = 1
+    while parts < len(Path(path).parts) and short(path, parts) in {short(o, parts) for o in others}:
+        parts += 1
+    return f"learned:{short(path, parts)}{q}{query}"
+
+
+def spans_decades(values: Sequence[float]) -> bool:
+    """Whether positive ``values`` span more than a factor of 10 (then a log axis reads
+    better); ``False`` when any value is not positive."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return bool(finite) and min(finite) > 0 and max(finite) > 10 * min(finite)
+
+
+def curve_figure(
+    series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    marker: str | None = None,
+) -> Any:
+    """One figure of ``(label, xs, ys)`` curves: the legend outside the axes (to the right,
+    so it never covers a curve) and a log y-axis when the values span decades."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    values: list[float] = []
+    for label, xs, ys in series:
+        pts = [(x, y) for x, y in zip(xs, ys, strict=False) if y is not None and math.isfinite(y)]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), label=label,
+                    **({"marker": marker, "ms": 3} if marker else {}))  # fmt: skip
+            values += [y for _, y in pts]
+    if spans_decades(values):
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
+    return fig
+
+
+def write_plots(results: dict[str, Any], out: Path) -> list[str]:
+    """``train_loss.png``, ``test_metric.png`` and, when some optimizer reports a
+    hyperparameter that changes during training, ``hparams.png``. Returns the file names.
+
+    Legends use :func:`plot_label` (a ``learned:<path>`` spec by its file name) and sit
+    outside the axes; loss axes are logarithmic when the losses span decades."""
+    import matplotlib.pyplot as plt
+
     opts = results["optimizers"]
+    labels = {spec: plot_label(spec, list(opts)) for spec in opts}
     written = []
 
     def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(name)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    positive = True
-    for spec, r in opts.items():
-        c = r["curves"]
-        pts = [
-            (s, v) for s, v in zip(c["steps"], c["train_loss_mean"], strict=True) if v is not None
-        ]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), label=spec)
-            positive &= all(v > 0 for _, v in pts)
-    if positive:
-        ax.set_yscale("log")
-    ax.set(xlabel="step", ylabel="training loss (mean over seeds)", title=results["task"])
-    ax.legend()
-    save(fig, "train_loss.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    metric = "metric"
-    for spec, r in opts.items():
-        c = r["curves"]
-        metric = r["test_metric_name"]
-        pts = [(s, v) for s, v in zip(c["eval_steps"], c["test_metric_mean"], strict=True)
-               if v is not None and math.isfinite(v)]  # fmt: skip
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=spec)
-    ax.set(xlabel="step", ylabel=f"test {metric} (mean over seeds)", title=results["task"])
-    ax.legend()
-    save(fig, "test_metric.png")
-
+    train = [(labels[s], r["curves"]["steps"], r["curves"]["train_loss_mean"])
+             for s, r in opts.items()]  # fmt: skip
+    save(curve_figure(train, xlabel="step", ylabel="training loss (mean over seeds)",
+                      title=results["task"]), "train_loss.png")  # fmt: skip
+    metric = next(iter(opts.values()), {}).get("test_metric_name", "metric")
+    test = [(labels[s], r["curves"]["eval_steps"], r["curves"]["test_metric_mean"])
+            for s, r in opts.items()]  # fmt: skip
+    save(curve_figure(test, xlabel="step", ylabel=f"test {metric} (mean over seeds)",
+                      title=results["task"], marker="o"), "test_metric.png")  # fmt: skip
     series = [
-        (spec, k, r["curves"]["hparam_steps"], v)
+        (f"{labels[spec]}: {k}", r["curves"]["hparam_steps"][: len(v)], v)
         for spec, r in opts.items()
         for k, v in r["curves"]["hparams"].items()
         if len(v) > 1 and max(v) > min(v)
     ]
     if series:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for spec, k, steps, v in series:
-            ax.plot(steps[: len(v)], v, label=f"{spec}: {k}")
-        if all(x > 0 for *_, v in series for x in v):
-            ax.set_yscale("log")
-        ax.set(xlabel="step", ylabel="adapted hyperparameter", title=results["task"])
-        ax.legend()
-        save(fig, "hparams.png")
+        save(curve_figure(series, xlabel="step", ylabel="adapted hyperparameter",
+                          title=results["task"]), "hparams.png")  # fmt: skip
     return written
 
 

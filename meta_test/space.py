@@ -37,7 +37,9 @@ class Dim:
     Args:
         name: the keyword the spec's builder receives (``"lr"``, ``"weight_decay"``, ...).
         grid: values swept by ``hpo="grid"`` (at least one).
-        low, high: the box for ``hpo="botorch"`` / random search (default: the grid's range).
+        low: lower end of the box for ``hpo="botorch"`` / random search (default: the
+            grid's smallest value).
+        high: upper end of that box (default: the grid's largest value).
         log: search on a log10 scale (default True; needs ``low > 0``).
     """
 

@@ -62,8 +62,8 @@ class TrainConfig:
         meta_lr: meta learning rate.
         meta_optimizer: ``adam``, ``sgd`` or ``rmsprop``.
         engine: hypergradient engine (a registered name).
-        rank: rank of the lowrank Kronecker factors (MetaMD).
-        For these learner settings ``None`` means the learner's (or preset's) own value.
+        rank: rank of the lowrank Kronecker factors (MetaMD). For the learner settings
+            from ``outer_steps`` to here ``None`` means the learner's (or preset's) own value.
         checkpoint_every: write a checkpoint every this many outer steps.
         dist_timeout: seconds a collective waits for the other ranks before the job fails
             (under torchrun; a hung rank then stops the run instead of stalling it).

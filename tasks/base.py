@@ -54,7 +54,9 @@ class BatchStream(Iterator[tuple[Tensor, Tensor]]):
         batch_size: examples per batch (the last partial batch of an epoch is dropped unless
             the dataset is smaller than one batch).
         seed: shuffling seed.
-        device, dtype: where batches go (``dtype`` applies to floating inputs only).
+        device: where batches go.
+        dtype: the dtype of floating inputs (``None``: unchanged).
+        num_workers: ``DataLoader`` workers for map-style datasets (default 0).
     """
 
     def __init__(

@@ -49,10 +49,13 @@ class TeacherRegression(TaskFamily):
     Args:
         dim: input dimension (default 32).
         teacher_width: hidden width of the one-hidden-layer tanh teacher (default 16).
-        student_width, student_depth: the student MLP (tanh; defaults 64 and 2).
+        student_width: hidden width of the tanh student MLP (default 64).
+        student_depth: its number of hidden layers (default 2).
         condition: ratio of the largest to the smallest input variance (default 100).
         noise_std: target noise (default 0.05).
-        n_train, n_val, n_test: split sizes (defaults 1024, 256, 256).
+        n_train: training examples (default 1024).
+        n_val: validation examples (default 256).
+        n_test: test examples (default 256).
         batch_size: training batch size (default 64).
     """
 

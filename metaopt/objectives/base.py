@@ -5,9 +5,11 @@ in whatever the learner differentiates: the preconditioner's meta-parameters, th
 hyperparameters, and ``ctx.params_after``). Both learners build the same context:
 
 * APO (online): ``params_before`` = theta, ``params_after`` = theta'(phi) = u(theta, phi, B)
-  (the one-step lookahead), ``batch`` = B, ``fsd_batch`` = B'.
-* MetaMD (offline, per task): ``params_before`` = theta_1 (the initialisation),
-  ``params_after`` = theta_T (after T inner steps), ``batch`` = a training batch of the task.
+  (the one-step lookahead), ``batch`` = B, ``fsd_batch`` = B' (``None`` when no B' source
+  was given, which APO allows only with ``lambda_fsd = 0`` and no ``fresh_loss_batch``).
+* MetaMD (offline, per inner run): ``params_before`` = theta_1 (the run's initialisation),
+  ``params_after`` = theta at the end of the window, ``batch`` = a training batch of the
+  task, ``val_batch``, ``train_loss_mean`` and ``train_log_loss_mean``.
 
 A field a learner cannot fill is ``None``; an objective that needs it raises ``ValueError``
 through :meth:`MetaContext.require`. Users add objectives without touching library code::
@@ -55,7 +57,13 @@ class MetaContext:
         fsd_batch: ``(x, y)``: APO's B' for the output-space (FSD) term, else ``None``.
         preconditioner: the preconditioner being learned (MetaMD) or used (APO), or ``None``.
         step: the learner's step counter (APO: training step; MetaMD: outer step).
-        extras: learner-specific additions (documented by each learner).
+        extras: learner-specific additions. APO: ``"hparams"``, the meta-parameters
+            ``phi`` by name as the meta-optimizer sees them, differentiable and mostly in log
+            space (``log_lr``, ``log_eps``, ``rho_logit``, ``log_damping``,
+            ``blocks.<layer>.log_scale``, ``blocks.<layer>.A``/``B``/``S``; the linear values that
+            ``APO.hparam_log()`` reports are ``exp(log_lr)`` etc.), and with
+            ``fresh_loss_batch`` ``"loss_batch"`` (B'). MetaMD: ``"task"``, the inner run's
+            task.
         train_loss_mean: the mean training loss over the inner steps that led to
             ``params_after`` (MetaMD's window), differentiable; else ``None``.
         train_log_loss_mean: the mean of the log of those losses; else ``None``.
@@ -80,11 +88,15 @@ class MetaContext:
     rowwise: bool = False
 
     def require(self, *names: str) -> None:
-        """Raise ``ValueError`` naming the first of ``names`` this context lacks."""
+        """Raise ``ValueError`` naming the first of ``names`` this context lacks, and which
+        learner fills it (call it first thing in an objective, instead of unpacking
+        ``None``)."""
         for name in names:
             if getattr(self, name) is None:
+                hint = _FILLED_BY.get(name)
                 raise ValueError(
-                    f"meta-objective needs ctx.{name}, which this learner does not provide"
+                    f"meta-objective needs ctx.{name}, which this learner did not provide"
+                    + (f" ({hint})" if hint else "")
                 )
 
     def forward_rows(self, params: Mapping[str, Tensor], xs: list[Tensor]) -> list[Tensor]:
@@ -108,6 +120,17 @@ class MetaContext:
             raise ValueError("ctx.params_after is empty")
         return total
 
+
+#: where each optional field comes from (the hint of :meth:`MetaContext.require`)
+_FILLED_BY = {
+    "fsd_batch": "APO fills it with B' on meta steps when it has a batch source: "
+    "apo.step(batch, fsd_batch=batch_or_callable) or APO(..., fsd_data=iterator); "
+    "MetaMD never does",
+    "train_loss_mean": "MetaMD fills it (the window's mean training loss); APO does not",
+    "train_log_loss_mean": "MetaMD fills it (the window's mean log training loss); APO does not",
+    "val_batch": "MetaMD fills it from the task's validation split; APO does not",
+    "preconditioner": "APO fills it for adapt='layer-lr' and 'precond'; MetaMD always",
+}
 
 MetaObjective = Callable[..., Tensor]
 F = TypeVar("F", bound=MetaObjective)

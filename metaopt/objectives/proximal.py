@@ -1,4 +1,5 @@
-"""APO's proximal meta-objective (``002_`` Eq. 8, Algorithm 1) and its output divergences.
+"""APO's proximal meta-objective (Bae et al. 2022, Eq. 8 and Algorithm 1) and its output
+divergences.
 
 ``Q(phi) = J_B(theta') + lambda_fsd * mean_{x in B'} D_F(theta', theta, x)
 + lambda_wsd / 2 * ||theta' - theta||^2`` with ``theta' = ctx.params_after`` (the one-step
@@ -82,7 +83,7 @@ def proximal(
     """APO's proximal objective on ``ctx`` (see the module docstring).
 
     The loss term uses ``ctx.extras["loss_batch"]`` when present (APO's fresh-batch
-    ablation, ``000_`` appendix E, Eq. 14), else ``ctx.batch`` (the gradient batch B).
+    ablation, Bae et al. 2022, appendix E, Eq. 14), else ``ctx.batch`` (the gradient batch B).
     The FSD term needs ``ctx.fsd_batch`` when ``lambda_fsd != 0``.
     """
     ctx.require("forward", "loss", "batch")

@@ -69,7 +69,9 @@ class Shampoo(ModelBoundOptimizer):
         start_preconditioning_step: first step using Shampoo's direction (default:
             ``precondition_freq``); earlier steps use the graft direction.
         grafting: ``"sgd"`` (default), ``"adam"``, ``"adagrad"`` or ``"none"``.
-        graft_beta1, graft_beta2, graft_eps: Adam/AdaGrad graft constants (0.9, 0.999, 1e-8).
+        graft_beta1: the Adam graft's first-moment decay (default 0.9).
+        graft_beta2: the Adam/AdaGrad graft's second-moment decay (default 0.999).
+        graft_eps: the graft's epsilon (default 1e-8).
         root_dtype: dtype of the ``eigh`` (default float64; float32 allowed).
         max_preconditioner_dim: sides larger than this are not preconditioned (default 4096).
         skip: regex of parameter names sent to the diagonal fallback.

@@ -30,7 +30,7 @@ def _non_negative(name: str, value: Any) -> None:
 
 @dataclass
 class APOConfig:
-    """Everything that parameterises :class:`metaopt.APO` (``002_`` Algorithm 1).
+    """Everything that parameterises :class:`metaopt.APO` (Bae et al. 2022, Algorithm 1).
 
     Attributes:
         base: base optimizer ``"sgd" | "sgdm" | "rmsprop" | "adam"`` (``"kfac"`` for
@@ -39,11 +39,13 @@ class APOConfig:
             for the adapts that need one, else ``"sgdm"``.
         adapt: ``"lr"`` (global lr, stored as its log), ``"layer-lr"`` (one lr per layer,
             the ``"scalar"`` family), ``"rmsprop-eps-rho"`` (lr, eps and the power rho of
-            RMSprop, ``001_`` Eq. 21), ``"kfac-damping"`` (lr and damping of K-FAC),
+            RMSprop, Bae et al. 2022, earlier version, Eq. 21), ``"kfac-damping"`` (lr and
+            damping of K-FAC),
             ``"precond"`` (APO-Precond, the ``"ekfac"`` family of Eq. 9-10).
         lr: initial learning rate (fixed ``eta`` for ``"precond"``). Default 0.1.
         momentum: heavy-ball momentum of ``sgdm``, of the K-FAC step and of the sgdm
-            warm-up (default 0.9); applied on top of the adapted step (``001_`` Eq. 18-19).
+            warm-up (default 0.9); applied on top of the adapted step (Bae et al. 2022, earlier
+            version, Eq. 18-19).
         nesterov: Nesterov momentum for ``sgdm``.
         weight_decay: L2 added to the gradient.
         betas, eps, eps_root: Adam / RMSprop constants (``eps`` is also RMSprop's initial
@@ -62,15 +64,16 @@ class APOConfig:
         meta_objective: registered meta-objective name (default ``"proximal"``).
         objective_options: extra keyword options for the meta-objective.
         meta_optimizer: ``"rmsprop" | "adam" | "sgd"``; ``None``: RMSprop for learning-rate
-            adaptation, Adam for ``"precond"`` (``000_`` C.2).
+            adaptation, Adam for ``"precond"`` (Bae et al. 2022, appendix C.2).
         meta_lr: ``None``: 0.1 (learning-rate adaptation), 0.01 (``"rmsprop-eps-rho"``,
-            ``000_`` D.7) or 1e-4 (``"precond"``).
+            Bae et al. 2022, appendix D.7) or 1e-4 (``"precond"``).
         fresh_loss_batch: evaluate the loss term on the fresh batch B' instead of B (the
-            short-horizon-bias ablation of ``000_`` appendix E, Eq. 14).
+            short-horizon-bias ablation of Bae et al. 2022, appendix E, Eq. 14).
         warmup: ``"precond"`` only: steps during which theta follows ``base`` while P is
             meta-learned (default 3000).
         warmup_lr: learning rate of the warm-up optimizer (``None``: ``lr``).
-        precond_scale: the fixed 0.9 that scales the preconditioned step (``000_`` C.2).
+        precond_scale: the fixed 0.9 that scales the preconditioned step (Bae et al. 2022,
+            appendix C.2).
         precond_momentum: momentum of the preconditioned step (default 0).
         precond_options: options of ``KroneckerPreconditioner.for_model(model, "ekfac")``,
             e.g. ``{"dense_diag_max": 16}`` for full blocks on small lone parameters
@@ -78,7 +81,8 @@ class APOConfig:
         check_every_step: sync every step to check the loss is finite (default: check at
             each meta step, naming the first non-finite step).
         fixed_lr: ``"rmsprop-eps-rho"`` only: keep ``lr`` fixed and adapt only eps and rho
-            (``000_`` D.7's protocol; default ``False``: lr, eps and rho as in ``001_``).
+            (Bae et al. 2022, appendix D.7's protocol; default ``False``: lr, eps and rho as in
+            the earlier version).
         joint_forward: run the lookahead's loss batch and FSD batch through theta' as one
             concatenated batch (default ``True``; used only when no batch-norm or dropout
             module is in training mode). Set ``False`` for a model with other modules that
@@ -170,7 +174,7 @@ class APOConfig:
                 f"meta_optimizer={self.meta_optimizer!r}: choose one of "
                 f"{META_OPTIMIZERS.available()}"
             )
-        if self.meta_lr is None:  # 000_ C.2; 000_ D.7 for eps/rho
+        if self.meta_lr is None:  # Bae et al. 2022, appendix C.2; D.7 for eps/rho
             self.meta_lr = 0.01 if self.adapt == "rmsprop-eps-rho" else 0.1 if lr_adapt else 1e-4
         _positive("meta_lr", self.meta_lr)
         if not isinstance(self.warmup, int) or self.warmup < 0:

@@ -1,4 +1,5 @@
-"""``adapt="kfac-damping"``: APO on K-FAC's learning rate and damping (``001_`` §5.2.2).
+"""``adapt="kfac-damping"``: APO on K-FAC's learning rate and damping (Bae et al. 2022,
+earlier version, section 5.2.2).
 
 K-FAC (:class:`metaopt.optim.kfac.KFAC`) supplies the curvature: its hooks collect the
 factor statistics during APO's ordinary gradient evaluation, and

@@ -1,4 +1,4 @@
-"""APO: Amortized Proximal Optimization (``002_`` Algorithm 1), an online meta-learner.
+"""APO: Amortized Proximal Optimization (Bae et al. 2022, Algorithm 1), an online meta-learner.
 
 Every ``K = meta_interval`` steps APO forms the one-step lookahead ``theta'(phi) =
 u(theta, phi, B)``, evaluates a meta-objective on it (default ``"proximal"``:
@@ -206,9 +206,12 @@ class APO:
                 term uses B).
 
         Returns:
-            ``{"loss": 0-dim tensor (on B, before the update), "meta_step": bool,
-            "meta_objective": tensor or None, "skipped_meta_steps": int, **hparams}`` where
-            the hyperparameters are 0-dim tensors (nothing here syncs the host).
+            ``{"loss": 0-dim tensor (on B, before the update), "meta_step": bool (a
+            meta-update began this step), "meta_objective": 0-dim tensor on meta steps, else
+            None, "skipped_meta_steps": int (so far), **hparams}`` where the hyperparameters
+            are 0-dim tensors in linear space, keyed as in :meth:`hparam_log` (``lr``,
+            ``eps``, ``rho``, ``damping``, ``lr/<layer>``); the meta-parameters themselves
+            (``log_lr``, ...) are :meth:`meta_parameters`. Nothing here syncs the host.
         """
         cfg, t = self.config, self.step_count
         meta_now = t % cfg.meta_interval == 0
