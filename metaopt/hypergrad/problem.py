@@ -86,7 +86,6 @@ class Problem:
         return (*params, *state[self.num_params :])
 
 
-
 @dataclass
 class EngineResult:
     """What an engine returns.
