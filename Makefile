@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints/ci.txt | $(BIN)/python
 	touch $(STAMP)
 
 $(DOCS_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[dev,docs]'
+	$(BIN)/python -m pip install -c constraints/ci.txt -e '.[dev,docs]'
 	touch $(DOCS_STAMP)
 
 install: $(STAMP)

@@ -9,7 +9,8 @@ For every domain of a suite in turn, exactly what a user runs::
 (``--family F --test-task T`` does the same for a task family and one of its unseen tasks).
 Extra ``meta_train`` flags (``--preset metamd-paper``, ...) pass through after ``--``. The
 summary (per domain and optimizer: training-loss AUC, test metric, tuned hyperparameters,
-meta-training wall time) is written as JSON and as a Markdown table.
+meta-training wall time) is written as JSON (rendered into the results pages by
+``tools/results_pages.py``) and printed as a Markdown table.
 
     python experiments/held_out.py --suite rotated-digits --runs runs/held_out \\
         --out docs/results/learned/rotated-digits [--domains 0,75] [-- --preset metamd-paper]
@@ -90,7 +91,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--runs", required=True, help="folder for the runs (reused if present)")
-    ap.add_argument("--out", required=True, help="OUT.json and OUT.md are written")
+    ap.add_argument("--out", required=True, help="OUT.json is written")
     args = ap.parse_args(argv)
     args.meta_train = extra
     rows = {}
@@ -110,8 +111,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    out.with_suffix(".md").write_text(table(summary))
-    print(table(summary))
+    print(table(summary))  # the docs render the JSON: python tools/results_pages.py
 
 
 if __name__ == "__main__":
