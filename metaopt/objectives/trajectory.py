@@ -2,13 +2,15 @@
 held-out data (the objectives of learned optimizers that beat hand-designed ones: Metz et
 al. 2020, "Tasks, stability, architecture, and compute", section 4; Wichrowska et al. 2017).
 
-* ``"mean-log-loss"``: the mean of ``log L_t`` over the inner steps (MetaMD's learner
-  fills ``ctx.train_log_loss_mean`` from the losses its steps computed anyway). A
-  trajectory average rewards fast progress at every step, as the area under the
-  training curve does, and the log keeps late, small losses from vanishing against
-  early, large ones (each step's improvement counts by its ratio).
-* ``"mean-loss"``: the plain mean of ``L_t`` (the area under the curve itself, dominated
-  by the early steps).
+* ``"mean-loss"``: the mean of ``L_t`` over the inner steps (MetaMD's learner fills
+  ``ctx.train_loss_mean`` from the losses its steps computed anyway): the area under the
+  training curve that the harness reports, so meta-training optimises what users measure.
+  It is dominated by the early, large losses, i.e. by how fast training gets going.
+* ``"mean-log-loss"``: the mean of ``log L_t``: each step's improvement counts by its
+  ratio, so late, small losses weigh as much as early ones. Under truncated windows that
+  weight on the late plateau pulls towards small steps (the short-horizon bias of Wu et
+  al. 2018): on the teacher-regression family it learned per-layer scales ~20x below the
+  trained lr and lost to tuned Adam, where ``"mean-loss"`` won.
 * ``"val-loss"``: the loss at ``params_after`` on a batch of the task's validation split.
 """
 

@@ -75,7 +75,7 @@ class MetaMDConfig:
     inner_steps: int = 300
     window: int | None = 20
     tasks_per_step: int = 2
-    meta_objective: str = "mean-log-loss"
+    meta_objective: str = "mean-loss"
     objective_options: dict[str, Any] = field(default_factory=dict)
     engine: str = "unroll"
     engine_options: dict[str, Any] = field(default_factory=dict)
@@ -180,7 +180,7 @@ PRESETS.register(
     "kron-adamw",
     {},
     description="AdamW whose step goes through a learned rank-1 Kronecker preconditioner "
-    "with a learned per-layer scale; mean log training loss over 300-step inner runs in "
+    "with a learned per-layer scale; mean training loss over 300-step inner runs in "
     "20-step truncated unrolls (the default)",
 )
 PRESETS.register(
