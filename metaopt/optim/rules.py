@@ -277,8 +277,10 @@ class AdamRule(UpdateRule):
         bias1 = 1 - b1**t
         bias2_sqrt = (1 - b2**t) ** 0.5
         v_root = v if _is_zero(hp["eps_root"]) else v + hp["eps_root"]
-        denom = _sqrt(v_root, inplace) / bias2_sqrt
-        denom = denom.add_(hp["eps"]) if inplace else denom + hp["eps"]  # torch's add_ in place
+        if inplace:  # torch.optim.Adam's ops, on one temporary instead of two
+            denom = v_root.sqrt().div_(bias2_sqrt).add_(hp["eps"])
+        else:
+            denom = _sqrt(v_root, inplace) / bias2_sqrt + hp["eps"]
         return Direction(m, denom, lr / bias1), AdamState(step_t, m, v)
 
 
