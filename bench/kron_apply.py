@@ -55,7 +55,7 @@ def cnn() -> nn.Module:
 #: name -> (family, family options, rule, compose, the torch.optim baseline it is timed against)
 LEARNED = {
     "rank1-sgdm": ("rank1", {}, "sgdm", "gradient", "sgdm"),
-    "ekfac-sgdm": ("ekfac", {}, "sgdm", "gradient", "sgdm"),
+    "ekfac-sgdm": ("ekfac-shaped", {}, "sgdm", "gradient", "sgdm"),
     "rank1-adam": ("rank1", {}, "adam", "gradient", "adam"),
     "rank1-adam-direction": ("rank1", {"learn_scale": True}, "adam", "direction", "adam"),
 }

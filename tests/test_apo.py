@@ -536,7 +536,7 @@ def test_dense_diag_max_gives_a_small_lone_parameter_a_full_ekfac_block(tmp_path
             return (self.theta * x).sum(-1, keepdim=True)
 
     model = Vec()
-    pre = metaopt.KroneckerPreconditioner.for_model(model, "ekfac", dense_diag_max=3)
+    pre = metaopt.KroneckerPreconditioner.for_model(model, "ekfac-shaped", dense_diag_max=3)
     blk = pre.blocks["theta"]
     torch.manual_seed(0)
     with torch.no_grad():
@@ -552,7 +552,7 @@ def test_dense_diag_max_gives_a_small_lone_parameter_a_full_ekfac_block(tmp_path
     metaopt.save_preconditioner(pre, path)
     loaded = metaopt.load_preconditioner(path, Vec())
     torch.testing.assert_close(loaded.apply({"theta": g})["theta"], got.float())
-    small = metaopt.KroneckerPreconditioner.for_model(model, "ekfac", dense_diag_max=2)
+    small = metaopt.KroneckerPreconditioner.for_model(model, "ekfac-shaped", dense_diag_max=2)
     assert not hasattr(small.blocks["theta"], "A")  # larger than the limit: diagonal
 
 

@@ -80,7 +80,7 @@ def _setup(family, **options):
 
 @pytest.mark.parametrize(
     ("family", "options"),
-    [("ekfac", {"init_scale": 0.3}), ("lowrank", {"rank": 2, "init_scale": 0.8})],
+    [("ekfac-shaped", {"init_scale": 0.3}), ("lowrank", {"rank": 2, "init_scale": 0.8})],
 )
 def test_one_step_unroll_matches_finite_differences(family, options):
     step, _, outer, params, hparams, meta_objective = _setup(family, **options)
@@ -200,11 +200,11 @@ def test_closed_form_lowrank_bregman_matches_exact_cg_and_finite_differences():
 def test_captured_module_parameters_as_hparams_match_functional_version():
     """APO's shape: hparams are the preconditioner's own parameters and the step calls
     ``preconditioned_step`` with ``pre`` directly; same answer as swapping copies in."""
-    step, _, outer, params, hparams, _ = _setup("ekfac", init_scale=0.3)
+    step, _, outer, params, hparams, _ = _setup("ekfac-shaped", init_scale=0.3)
     functional = unrolled_grad(step, outer, params, hparams, steps=1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(D)
-    pre = KroneckerPreconditioner.for_model(model, "ekfac", init_scale=0.3).to(D)
+    pre = KroneckerPreconditioner.for_model(model, "ekfac-shaped", init_scale=0.3).to(D)
     names = [n for n, _ in model.named_parameters()]
     forward = functional_forward(model)
     g = torch.Generator().manual_seed(1)

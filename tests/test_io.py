@@ -28,7 +28,7 @@ def _model(hidden=5):
     [
         ("rank1", {}),
         ("lowrank", {"rank": 2, "learn_scale": True}),
-        ("ekfac", {}),
+        ("ekfac-shaped", {}),
         ("diag", {}),
         ("scalar", {}),
     ],

@@ -37,7 +37,7 @@ def _oracle_forward(fam):
 # --- per-family dense oracles -------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(3, 4), (5, 2), (1, 6)])
 def test_ekfac_direction_matches_dense_formula(shape):
-    fam = make_family("ekfac", shape).double()
+    fam = make_family("ekfac-shaped", shape).double()
     _randomize(fam)
     A, B, S = fam.A.detach(), fam.B.detach(), fam.S.detach()
     C = torch.kron(B, A)
@@ -100,7 +100,7 @@ def test_diag_and_scalar_families(family):
 
 
 def test_families_start_at_identity():
-    for family in ["ekfac", "diag", "scalar"]:
+    for family in ["ekfac-shaped", "diag", "scalar"]:
         fam = make_family(family, (3, 4))
         G = torch.randn(3, 4)
         assert torch.equal(fam.apply(G), G), family
@@ -140,7 +140,7 @@ def test_property_lowrank_apply_inverts_forward(out_dim, in_dim, rank, seed):
 @settings(max_examples=25, deadline=None)
 @given(out_dim=st.integers(1, 5), in_dim=st.integers(1, 5), seed=st.integers(0, 10_000))
 def test_property_ekfac_dense_is_symmetric_psd(out_dim, in_dim, seed):
-    fam = make_family("ekfac", (out_dim, in_dim)).double()
+    fam = make_family("ekfac-shaped", (out_dim, in_dim)).double()
     _randomize(fam, 1.0, seed)
     P = fam.dense()
     torch.testing.assert_close(P, P.T)
@@ -168,7 +168,7 @@ def _vec(tensors, names):
 @pytest.mark.parametrize(
     ("family", "options"),
     [
-        ("ekfac", {}),
+        ("ekfac-shaped", {}),
         ("lowrank", {"rank": 2}),
         ("rank1", {}),
         ("diag", {}),
@@ -241,14 +241,14 @@ def test_preconditioner_metric_apply_equals_inverse_of_dense(family, options):
 
 
 def test_identities_refused_for_ekfac():
-    pre = KroneckerPreconditioner.for_model(_model(), "ekfac")
+    pre = KroneckerPreconditioner.for_model(_model(), "ekfac-shaped")
     with pytest.raises(ValueError, match="has no metric M"):
         pre.min_eigenvalue()
     with pytest.raises(ValueError, match="has no metric M"):
         pre.metric_apply({n: p for n, p in _model().named_parameters()})
 
 
-@pytest.mark.parametrize("family", ["ekfac", "lowrank", "diag", "scalar"])
+@pytest.mark.parametrize("family", ["ekfac-shaped", "lowrank", "diag", "scalar"])
 def test_meta_gradient_matches_finite_differences(family):
     """d/dphi of a scalar function of apply(g): autograd vs central differences (gradcheck)."""
     model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Flatten(), nn.Linear(8, 2)).double()

@@ -164,8 +164,8 @@ def test_runs_shorter_than_the_presets_window_are_one_window_each():
 
 
 def test_ekfac_family_rejects_implicit_engines():
-    with pytest.raises(ValueError, match="explicit metric M .*preconditioner='ekfac' has none"):
-        MetaMD([regression_task(0)], preset="metamd-paper", preconditioner="ekfac")
+    with pytest.raises(ValueError, match="explicit metric M .*preconditioner='ekfac-shaped' has none"):
+        MetaMD([regression_task(0)], preset="metamd-paper", preconditioner="ekfac-shaped")
 
 
 def test_rank_below_one_or_larger_than_a_layer_is_rejected():

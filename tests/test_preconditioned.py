@@ -51,7 +51,7 @@ def _train(model, opt, steps, start=0):
         dict(momentum=0.5, weight_decay=1e-2),
     ],
 )
-@pytest.mark.parametrize("family", ["ekfac", "lowrank"])
+@pytest.mark.parametrize("family", ["ekfac-shaped", "lowrank"])
 def test_identity_preconditioner_matches_sgd(family, hp):
     ref, ours = _net(), _net()
     pre = KroneckerPreconditioner.for_model(ours, family, init_scale=0.0)
@@ -70,7 +70,7 @@ def test_identity_preconditioner_matches_sgd(family, hp):
         ("lowrank", {"rank": 2, "learn_scale": True}),
         ("diag", {}),
         ("scalar", {}),
-        ("ekfac", {}),
+        ("ekfac-shaped", {}),
     ],
 )
 def test_nonidentity_step_matches_dense_oracle(family, options):
@@ -201,7 +201,7 @@ def test_functional_steps_match_torch_optim():
 
 def test_functional_preconditioned_step_matches_optimizer_and_is_differentiable():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
-    pre = KroneckerPreconditioner.for_model(model, "ekfac").double()
+    pre = KroneckerPreconditioner.for_model(model, "ekfac-shaped").double()
     with torch.no_grad():
         for p in pre.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -253,7 +253,7 @@ def test_rmsprop_meta_gradient_in_rho_at_a_zero_second_moment_is_the_closed_form
         ("rank1", {}),
         ("lowrank", {"rank": 2}),
         ("lowrank", {"rank": 2, "learn_scale": True}),
-        ("ekfac", {}),
+        ("ekfac-shaped", {}),
     ],
 )
 def test_lowrank_steps_match_dense_oracle_all_paths(family, options, hp):

@@ -22,7 +22,7 @@ Families (all PSD by construction, all the identity at ``init_scale=0``):
 know ``M`` (lowrank, diag, scalar; ``has_metric``) also give ``metric_apply`` (``M X``),
 ``bregman``, ``min_eigenvalue`` and ``squared_distance_to_identity`` without forming ``M``.
 
-The names live in one :class:`~metaopt.registry.Registry`, :data:`FAMILIES`: ``"ekfac"``,
+The names live in one :class:`~metaopt.registry.Registry`, :data:`FAMILIES`: ``"ekfac-shaped"``,
 ``"lowrank"``, ``"diag"``, ``"scalar"`` and the alias ``"rank1"`` (``lowrank`` with
 ``rank=1``, MetaMD's ``A = a a^T + I``). :func:`register_family` adds a user's
 :class:`Family` subclass; :func:`make_family` refuses options the class does not take.
@@ -290,7 +290,7 @@ def _shape_parameter(cls: type[Family]) -> tuple[str, ...]:
     return tuple(params[:1])
 
 
-register_family("ekfac", EKFACFamily)
+register_family("ekfac-shaped", EKFACFamily)
 register_family("lowrank", LowRankFamily)
 register_family("diag", DiagFamily)
 register_family("scalar", ScalarFamily)

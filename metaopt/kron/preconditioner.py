@@ -29,7 +29,7 @@ class KroneckerPreconditioner(nn.Module):
     options mean nothing to another (lowrank's ``rank`` or ``init_scale`` to a diag
     block). ``dense_diag_max=n`` (default 0) instead gives diag views with at most ``n``
     entries a ``1 x n`` block of ``family`` itself (a full ``n x n`` EKFAC block for
-    ``"ekfac"``). Parameters matched by ``skip`` are passed through unchanged (identity).
+    ``"ekfac-shaped"``). Parameters matched by ``skip`` are passed through unchanged (identity).
 
     The module's own parameters are the meta-parameters, so ``preconditioner.parameters()``
     can be handed to a meta-optimizer and ``apply`` is differentiable in them.
@@ -72,7 +72,7 @@ class KroneckerPreconditioner(nn.Module):
     def for_model(
         cls,
         model: nn.Module,
-        family: str = "ekfac",
+        family: str = "ekfac-shaped",
         rank: int | None = None,
         skip: str | None = None,
         *,
@@ -84,7 +84,7 @@ class KroneckerPreconditioner(nn.Module):
         Args:
             model: the network whose ``named_parameters()`` the preconditioner serves.
             family: a registered family (:func:`~metaopt.kron.families.available_families`:
-                ``"ekfac" | "lowrank" | "rank1" | "diag" | "scalar"`` and any added with
+                ``"ekfac-shaped" | "lowrank" | "rank1" | "diag" | "scalar"`` and any added with
                 :func:`~metaopt.kron.families.register_family`).
             rank: the family's ``rank`` option (``"lowrank"``; ``"rank1"`` fixes it to 1);
                 ``None`` (default) leaves the family's default.

@@ -3,7 +3,7 @@
 * :class:`MetaSGD` (Li, Zhou, Chen & Li 2017, "Meta-SGD"): learned per-parameter learning
   rates, the ``"diag"`` family on plain SGD (direction ``exp(s) * g``).
 * :class:`MetaCurvature` (Park & Oliva 2019, "Meta-Curvature"): a Kronecker-factored
-  transform of the gradient applied without any inverse, the ``"ekfac"`` family on SGD
+  transform of the gradient applied without any inverse, the ``"ekfac-shaped"`` family on SGD
   (direction ``B (S^2 * (B^T G A)) A^T``, the identity at the start).
 
 Both are :class:`~metaopt.learners.metamd.MetaMD` with their preset as the default

@@ -41,7 +41,7 @@ class APOConfig:
             the ``"scalar"`` family), ``"rmsprop-eps-rho"`` (lr, eps and the power rho of
             RMSprop, Bae et al. 2022, earlier version, Eq. 21), ``"kfac-damping"`` (lr and
             damping of K-FAC),
-            ``"precond"`` (APO-Precond, the ``"ekfac"`` family of Eq. 9-10).
+            ``"precond"`` (APO-Precond, the ``"ekfac-shaped"`` family of Eq. 9-10).
         lr: initial learning rate (fixed ``eta`` for ``"precond"``). Default 0.1.
         momentum: heavy-ball momentum of ``sgdm``, of the K-FAC step and of the sgdm
             warm-up (default 0.9); applied on top of the adapted step (Bae et al. 2022, earlier
@@ -75,7 +75,7 @@ class APOConfig:
         precond_scale: the fixed 0.9 that scales the preconditioned step (Bae et al. 2022,
             appendix C.2).
         precond_momentum: momentum of the preconditioned step (default 0).
-        precond_options: options of ``KroneckerPreconditioner.for_model(model, "ekfac")``,
+        precond_options: options of ``KroneckerPreconditioner.for_model(model, "ekfac-shaped")``,
             e.g. ``{"dense_diag_max": 16}`` for full blocks on small lone parameters
             (``skip`` for identity on some parameters).
         check_every_step: sync every step to check the loss is finite (default: check at

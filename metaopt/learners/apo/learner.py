@@ -120,7 +120,7 @@ class APO:
     # --- public ------------------------------------------------------------------------
     @property
     def preconditioner(self) -> KroneckerPreconditioner | None:
-        """The learned preconditioner (``"scalar"`` for layer-lr, ``"ekfac"`` for precond)."""
+        """The learned preconditioner (``"scalar"`` for layer-lr, ``"ekfac-shaped"`` for precond)."""
         return self.rule.preconditioner
 
     @property

@@ -202,7 +202,7 @@ class LayerLrRule(Rule):
 
 @ADAPTS.register("precond", bases=("sgdm", "adam"), lr_adapt=False)
 class PrecondRule(Rule):
-    """``adapt="precond"`` (APO-Precond): ``P`` of the ``"ekfac"`` family (identity at start).
+    """``adapt="precond"`` (APO-Precond): ``P`` of the ``"ekfac-shaped"`` family (identity at start).
 
     Lookahead ``theta - lr P g``; update ``theta - lr * precond_scale * P g`` (with
     ``precond_momentum``) by the deployed :class:`~metaopt.optim.Preconditioned` optimizer,
@@ -211,7 +211,7 @@ class PrecondRule(Rule):
 
     def __init__(self, cfg: Any, model: nn.Module) -> None:
         super().__init__(cfg, model)
-        self.preconditioner = _preconditioner(model, "ekfac", **cfg.precond_options)
+        self.preconditioner = _preconditioner(model, "ekfac-shaped", **cfg.precond_options)
         self.meta = dict(self.preconditioner.named_parameters())
         self.warmup_base, self.warmup_hp = base_rule(cfg, cfg.base)
         self.lookahead_rule, self.lookahead_hp = base_rule(cfg, "sgd")

@@ -36,7 +36,7 @@ class MetaMDConfig:
     Attributes:
         preset: the preset these values started from (recorded in files).
         preconditioner: the preconditioner family (``"lowrank"``, ``"rank1"``, ``"diag"``,
-            ``"scalar"``, ``"ekfac"``, or a registered one). Every family starts at (or a
+            ``"scalar"``, ``"ekfac-shaped"``, or a registered one). Every family starts at (or a
             hair from) the identity, so the learned optimizer starts as its ``rule``.
         preconditioner_options: the family's keyword options (``rank``, ``learn_scale``,
             ``init_scale``, ...).
@@ -216,7 +216,7 @@ PRESETS.register(
 PRESETS.register(
     "metacurvature",
     {
-        "preconditioner": "ekfac",
+        "preconditioner": "ekfac-shaped",
         "preconditioner_options": {},
         "rule": "sgd",
         "compose": "gradient",
