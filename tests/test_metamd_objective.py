@@ -164,7 +164,9 @@ def test_runs_shorter_than_the_presets_window_are_one_window_each():
 
 
 def test_ekfac_family_rejects_implicit_engines():
-    with pytest.raises(ValueError, match="explicit metric M .*preconditioner='ekfac-shaped' has none"):
+    with pytest.raises(
+        ValueError, match="explicit metric M .*preconditioner='ekfac-shaped' has none"
+    ):
         MetaMD([regression_task(0)], preset="metamd-paper", preconditioner="ekfac-shaped")
 
 

@@ -24,6 +24,7 @@ from metaopt.learners import META_OPTIMIZERS, PRESETS
 from metaopt.learners.apo import ADAPTS
 from metaopt.learners.apo.rules import LrRule
 from metaopt.objectives.base import OBJECTIVES, register_meta_objective
+from metaopt.objectives.proximal import FSD_DIVERGENCES
 from metaopt.optim.registry import OPTIMIZERS, register_optimizer
 from metaopt.optim.rules import RULES, SGDRule
 from metaopt.registry import Registry
@@ -126,6 +127,7 @@ CASES = [
     Case(PRESETS, "kron-adamw", _preset),
     Case(META_OPTIMIZERS, "adam", _meta_optimizer),
     Case(MODELS, "mlp", lambda n, r: register_model(n, _factory(), replace=r)),
+    Case(FSD_DIVERGENCES, "kl", lambda n, r: FSD_DIVERGENCES.register(n, _factory(), replace=r)),
 ]
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metaopt.objectives.base import MetaContext, register_meta_objective
+from metaopt.registry import Registry
 
 __all__ = ["FSD_DIVERGENCES", "fsd_divergence", "proximal"]
 
@@ -56,20 +57,18 @@ def _bregman(new: Tensor, old: Tensor, target: Tensor | None, loss: Loss | None)
     )
 
 
-#: ``name -> fn(new_outputs, old_outputs, targets, loss) -> scalar``
-FSD_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
-    "kl": _kl,
-    "mse": _mse,
-    "bregman": _bregman,
-}
+#: ``name -> fn(new_outputs, old_outputs, targets, loss) -> scalar``; add your own with
+#: ``FSD_DIVERGENCES.register("name", fn)``
+FSD_DIVERGENCES: Registry[Callable[..., Tensor]] = Registry("fsd")
+FSD_DIVERGENCES.register("kl", _kl)
+FSD_DIVERGENCES.register("mse", _mse)
+FSD_DIVERGENCES.register("bregman", _bregman)
 
 
 def fsd_divergence(
     name: str, new: Tensor, old: Tensor, target: Tensor | None = None, loss: Loss | None = None
 ) -> Tensor:
     """Output divergence ``name`` between ``new`` (N x ...) and constant ``old`` outputs."""
-    if name not in FSD_DIVERGENCES:
-        raise ValueError(f"fsd={name!r} is unknown; choose one of {sorted(FSD_DIVERGENCES)}")
     return FSD_DIVERGENCES[name](new, old.detach(), target, loss)
 
 
@@ -87,8 +86,7 @@ def proximal(
     The FSD term needs ``ctx.fsd_batch`` when ``lambda_fsd != 0``.
     """
     ctx.require("forward", "loss", "batch")
-    if fsd not in FSD_DIVERGENCES:
-        raise ValueError(f"fsd={fsd!r} is unknown; choose one of {sorted(FSD_DIVERGENCES)}")
+    FSD_DIVERGENCES.get(fsd)  # an unknown name fails before any forward pass
     x, y = ctx.extras.get("loss_batch") or ctx.batch
     if lambda_fsd:
         ctx.require("fsd_batch")

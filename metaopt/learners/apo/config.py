@@ -8,10 +8,9 @@ from typing import Any
 
 from metaopt.learners.apo.adapts import ADAPTS
 from metaopt.learners.base import META_OPTIMIZERS
+from metaopt.objectives.proximal import FSD_DIVERGENCES
 
-__all__ = ["FSDS", "APOConfig"]
-
-FSDS = ("kl", "mse", "bregman")
+__all__ = ["APOConfig"]
 
 
 def _positive(name: str, value: Any) -> None:
@@ -151,8 +150,8 @@ class APOConfig:
         if self.lambda_wsd is None:
             self.lambda_wsd = 1.0 if self.adapt == "precond" else 0.0
         _non_negative("lambda_wsd", self.lambda_wsd)
-        if self.fsd not in FSDS:
-            raise ValueError(f"fsd={self.fsd!r}: choose one of {list(FSDS)}")
+        if self.fsd not in FSD_DIVERGENCES:
+            raise ValueError(f"fsd={self.fsd!r}: choose one of {FSD_DIVERGENCES.available()}")
         if not isinstance(self.meta_interval, int) or self.meta_interval < 1:
             raise ValueError(f"meta_interval={self.meta_interval!r}: must be an integer >= 1")
         if not isinstance(self.meta_objective, str) or not self.meta_objective:

@@ -120,7 +120,8 @@ class APO:
     # --- public ------------------------------------------------------------------------
     @property
     def preconditioner(self) -> KroneckerPreconditioner | None:
-        """The learned preconditioner (``"scalar"`` for layer-lr, ``"ekfac-shaped"`` for precond)."""
+        """The learned preconditioner (``"scalar"`` for layer-lr, ``"ekfac-shaped"`` for
+        precond), else ``None``."""
         return self.rule.preconditioner
 
     @property

@@ -202,7 +202,8 @@ class LayerLrRule(Rule):
 
 @ADAPTS.register("precond", bases=("sgdm", "adam"), lr_adapt=False)
 class PrecondRule(Rule):
-    """``adapt="precond"`` (APO-Precond): ``P`` of the ``"ekfac-shaped"`` family (identity at start).
+    """``adapt="precond"`` (APO-Precond): ``P`` of the ``"ekfac-shaped"`` family (the identity
+    at the start).
 
     Lookahead ``theta - lr P g``; update ``theta - lr * precond_scale * P g`` (with
     ``precond_momentum``) by the deployed :class:`~metaopt.optim.Preconditioned` optimizer,
