@@ -52,6 +52,7 @@ __all__ = [
     "ill_conditioned_matrix",
     "ill_conditioned_regression",
     "random_orthogonal",
+    "regression_task",
     "rosenbrock",
     "squared_error",
     "storage_dtype",
@@ -356,26 +357,42 @@ class LinearRegressionFamily(TaskFamily):
         x = x @ self.sqrt_covariance
         eps = torch.randn(n, generator=generator, dtype=torch.float64)
         y = (x @ w + self.noise_std * eps).unsqueeze(1)
-        x, y = x.to(storage_dtype(self.dtype)), y.to(storage_dtype(self.dtype))
-        a, b = self.sizes[0], self.sizes[0] + self.sizes[1]
-        return Task(
-            name="linear-regression-family",
-            model_fn=self.model_fn,
-            loss_fn=squared_error,
-            metric="mse",
-            train=TensorDataset(x[:a], y[:a]),
-            val=TensorDataset(x[a:b], y[a:b]),
-            test=TensorDataset(x[b:], y[b:]),
-            batch_size=self.batch_size,
-            device=self.device,
-            dtype=self.dtype,
-            info={
-                "w_true": w,
-                "covariance": self.covariance,
-                "noise_std": self.noise_std,
-                "synthetic": True,
-            },
-        )
+        info = {"w_true": w, "covariance": self.covariance, "noise_std": self.noise_std,
+                "synthetic": True}  # fmt: skip
+        return regression_task("linear-regression-family", self.model_fn, x, y, self.sizes,
+                               batch_size=self.batch_size, device=self.device, dtype=self.dtype,
+                               info=info)  # fmt: skip
+
+
+def regression_task(
+    name: str,
+    model_fn: Any,
+    x: Tensor,
+    y: Tensor,
+    sizes: tuple[int, int, int],
+    *,
+    batch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+    info: dict[str, Any],
+) -> Task:
+    """A squared-error regression :class:`Task` on ``(x, y)`` split into consecutive
+    ``(train, val, test)`` parts of ``sizes`` (stored in the task's dtype)."""
+    x, y = x.to(storage_dtype(dtype)), y.to(storage_dtype(dtype))
+    a, b = sizes[0], sizes[0] + sizes[1]
+    return Task(
+        name=name,
+        model_fn=model_fn,
+        loss_fn=squared_error,
+        metric="mse",
+        train=TensorDataset(x[:a], y[:a]),
+        val=TensorDataset(x[a:b], y[a:b]),
+        test=TensorDataset(x[b:], y[b:]),
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        info=info,
+    )
 
 
 register_family("linear-regression-family")(LinearRegressionFamily)

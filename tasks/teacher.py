@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from tasks.base import Task, TaskFamily
 from tasks.registry import register_family, register_task
-from tasks.synthetic import random_orthogonal, squared_error, storage_dtype
+from tasks.synthetic import random_orthogonal, regression_task
 
 __all__ = ["HELD_OUT_FROM", "TeacherRegression", "teacher_regression_task"]
 
@@ -114,26 +113,12 @@ class TeacherRegression(TaskFamily):
         y = torch.tanh(white @ w1) @ w2 + self.noise_std * torch.randn(
             n, 1, generator=gen, dtype=torch.float64
         )
-        x, y = x.to(storage_dtype(self.dtype)), y.to(storage_dtype(self.dtype))
-        a, b = self.sizes[0], self.sizes[0] + self.sizes[1]
         width, depth = self.student
-        return Task(
-            name=f"teacher-regression:{task_id}",
-            model_fn=lambda: _student(d, width, depth),
-            loss_fn=squared_error,
-            metric="mse",
-            train=TensorDataset(x[:a], y[:a]),
-            val=TensorDataset(x[a:b], y[a:b]),
-            test=TensorDataset(x[b:], y[b:]),
-            batch_size=self.batch_size,
-            device=self.device,
-            dtype=self.dtype,
-            info={
-                "task_id": task_id,
-                "input_variances": log_var.exp(),
-                "held_out": task_id >= HELD_OUT_FROM,
-            },  # fmt: skip
-        )
+        info = {"task_id": task_id, "input_variances": log_var.exp(),
+                "held_out": task_id >= HELD_OUT_FROM}  # fmt: skip
+        return regression_task(f"teacher-regression:{task_id}", lambda: _student(d, width, depth),
+                               x, y, self.sizes, batch_size=self.batch_size, device=self.device,
+                               dtype=self.dtype, info=info)  # fmt: skip
 
 
 def teacher_regression_task(name: str, **options: Any) -> Task:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from metaopt.hypergrad._common import zeros_for_none
 from metaopt.hypergrad.errors import NonFiniteHypergradient, check_finite
-from metaopt.hypergrad.es import check_es_options, es_grad, pes_grad
+from metaopt.hypergrad.es import es_grad, pes_grad
 from metaopt.hypergrad.implicit import implicit_grad
 from metaopt.hypergrad.problem import EngineResult, Problem, detached, run_window
 from metaopt.registry import Entry, Registry
@@ -172,34 +172,5 @@ for _solve in ("neumann", "cg", "exact", "closed_form"):
     ENGINES.alias(_solve, "implicit", solve=_solve)
 
 
-@ENGINES.register("es")
-def es(
-    problem: Problem,
-    carry: Any = None,
-    *,
-    pairs: int = 4,
-    sigma: float = 0.01,
-    seed: int | None = None,
-) -> EngineResult:
-    """Antithetic ES over the window (see :func:`metaopt.hypergrad.es.es_grad`)."""
-    return es_grad(problem, pairs=pairs, sigma=sigma, seed=seed)
-
-
-@ENGINES.register("pes")
-def pes(
-    problem: Problem,
-    carry: Any = None,
-    *,
-    pairs: int = 4,
-    sigma: float = 0.01,
-    seed: int | None = None,
-) -> EngineResult:
-    """Persistent ES (see :func:`metaopt.hypergrad.es.pes_grad`)."""
-    return pes_grad(problem, carry, pairs=pairs, sigma=sigma, seed=seed)
-
-
-def _validate_es(*, pairs: int = 4, sigma: float = 0.01, seed: int | None = None) -> None:
-    check_es_options(pairs, sigma)
-
-
-es.validate = pes.validate = _validate_es  # type: ignore[attr-defined]
+ENGINES.register("es", es_grad)
+ENGINES.register("pes", pes_grad)

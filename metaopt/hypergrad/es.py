@@ -82,9 +82,15 @@ def _combine(
 
 @torch.no_grad()
 def es_grad(
-    problem: Problem, *, pairs: int = 4, sigma: float = 0.01, seed: int | None = None
+    problem: Problem,
+    carry: Any = None,
+    *,
+    pairs: int = 4,
+    sigma: float = 0.01,
+    seed: int | None = None,
 ) -> EngineResult:
-    """Antithetic ES for the window; ``value`` and ``state`` come from an unperturbed run.
+    """Antithetic ES for the window; ``value`` and ``state`` come from an unperturbed run
+    (``carry`` is unused: each window is estimated on its own).
 
     Args:
         pairs: antithetic pairs ``N`` (``2N + 1`` runs of the window).
@@ -147,3 +153,10 @@ def pes_grad(
     value = torch.stack([v.reshape(()) for v in values]).mean()
     new_carry = {"plus": plus_states, "minus": minus_states, "xi": xis}
     return EngineResult(grads, value, plus_states[0], new_carry)
+
+
+def _validate(*, pairs: int = 4, sigma: float = 0.01, seed: int | None = None) -> None:
+    check_es_options(pairs, sigma)
+
+
+es_grad.validate = pes_grad.validate = _validate  # type: ignore[attr-defined]

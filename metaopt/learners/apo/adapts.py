@@ -65,36 +65,22 @@ def base_step(
     lr: Tensor | float,
     *,
     count: int,
+    inplace: bool = False,
 ) -> Step:
-    """One functional step of ``rule`` (no preconditioner) with learning rate ``lr``;
-    parameters without a state yet (the first step of a run) start from ``rule.init``."""
+    """One step of ``rule`` (no preconditioner) with learning rate ``lr``: functional
+    (new tensors) or, with ``inplace=True``, in place on ``params`` and the state tensors
+    (the real update). Parameters without a state yet start from ``rule.init``. Returns
+    ``(params, states)``."""
     states = {n: states[n] if n in states else rule.init(params[n], hp) for n in grads}
-    return preconditioned_step(params, grads, states, None, rule, hp, lr, count=count)
-
-
-@torch.no_grad()
-def base_step_(
-    rule: UpdateRule,
-    hp: Mapping[str, Any],
-    params: Params,
-    grads: Params,
-    states: dict[str, Any],
-    lr: Tensor | float,
-    *,
-    count: int,
-) -> dict[str, Any]:
-    """The same step in place on ``params`` and the state tensors; returns the states
-    (created for parameters that had none)."""
+    if not inplace:
+        return preconditioned_step(params, grads, states, None, rule, hp, lr, count=count)
     names = list(grads)
-    for n in names:
-        if n not in states:
-            states[n] = rule.init(params[n], hp)
-    _, new = block_step(
-        None, None, [params[n] for n in names], [grads[n] for n in names],
-        [states[n] for n in names], rule, dict(hp), lr, inplace=True, count=count,
-    )  # fmt: skip
-    states.update(zip(names, new, strict=True))
-    return states
+    with torch.no_grad():
+        new, new_states = block_step(
+            None, None, [params[n] for n in names], [grads[n] for n in names],
+            [states[n] for n in names], rule, dict(hp), lr, inplace=True, count=count,
+        )  # fmt: skip
+    return dict(zip(names, new, strict=True)), dict(zip(names, new_states, strict=True))
 
 
 def init_states(rule: UpdateRule, hp: Mapping[str, Any], params: Params) -> dict[str, Any]:

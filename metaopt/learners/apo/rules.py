@@ -22,7 +22,6 @@ from metaopt.learners.apo.adapts import (
     Rule,
     base_rule,
     base_step,
-    base_step_,
     init_states,
     meta_dtype,
     meta_param,
@@ -77,7 +76,8 @@ class LrRule(Rule):
 
     def apply_(self, params, grads, states, meta, *, step):
         lr = self.host_value("log_lr", torch.exp)
-        return base_step_(self.base, self.hp, params, grads, states, lr, count=step + 1)
+        return base_step(self.base, self.hp, params, grads, states, lr, count=step + 1,
+                         inplace=True)[1]  # fmt: skip
 
     def current(self, meta):
         return {"lr": meta["log_lr"].detach().exp()}
@@ -116,7 +116,7 @@ class RmspropEpsRhoRule(Rule):
     def apply_(self, params, grads, states, meta, *, step):
         lr, eps, rho = self._values(meta)
         hp = {**self.hp, "eps": eps, "power": rho}
-        return base_step_(self.base, hp, params, grads, states, lr, count=step + 1)
+        return base_step(self.base, hp, params, grads, states, lr, count=step + 1, inplace=True)[1]
 
     def current(self, meta):
         lr, eps, rho = self._values({k: v.detach() for k, v in meta.items()})
@@ -183,8 +183,9 @@ class LayerLrRule(Rule):
 
     def apply_(self, params, grads, states, meta, *, step):
         for lr, names in self._groups(meta):
-            base_step_(self.base, self.hp, {n: params[n] for n in names},
-                       {n: grads[n] for n in names}, states, lr, count=step + 1)  # fmt: skip
+            sub = {n: params[n] for n in names}, {n: grads[n] for n in names}
+            states = {**states, **base_step(self.base, self.hp, *sub, states, lr,
+                                            count=step + 1, inplace=True)[1]}  # fmt: skip
         return states
 
     def current(self, meta):
@@ -240,8 +241,8 @@ class PrecondRule(Rule):
         """The warm-up's base step, then the deployed optimizer's own step on ``grads``."""
         cfg = self.cfg
         if step < cfg.warmup:
-            return base_step_(self.warmup_base, self.warmup_hp, params, grads, states,
-                              cfg.warmup_lr, count=step + 1)  # fmt: skip
+            return base_step(self.warmup_base, self.warmup_hp, params, grads, states,
+                             cfg.warmup_lr, count=step + 1, inplace=True)[1]  # fmt: skip
         for n, p in params.items():
             p.grad = grads[n]
         try:
