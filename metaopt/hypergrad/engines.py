@@ -33,7 +33,7 @@ from torch import Tensor
 
 from metaopt.hypergrad._common import zeros_for_none
 from metaopt.hypergrad.errors import NonFiniteHypergradient, check_finite
-from metaopt.hypergrad.es import es_grad, pes_grad
+from metaopt.hypergrad.es import es_grad
 from metaopt.hypergrad.implicit import implicit_grad
 from metaopt.hypergrad.problem import EngineResult, Problem, detached, run_window
 from metaopt.registry import Entry, Registry
@@ -173,4 +173,4 @@ for _solve in ("neumann", "cg", "exact", "closed_form"):
 
 
 ENGINES.register("es", es_grad)
-ENGINES.register("pes", pes_grad)
+ENGINES.alias("pes", "es", persistent=True)

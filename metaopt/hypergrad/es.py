@@ -7,11 +7,12 @@ of the window and stay usable where the unrolled computation is too long or chao
 differentiate; Metz et al. 2019, "Understanding and correcting pathologies in the training
 of learned optimizers"):
 
-* :func:`es_grad`: antithetic ES (Salimans et al. 2017),
+* :func:`es_grad` (engine ``"es"``): antithetic ES (Salimans et al. 2017),
   ``g = sum_i (E(lambda + eps_i) - E(lambda - eps_i)) eps_i / (2 N sigma^2)``; the inner
   run continues from the unperturbed run's end. Across the windows of one inner run it is
   biased (each window ignores how ``lambda`` shaped the state it starts from).
-* :func:`pes_grad`: Persistent ES (Vicol, Metz & Sohl-Dickstein 2021, Algorithm 2; the
+* ``es_grad(..., persistent=True)`` (engine ``"pes"``, :func:`pes_grad`): Persistent ES
+  (Vicol, Metz & Sohl-Dickstein 2021, Algorithm 2; the
   model is learned_optimization's ``truncated_pes.py``): each antithetic pair keeps its
   own perturbed inner state across windows and the sum of its perturbations ``xi_i``, and
   ``g = sum_i (E(+) - E(-)) xi_i / (2 N sigma^2)``, which is unbiased for the smoothed
@@ -88,50 +89,25 @@ def es_grad(
     pairs: int = 4,
     sigma: float = 0.01,
     seed: int | None = None,
+    persistent: bool = False,
 ) -> EngineResult:
-    """Antithetic ES for the window; ``value`` and ``state`` come from an unperturbed run
-    (``carry`` is unused: each window is estimated on its own).
+    """Antithetic ES for the window (``persistent=False``) or Persistent ES (``True``).
+
+    Antithetic ES estimates each window on its own (``carry`` unused); ``value`` and
+    ``state`` come from an unperturbed run of the window. Persistent ES keeps, per pair,
+    its own perturbed inner states and the sum of its perturbations across the windows of
+    one inner run in ``carry`` (``None`` at the start of a run: every pair starts from
+    ``problem.state``); ``value`` is the mean of the pairs' objectives and ``state`` the
+    first positive particle's (for bookkeeping: the pairs carry their own).
 
     Args:
-        pairs: antithetic pairs ``N`` (``2N + 1`` runs of the window).
+        pairs: antithetic pairs ``N`` (``2N`` runs of the window, plus one for plain ES).
         sigma: perturbation scale (in the meta-parameters' own units).
         seed: seed of the perturbations (``None``: fresh randomness).
     """
     check_es_options(pairs, sigma)
     hparams = tuple(h.detach() for h in problem.hparams)
-    start = detached(problem.state)
-    eps = _perturbations(hparams, pairs, sigma, seed)
-    deltas = []
-    for e in eps:
-        plus = run_window(problem, start, _shift(hparams, e, 1.0))[1]
-        minus = run_window(problem, start, _shift(hparams, e, -1.0))[1]
-        deltas.append(plus - minus)
-    grads = _combine(deltas, eps, sigma)
-    check_finite(grads, "hypergradient")
-    end, value = run_window(problem, start, hparams)
-    return EngineResult(grads, value.detach(), detached(end))
-
-
-@torch.no_grad()
-def pes_grad(
-    problem: Problem,
-    carry: Any = None,
-    *,
-    pairs: int = 4,
-    sigma: float = 0.01,
-    seed: int | None = None,
-) -> EngineResult:
-    """Persistent ES for the window.
-
-    ``carry`` is ``None`` at the start of an inner run (every pair starts from
-    ``problem.state``), else the previous call's: ``{"plus": [state], "minus": [state],
-    "xi": [accumulated perturbations]}``, one entry per pair. ``value`` is the mean of the
-    pairs' objectives; ``state`` is the first positive particle's (for bookkeeping only: the
-    pairs carry their own).
-    """
-    check_es_options(pairs, sigma)
-    hparams = tuple(h.detach() for h in problem.hparams)
-    if carry is None:
+    if not persistent or carry is None:
         start = detached(problem.state)
         zeros = tuple(torch.zeros_like(h) for h in hparams)
         carry = {"plus": [start] * pairs, "minus": [start] * pairs, "xi": [zeros] * pairs}
@@ -150,13 +126,23 @@ def pes_grad(
         values.append((p_val + m_val) / 2)
     grads = _combine(deltas, xis, sigma)
     check_finite(grads, "hypergradient")
+    if not persistent:
+        end, value = run_window(problem, detached(problem.state), hparams)
+        return EngineResult(grads, value.detach(), detached(end))
     value = torch.stack([v.reshape(()) for v in values]).mean()
     new_carry = {"plus": plus_states, "minus": minus_states, "xi": xis}
     return EngineResult(grads, value, plus_states[0], new_carry)
 
 
-def _validate(*, pairs: int = 4, sigma: float = 0.01, seed: int | None = None) -> None:
+def pes_grad(problem: Problem, carry: Any = None, **options: Any) -> EngineResult:
+    """Persistent ES: :func:`es_grad` with ``persistent=True``."""
+    return es_grad(problem, carry, persistent=True, **options)
+
+
+def _validate(
+    *, pairs: int = 4, sigma: float = 0.01, seed: int | None = None, persistent: bool = False
+) -> None:
     check_es_options(pairs, sigma)
 
 
-es_grad.validate = pes_grad.validate = _validate  # type: ignore[attr-defined]
+es_grad.validate = _validate  # type: ignore[attr-defined]

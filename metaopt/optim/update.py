@@ -65,15 +65,20 @@ def block_step(
     ]
     params = [p for p, _ in decayed]
     grads = [g for _, g in decayed]
-    if family is None:
-        return _rule_steps(params, grads, states, rule, hp, lr, inplace, count)
-    assert view is not None
-    if compose == "gradient":
+    if family is not None and compose == "gradient":
+        assert view is not None
         if inplace and _fused_sgd(rule, hp, lr):
             return _fused_sgd_gradient(family, view, params, grads, states, hp, lr)
         pg = family.apply_blocks(view.blocks_of(grads), meta_constant=inplace)
         grads = _as_params(view, pg, grads)
-        return _rule_steps(params, grads, states, rule, hp, lr, inplace, count)
+    if family is None or compose == "gradient":
+        new, new_states = [], []
+        for p, g, s in zip(params, grads, states, strict=True):
+            d, s = rule.direction(g, s, hp, lr, inplace=inplace, count=count)
+            new.append(d.apply(p, inplace=inplace))
+            new_states.append(s)
+        return new, new_states
+    assert view is not None
     steps, new_states = [], []
     for g, s in zip(grads, states, strict=True):
         d, s = rule.direction(g, s, hp, lr, inplace=inplace, count=count)
@@ -97,24 +102,6 @@ def block_step(
             new.append(p - step_size * d)
         else:
             new.append(p.add_(d, alpha=-step_size) if inplace else p.add(d, alpha=-step_size))
-    return new, new_states
-
-
-def _rule_steps(
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[Any],
-    rule: UpdateRule,
-    hp: Mapping[str, Any],
-    lr: Scalar,
-    inplace: bool,
-    count: int | None,
-) -> tuple[list[Tensor], list[Any]]:
-    new, new_states = [], []
-    for p, g, s in zip(params, grads, states, strict=True):
-        d, s = rule.direction(g, s, hp, lr, inplace=inplace, count=count)
-        new.append(d.apply(p, inplace=inplace))
-        new_states.append(s)
     return new, new_states
 
 
