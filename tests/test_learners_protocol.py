@@ -128,3 +128,13 @@ def test_the_file_rebuilds_the_exact_trained_optimizer(tmp_path):
     metaopt.save_preconditioner(learned.preconditioner, bare)
     with pytest.raises(ValueError, match="without an update rule"):
         metaopt.load_optimizer(bare, b)
+
+
+def test_a_bad_objective_is_refused_when_apo_is_configured():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="meta_objective='bogus' is unknown"):
+        metaopt.APO(model, nn.functional.cross_entropy, meta_objective="bogus")
+    with pytest.raises(
+        ValueError, match=r"objective_options: unknown option\(s\) \['lambda_fsdd'\]"
+    ):
+        metaopt.APO(model, nn.functional.cross_entropy, objective_options={"lambda_fsdd": 1.0})

@@ -25,7 +25,7 @@ Add your own with :func:`register_engine` (``ENGINES.register``); a learner reso
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -36,9 +36,16 @@ from metaopt.hypergrad.errors import NonFiniteHypergradient, check_finite
 from metaopt.hypergrad.es import es_grad
 from metaopt.hypergrad.implicit import implicit_grad
 from metaopt.hypergrad.problem import EngineResult, Problem, detached, run_window
-from metaopt.registry import Entry, Registry
+from metaopt.registry import Entry, Registry, check_options
 
-__all__ = ["ENGINES", "Engine", "available_engines", "get_engine", "register_engine"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "available_engines",
+    "check_engine",
+    "get_engine",
+    "register_engine",
+]
 
 Engine = Callable[..., EngineResult]
 
@@ -62,6 +69,18 @@ def get_engine(name: str) -> Entry[Engine]:
 
 def available_engines() -> list[str]:
     return ENGINES.available()
+
+
+def check_engine(name: str, options: Mapping[str, Any]) -> Entry[Engine]:
+    """The engine ``name`` after checking ``options`` against its keywords (and its optional
+    ``validate(**options)`` hook), so a learner refuses bad options at construction."""
+    entry = ENGINES.get(name)
+    merged = {**entry.options, **options}
+    check_options(entry.obj, merged, "engine_options", supplied=("problem", "carry"))
+    validate = getattr(entry.obj, "validate", None)
+    if validate is not None:
+        validate(**merged)
+    return entry
 
 
 def _leaves(hparams: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

@@ -23,6 +23,7 @@ through :meth:`MetaContext.require`. Users add objectives without touching libra
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from metaopt.kron.preconditioner import KroneckerPreconditioner
-from metaopt.registry import Registry
+from metaopt.registry import Registry, check_options
 
 __all__ = [
     "OBJECTIVES",
@@ -165,6 +166,18 @@ def _check_scalar(value: Tensor, name: str) -> Tensor:
     if not isinstance(value, Tensor) or value.numel() != 1:
         raise ValueError(f"meta-objective {name!r} must return a scalar tensor, got {value!r}")
     return value.reshape(())
+
+
+def check_meta_objective(name: str, options: Mapping[str, Any]) -> None:
+    """``ValueError`` unless ``name`` is registered and ``options`` are keywords it takes
+    (and its optional ``validate(**options)`` hook accepts them): what a learner checks at
+    construction, before anything runs."""
+    fn = get_meta_objective(name)
+    supplied = tuple(inspect.signature(fn).parameters)[:1]  # the context
+    check_options(fn, options, "objective_options", supplied=supplied)
+    validate = getattr(fn, "validate", None)
+    if validate is not None:
+        validate(**options)
 
 
 def evaluate_meta_objective(name: str, ctx: MetaContext, **options: Any) -> Tensor:

@@ -8,6 +8,7 @@ from typing import Any
 
 from metaopt.learners.apo.adapts import ADAPTS
 from metaopt.learners.base import META_OPTIMIZERS
+from metaopt.objectives.base import check_meta_objective
 from metaopt.objectives.proximal import FSD_DIVERGENCES
 
 __all__ = ["APOConfig"]
@@ -165,6 +166,11 @@ class APOConfig:
             raise ValueError(f"precond_options={self.precond_options!r}: must be a dict")
         if not isinstance(self.objective_options, dict):
             raise ValueError(f"objective_options={self.objective_options!r}: must be a dict")
+        # the proximal objective's weights are this config's own fields (APO's hyperparameters)
+        given = dict(self.objective_options)
+        if self.meta_objective == "proximal":
+            given = {"lambda_fsd": 0.0, "lambda_wsd": 0.0, "fsd": "kl", **given}
+        check_meta_objective(self.meta_objective, given)
         lr_adapt = entry.meta.get("lr_adapt", False)
         if self.meta_optimizer is None:
             self.meta_optimizer = "rmsprop" if lr_adapt else "adam"

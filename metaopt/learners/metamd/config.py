@@ -8,16 +8,14 @@ fails at construction with a message naming the field, the value and what is all
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from metaopt.hypergrad.engines import ENGINES
+from metaopt.hypergrad.engines import ENGINES, check_engine
 from metaopt.kron.families import FAMILIES, resolve_family
 from metaopt.learners.base import META_OPTIMIZERS
-from metaopt.objectives.base import get_meta_objective
+from metaopt.objectives.base import check_meta_objective
 from metaopt.optim.rules import get_rule
 from metaopt.optim.update import check_compose
 from metaopt.registry import Registry
@@ -120,16 +118,8 @@ class MetaMDConfig:
                 f"meta_optimizer={self.meta_optimizer!r}: choose one of "
                 f"{META_OPTIMIZERS.available()}"
             )
-        objective = get_meta_objective(self.meta_objective)
-        check_options("objective_options", objective, self.objective_options, skip=1)
-        validate = getattr(objective, "validate", None)
-        if validate is not None:
-            validate(**self.objective_options)
-        entry = ENGINES.get(self.engine)
-        check_options("engine_options", entry.obj, {**entry.options, **self.engine_options}, skip=2)
-        validate = getattr(entry.obj, "validate", None)
-        if validate is not None:
-            validate(**{**entry.options, **self.engine_options})
+        check_meta_objective(self.meta_objective, self.objective_options)
+        check_engine(self.engine, self.engine_options)
         if self.implicit and self.steps_per_window != self.inner_steps:
             raise ValueError(
                 f"engine={self.engine!r}: the implicit function theorem differentiates the end "
@@ -146,20 +136,6 @@ class MetaMDConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def check_options(
-    what: str, fn: Callable[..., Any], options: Mapping[str, Any], *, skip: int
-) -> None:
-    """Raise ``ValueError`` when ``options`` are not keywords of ``fn`` (after its first
-    ``skip`` positional parameters), naming the unknown ones and the allowed ones."""
-    params = list(inspect.signature(fn).parameters.values())[skip:]
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return
-    allowed = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"{what}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
 
 
 def _int(name: str, value: object, low: int) -> None:
