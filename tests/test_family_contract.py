@@ -184,7 +184,9 @@ def test_documented_differentiable_methods_pass_gradcheck(name: str) -> None:
 
 
 # --- in-place accumulation ---------------------------------------------------------------
-@pytest.mark.parametrize(("alpha", "beta"), [(1.0, 1.0), (-0.3, 1.0), (1.0, 0.9), (-0.3, 0.9)])
+@pytest.mark.parametrize(
+    ("alpha", "beta"), [(1.0, 1.0), (-0.3, 1.0), (1.0, 0.9), (-0.3, 0.9), (1.0, 0.0), (-0.3, 0.0)]
+)
 @pytest.mark.parametrize("name", NAMES)
 def test_accumulate_is_beta_t_plus_alpha_apply(name: str, alpha: float, beta: float) -> None:
     _, pre = _preconditioner(name, seed=5)
@@ -194,8 +196,11 @@ def test_accumulate_is_beta_t_plus_alpha_apply(name: str, alpha: float, beta: fl
         sizes = [fam.shape[1]] if fam.shape[1] < 2 else [fam.shape[1] - 1, 1]
         grads = list(G.split(sizes, dim=1))
         targets = [torch.randn(t.shape, generator=g, dtype=F64) for t in grads]
+        if beta == 0.0:  # beta 0 overwrites a scratch target without reading it
+            targets = [torch.full_like(t, float("nan")) for t in targets]
         want = [
-            beta * t + alpha * d for t, d in zip(targets, fam.apply(G).split(sizes, 1), strict=True)
+            (0.0 if beta == 0.0 else beta * t) + alpha * d
+            for t, d in zip(targets, fam.apply(G).split(sizes, 1), strict=True)
         ]
         for _ in range(2):  # a second call reuses the families' cached factors
             got = [t.clone() for t in targets]

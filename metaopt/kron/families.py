@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaopt.kron.family_base import Family
+from metaopt.kron.family_base import Family, decay_
 from metaopt.kron.lowrank import LowRankFamily
 from metaopt.registry import Registry, check_options, keyword_options
 
@@ -99,8 +99,7 @@ class EKFACFamily(Family):
             ga.addmm_(self._p(g, dtype), a)
         bn = B @ torch.mul(B.T @ ga, S2)
         for target, a in zip(targets, rows, strict=True):
-            if beta != 1.0:
-                target.mul_(beta)
+            decay_(target, beta)
             target.addmm_(self._p(bn, target.dtype), self._p(a.T, target.dtype), alpha=alpha)
 
     def _factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -144,8 +143,7 @@ class DiagFamily(Family):
     ) -> None:
         scales = self.log_scale.exp().split([g.shape[1] for g in grads], dim=1)
         for target, g, sc in zip(targets, grads, scales, strict=True):
-            if beta != 1.0:
-                target.mul_(beta)
+            decay_(target, beta)
             target.addcmul_(g, sc.to(g.dtype), value=alpha)
 
     def metric_apply(self, X: Tensor) -> Tensor:
@@ -198,8 +196,7 @@ class ScalarFamily(Family):
     ) -> None:
         scale = self.log_scale.exp()
         for target, g in zip(targets, grads, strict=True):
-            if beta != 1.0:
-                target.mul_(beta)
+            decay_(target, beta)
             target.addcmul_(g, scale.to(g.dtype), value=alpha)
 
     def metric_apply(self, X: Tensor) -> Tensor:

@@ -22,7 +22,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Family"]
+__all__ = ["Family", "decay_"]
+
+
+def decay_(target: Tensor, beta: float) -> None:
+    """``target *= beta`` in place; ``beta=0`` zeroes without reading (``0 * nan`` is nan)."""
+    if beta == 0.0:
+        target.zero_()
+    elif beta != 1.0:
+        target.mul_(beta)
 
 
 class Family(nn.Module, abc.ABC):
@@ -88,7 +96,8 @@ class Family(nn.Module, abc.ABC):
 
         ``targets`` and ``grads`` are matching column blocks (see
         ``LayerView.column_blocks``). ``beta`` is the momentum decay when ``targets`` are
-        momentum buffers (families fold it into an op they do anyway). The default
+        momentum buffers (families fold it into an op they do anyway); ``beta=0`` overwrites
+        the targets without reading them (scratch buffers: old values may be anything). The default
         concatenates; families override it to avoid temporaries the size of ``G`` and extra
         passes over memory (the deploy optimizer's hot path).
         """
@@ -96,8 +105,7 @@ class Family(nn.Module, abc.ABC):
         grad = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
         direction = self.apply(grad)
         for target, part in zip(targets, direction.split(sizes, dim=1), strict=True):
-            if beta != 1.0:
-                target.mul_(beta)
+            decay_(target, beta)
             target.add_(part, alpha=alpha)
 
     def metric_apply(self, X: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from metaopt.kron.family_base import Family
+from metaopt.kron.family_base import Family, decay_
 
 __all__ = ["LowRankFamily"]
 
@@ -162,9 +162,10 @@ class LowRankFamily(Family):
                 g, L_, Rt = g.to(target.dtype), L.to(target.dtype), Rt.to(target.dtype)
             else:
                 L_ = L
-            if inv_c is not None:
-                if beta != 1.0:
-                    target.mul_(beta)
+            if beta == 0.0:  # overwrite (a scratch buffer): its old values are not read
+                torch.mul(g, alpha if inv_c is None else alpha * inv_c.to(target.dtype), out=target)
+            elif inv_c is not None:
+                decay_(target, beta)
                 target.addcmul_(g, inv_c.to(target.dtype), value=alpha)
             elif beta == 1.0:
                 target.add_(g, alpha=alpha)

@@ -65,6 +65,7 @@ class Preconditioned(torch.optim.Optimizer):
         self.preconditioner = preconditioner
         self._names = self._resolve_names(preconditioner)
         self._plans: dict[int, tuple[tuple[int, ...], _GroupPlan]] = {}
+        self._scratch: dict[Tensor, Tensor] = {}  # P g of the gradient path, reused (not state)
 
     def _resolve_names(self, pre: KroneckerPreconditioner | None) -> dict[Tensor, str]:
         """Map each parameter tensor to its name in the preconditioner."""
@@ -173,6 +174,9 @@ class Preconditioned(torch.optim.Optimizer):
         lr: float,
     ) -> None:
         states = self._states(params, hp)
+        scratch = None
+        if family is not None and self.compose == "gradient":
+            scratch = [self._scratch_for(p) for p in params]
         _, new_states = block_step(
             family,
             view,
@@ -184,9 +188,16 @@ class Preconditioned(torch.optim.Optimizer):
             lr,
             compose=self.compose,
             inplace=True,
+            scratch=scratch,
         )
         for p, s in zip(params, new_states, strict=True):
             self.state[p].update(s._asdict())
+
+    def _scratch_for(self, p: Tensor) -> Tensor:
+        buf = self._scratch.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = self._scratch[p] = torch.empty_like(p)
+        return buf
 
 
 @dataclass

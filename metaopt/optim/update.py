@@ -56,10 +56,13 @@ def block_step(
     compose: str = "gradient",
     inplace: bool,
     count: int | None = None,
+    scratch: list[Tensor] | None = None,
 ) -> tuple[list[Tensor], list[Any]]:
     """One update of a block's parameters (``view.params`` order; any order when
     ``family`` is ``None``, i.e. ``P = I``). Returns ``(new params, new states)``; in place
-    these are the given tensors, updated."""
+    these are the given tensors, updated. ``scratch`` (in place, ``compose="gradient"``):
+    tensors shaped like the parameters that receive ``P g``, reused from step to step
+    (a fresh parameter-sized tensor each step costs page faults on CPU)."""
     decayed = [
         rule.decay(p, g, hp, lr, inplace=inplace) for p, g in zip(params, grads, strict=True)
     ]
@@ -69,8 +72,12 @@ def block_step(
         assert view is not None
         if inplace and _fused_sgd(rule, hp, lr):
             return _fused_sgd_gradient(family, view, params, grads, states, hp, lr)
-        pg = family.apply_blocks(view.blocks_of(grads), meta_constant=inplace)
-        grads = _as_params(view, pg, grads)
+        if inplace and scratch is not None:
+            family.accumulate_(view.blocks_of(scratch), view.blocks_of(grads), 1.0, 0.0)
+            grads = scratch
+        else:
+            pg = family.apply_blocks(view.blocks_of(grads), meta_constant=inplace)
+            grads = _as_params(view, pg, grads)
     if family is None or compose == "gradient":
         new, new_states = [], []
         for p, g, s in zip(params, grads, states, strict=True):
