@@ -104,7 +104,7 @@ def test_the_file_rebuilds_the_exact_trained_optimizer(tmp_path):
         "rule": "adamw",
         "hparams": {"betas": [0.9, 0.999], "eps": 1e-8, "eps_root": 0.0, "weight_decay": 0.01},
         "lr": 0.01,
-        "compose": "direction",
+        "compose": "gradient",
     }
     task = _source()[0]
     a, b = task.make_model(7), task.make_model(7)

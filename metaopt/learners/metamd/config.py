@@ -63,12 +63,10 @@ class MetaMDConfig:
 
     preset: str = "kron-adamw"
     preconditioner: str = "lowrank"
-    preconditioner_options: dict[str, Any] = field(
-        default_factory=lambda: {"rank": 1, "learn_scale": True}
-    )
+    preconditioner_options: dict[str, Any] = field(default_factory=lambda: {"rank": 1})
     rule: str = "adamw"
     rule_options: dict[str, Any] = field(default_factory=dict)
-    compose: str = "direction"
+    compose: str = "gradient"
     lr: float = 0.01
     inner_steps: int = 300
     window: int | None = 20
@@ -155,9 +153,9 @@ PRESETS: Registry[dict[str, Any]] = Registry("preset")
 PRESETS.register(
     "kron-adamw",
     {},
-    description="AdamW whose step goes through a learned rank-1 Kronecker preconditioner "
-    "with a learned per-layer scale; mean training loss over 300-step inner runs in "
-    "20-step truncated unrolls (the default)",
+    description="AdamW on the gradient preconditioned by a learned rank-1 Kronecker "
+    "factorisation; the mean training loss over 300-step inner runs in 20-step truncated "
+    "unrolls (the default)",
 )
 PRESETS.register(
     "metamd-paper",
