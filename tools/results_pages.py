@@ -192,17 +192,18 @@ def metamd_rotated_digits() -> str:
 
 def learned() -> str:
     files = sorted((RESULTS / "learned").glob("*.json"))
-    if not files:
-        return ("*No learned-optimizer results recorded yet.* `experiments/held_out.py` writes "
-                "them to `docs/results/learned/` (see the commands above).\n")  # fmt: skip
+    loaded = [(path, _load(path)) for path in files]
+    # each source's default-recipe file (named after the source) before its variants
+    loaded.sort(key=lambda pd: (pd[1]["source"], pd[0].stem != pd[1]["source"], pd[0].stem))
     out = []
-    for path in files:
-        d = _load(path)
+    for path, d in loaded:
         flags = " ".join(d.get("meta_train_flags") or []) or "(defaults)"
         out.append(
             f"### {d['source']}: `{path.name}`\n\n"
             f"meta_train flags: `{flags}`; {d['steps']} steps, seeds {d['seeds']}\n"
         )
+        if d.get("note"):
+            out.append(f"*{d['note']}*\n")
         names: list[str] = []
         for row in d["rows"].values():
             names += [n for n in row["optimizers"] if n not in names]
