@@ -1,9 +1,10 @@
 """Per-step time of learned optimizers relative to their base rule in ``torch.optim``.
 
 ``rank1-sgdm`` (a learned rank-1 Kronecker preconditioner on SGD-momentum) and ``ekfac-sgdm``
-against ``torch.optim.SGD(momentum=0.9)``; ``rank1-adam`` (the default ``kron-adamw`` recipe's
-optimizer: Adam on the preconditioned gradient) and ``rank1-adam-direction`` (preconditioned
-Adam direction, learned scale) against ``torch.optim.Adam``. Each learned preconditioner has
+against ``torch.optim.SGD(momentum=0.9)``; ``rank1-adam`` (Adam on the preconditioned
+gradient) and ``rank1-adam-direction`` (preconditioned Adam step, learned scale) against
+``torch.optim.Adam``; ``rank1-adamw`` (the default ``kron-adamw`` recipe's optimizer)
+against ``torch.optim.AdamW``. Each learned preconditioner has
 random non-identity factors (the cost of a learned file, not of the identity). A step is
 zero_grad + forward + backward + optimizer step on a fixed batch of 128. The optimizers are
 timed in interleaved rounds (so machine load affects all alike) and the median of the
@@ -57,6 +58,7 @@ LEARNED = {
     "rank1-sgdm": ("rank1", {}, "sgdm", "gradient", "sgdm"),
     "ekfac-sgdm": ("ekfac-shaped", {}, "sgdm", "gradient", "sgdm"),
     "rank1-adam": ("rank1", {}, "adam", "gradient", "adam"),
+    "rank1-adamw": ("rank1", {}, "adamw", "gradient", "adamw"),
     "rank1-adam-direction": ("rank1", {"learn_scale": True}, "adam", "direction", "adam"),
 }
 
@@ -66,6 +68,8 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=1e-3)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3)
     family, options, rule, compose, _ = LEARNED[name]
     pre = KroneckerPreconditioner.for_model(model, family, **options)
     with torch.no_grad():  # a learned (non-identity) preconditioner
@@ -95,7 +99,7 @@ def bench(arch: str, rounds: int, steps: int, device: torch.device) -> dict:
     build = mlp if arch == "mlp" else cnn
     x = torch.randn(128, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (128,), device=device)
-    names = ["sgdm", "adam", *LEARNED]
+    names = ["sgdm", "adam", "adamw", *LEARNED]
     runs = {}
     for name in names:
         model = build().to(device)
@@ -105,7 +109,7 @@ def bench(arch: str, rounds: int, steps: int, device: torch.device) -> dict:
     for _ in range(rounds):
         for n in names:
             times[n].append(time_steps(*runs[n], x, y, steps, device))
-    out = {f"{n}_ms": 1e3 * statistics.median(times[n]) for n in ("sgdm", "adam")}
+    out = {f"{n}_ms": 1e3 * statistics.median(times[n]) for n in ("sgdm", "adam", "adamw")}
     for n, (*_, base) in LEARNED.items():
         ratios = [t / s for t, s in zip(times[n], times[base], strict=True)]
         out[f"{n}_ms"] = 1e3 * statistics.median(times[n])
