@@ -192,6 +192,9 @@ def metamd_rotated_digits() -> str:
 
 def learned() -> str:
     files = sorted((RESULTS / "learned").glob("*.json"))
+    if not files:
+        return ("*No learned-optimizer results recorded yet.* `experiments/held_out.py` writes "
+                "them to `docs/results/learned/` (see the commands above).\n")  # fmt: skip
     loaded = [(path, _load(path)) for path in files]
     # each source's default-recipe file (named after the source) before its variants
     loaded.sort(key=lambda pd: (pd[1]["source"], pd[0].stem != pd[1]["source"], pd[0].stem))
