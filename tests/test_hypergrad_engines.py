@@ -52,6 +52,8 @@ def test_unrolled_engines_equal_the_closed_form_and_return_the_end_state(name):
     result = entry.obj(problem, None, **entry.options)
     torch.testing.assert_close(result.grads[0], expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(result.state[0], wT, rtol=1e-12, atol=1e-12)
+    # the value at the closed-form end point, through the test's own objective
+    torch.testing.assert_close(result.value, problem.objective((wT,), problem.hparams))
     assert result.carry is None
 
 
@@ -73,6 +75,16 @@ def test_implicit_needs_an_inner_objective():
     problem.inner_objective, problem.closed_form = None, {}
     with pytest.raises(ValueError, match="no inner_objective"):
         get_engine("implicit").obj(problem)
+
+
+@pytest.mark.parametrize("name", ["unroll", "forward", "exact", "neumann", "closed_form"])
+def test_a_diverging_window_raises_the_error_learners_skip(name):
+    # learners catch NonFiniteHypergradient (and only it) to drop the run and go on
+    problem, *_ = _quadratic(steps=3, eta=1e200)
+    entry = get_engine(name)
+    with pytest.raises(NonFiniteHypergradient) as info:
+        entry.obj(problem, None, **entry.options)
+    assert info.value.term in {"hypergradient", "tangent", "inner_run"}
 
 
 def _sines(n=3):

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaopt.hypergrad._common import zeros_for_none
-from metaopt.hypergrad.errors import NonFiniteHypergradient, check_finite
+from metaopt.hypergrad.errors import NonFiniteHypergradient
 from metaopt.hypergrad.es import es_grad
 from metaopt.hypergrad.implicit import implicit_grad
-from metaopt.hypergrad.problem import EngineResult, Problem, detached, run_window
+from metaopt.hypergrad.problem import EngineResult, Problem, detached, finite, run_window
+from metaopt.hypergrad.unrolled import forward_window, reverse_window
 from metaopt.registry import Entry, Registry, check_options
 
 __all__ = [
@@ -90,46 +90,24 @@ def _leaves(hparams: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 @ENGINES.register("unroll")
 def unroll(problem: Problem, carry: Any = None) -> EngineResult:
     """Reverse mode through the window: ``d E / d lambda`` of ``run_window``."""
-    hparams = _leaves(problem.hparams)
-    with torch.enable_grad():
-        end, value = run_window(problem, detached(problem.state), hparams)
-        grads = torch.autograd.grad(value, hparams, allow_unused=True)
-    grads = tuple(g.detach() for g in zeros_for_none(grads, hparams))
-    check_finite(grads, "hypergradient")
-    return EngineResult(grads, value.detach(), detached(end))
+    grads, end, value = reverse_window(
+        problem.step, problem.objective, detached(problem.state), _leaves(problem.hparams),
+        problem.steps, problem.steps,
+    )  # fmt: skip
+    return EngineResult(grads, value, end)
 
 
 @ENGINES.register("forward")
 def forward(problem: Problem, carry: Any = None) -> EngineResult:
-    """Forward mode: ``torch.func.jvp`` of the window along each meta-parameter scalar
-    (vectorised with ``torch.func.vmap``), then one plain run for the end state."""
-    hparams = tuple(h.detach() for h in problem.hparams)
-    start = detached(problem.state)
-    sizes = [h.numel() for h in hparams]
-    n = sum(sizes)
-    eye = torch.eye(n, dtype=hparams[0].dtype, device=hparams[0].device)
-    basis = tuple(
-        part.reshape(n, *h.shape) for part, h in zip(eye.split(sizes, dim=1), hparams, strict=True)
-    )
-
-    def value(*hp: Tensor) -> Tensor:
-        return run_window(problem, start, hp)[1]
-
-    def directional(*tangent: Tensor) -> Tensor:
-        return torch.func.jvp(value, hparams, tangent)[1]
-
-    try:
-        derivs = torch.func.vmap(directional)(*basis)  # (n,)
-    except RuntimeError as err:
-        raise ValueError(
-            "engine='forward': the problem's step must be pure for torch.func.jvp (gradients "
-            f"through torch.func.grad, no in-place updates); torch said: {str(err).splitlines()[0]}"
-        ) from err
-    check_finite((derivs,), "hypergradient")
-    grads = tuple(d.reshape(h.shape) for d, h in zip(derivs.split(sizes), hparams, strict=True))
-    with torch.no_grad():
-        end, val = run_window(problem, start, hparams)
-    return EngineResult(grads, val.detach(), detached(end))
+    """Forward mode: tangents ``d state / d lambda`` carried through the window (one per
+    meta-parameter scalar, vectorised), contracted with one reverse pass of the objective
+    (:func:`~metaopt.hypergrad.unrolled_grad`'s ``mode="forward"``)."""
+    grads, end, value = forward_window(
+        problem.step, problem.objective, detached(problem.state),
+        tuple(h.detach() for h in problem.hparams), problem.steps, problem.steps,
+        "engine='forward'",
+    )  # fmt: skip
+    return EngineResult(grads, value, end)
 
 
 @ENGINES.register("implicit")
@@ -149,8 +127,8 @@ def implicit(
     hparams = _leaves(problem.hparams)
     with torch.no_grad():
         end, _ = run_window(problem, detached(problem.state), tuple(h.detach() for h in hparams))
-    if not all(bool(torch.isfinite(t).all()) for t in problem.params(end)):
-        raise NonFiniteHypergradient("the inner run is not finite", term="inner_run")
+    if not finite(problem.params(end)):
+        raise NonFiniteHypergradient("inner_run", "the window's end parameters are not finite")
     pieces = dict(problem.closed_form) if solve == "closed_form" else {}
     if "inner_grad" in problem.closed_form:
         pieces.setdefault("inner_grad", problem.closed_form["inner_grad"])

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["EngineResult", "Problem", "run_window"]
+__all__ = ["EngineResult", "Problem", "apply_step", "run_window"]
 
 State = tuple[Tensor, ...]
 Hparams = tuple[Tensor, ...]
@@ -104,13 +104,20 @@ class EngineResult:
     carry: Any = None
 
 
+def apply_step(
+    step: Callable[[State, Hparams, int], Sequence[Tensor]], state: State, hparams: Hparams, i: int
+) -> State:
+    """``step(state, hparams, i)`` as a tuple, checked to keep the state's length."""
+    out = tuple(step(state, hparams, i))
+    if len(out) != len(state):
+        raise ValueError(f"step returned {len(out)} tensors for a state of {len(state)}")
+    return out
+
+
 def run_window(problem: Problem, state: State, hparams: Hparams) -> tuple[State, Tensor]:
     """``(end state, objective)``: the window's ``steps`` from ``state`` under ``hparams``."""
     for i in range(problem.steps):
-        out = tuple(problem.step(state, hparams, i))
-        if len(out) != len(state):
-            raise ValueError(f"step returned {len(out)} tensors for a state of {len(state)}")
-        state = out
+        state = apply_step(problem.step, state, hparams, i)
     return state, problem.objective(state, hparams)
 
 

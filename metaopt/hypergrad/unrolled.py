@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -37,10 +38,12 @@ from torch.func import jvp, vmap
 
 from metaopt.hypergrad._common import Vec, as_leaves, hparam_inputs, positive_int, zeros_for_none
 from metaopt.hypergrad.errors import FiniteGuard, check_finite
+from metaopt.hypergrad.problem import apply_step
 
-__all__ = ["unrolled_grad"]
+__all__ = ["forward_window", "reverse_window", "unrolled_grad"]
 
 Step = Callable[[Vec, Vec], Sequence[Tensor]]
+IndexedStep = Callable[[Vec, Vec, int], Sequence[Tensor]]
 Objective = Callable[[Vec, Vec], Tensor]
 
 
@@ -59,9 +62,9 @@ def unrolled_grad(
     Args:
         step: ``step(params, hparams) -> params`` (tuples of tensors, same shapes). In
             reverse mode it must keep the graph (e.g. ``metaopt.func.loss_and_grads(...,
-            create_graph=True)`` then a ``metaopt.optim.functional`` step); ``params`` it
-            receives require grad. It may use the ``hparams`` given or, when the hparams
-            passed in require grad, capture those same tensors (e.g. call
+            create_graph=True)`` then :func:`metaopt.optim.update.preconditioned_step`);
+            ``params`` it receives require grad. It may use the ``hparams`` given or, when
+            the hparams passed in require grad, capture those same tensors (e.g. call
             ``preconditioner.apply`` with ``hparams = tuple(preconditioner.parameters())``;
             ``.grad`` is never written). In forward mode it must be pure: take gradients
             with ``torch.func.grad`` (not ``torch.autograd.grad``) and use the ``hparams``
@@ -70,7 +73,7 @@ def unrolled_grad(
             ``torch.func.jvp`` with both dual. torch 2.x's ``mse_loss``
             forward-over-reverse formula fails there ("ZeroTensors are immutable") if its
             prediction is dual and its target not: add ``0 * hparam`` to both (see
-            ``metaopt.learners.task_hypergrad``).
+            ``metaopt.learners.metamd.window``).
         outer_objective: ``outer(params, hparams) -> 0-dim tensor`` at ``theta_T``; in
             both modes differentiated by ``torch.autograd`` (one reverse pass).
         params: initial ``theta_0``; hparams: ``lambda`` (floating point tensors).
@@ -96,41 +99,54 @@ def unrolled_grad(
         raise ValueError(f"mode={mode!r}: allowed 'reverse', 'forward'")
     theta = as_leaves(params, "params")
     keep = steps if truncate is None else truncate
+
+    def indexed(th: Vec, lam: Vec, i: int) -> Sequence[Tensor]:
+        return step(th, lam)
+
     if mode == "reverse":
-        return _reverse(step, outer_objective, theta, hparam_inputs(hparams), steps, keep)
+        lam = hparam_inputs(hparams)
+        return reverse_window(indexed, outer_objective, theta, lam, steps, keep)[0]
+    lam = as_leaves(hparams, "hparams")
+    return forward_window(indexed, outer_objective, theta, lam, steps, keep, "mode='forward'")[0]
+
+
+def reverse_window(
+    step: IndexedStep, outer: Objective, theta: Vec, lam: Vec, steps: int, keep: int
+) -> tuple[Vec, Vec, Tensor]:
+    """Reverse mode through ``steps`` steps from ``theta`` (the last ``keep`` differentiated):
+    ``(d outer / d lam, end state detached, outer at the end detached)``. ``lam`` are the
+    tensors to differentiate with respect to (they require grad)."""
+    theta = tuple(t.requires_grad_(True) for t in theta)
+    for i in range(steps):
+        with torch.enable_grad():
+            theta = apply_step(step, theta, lam, i)
+        if i < steps - keep:  # outside the differentiated window: cut the graph
+            theta = tuple(p.detach().requires_grad_(True) for p in theta)
+    with torch.enable_grad():
+        value = outer(theta, lam)
+        out = zeros_for_none(torch.autograd.grad(value, lam, allow_unused=True), lam)
+    check_finite(out, "hypergradient")
+    return out, tuple(t.detach() for t in theta), value.detach()
+
+
+def forward_window(
+    step: IndexedStep, outer: Objective, theta: Vec, lam: Vec, steps: int, keep: int, label: str
+) -> tuple[Vec, Vec, Tensor]:
+    """Forward mode through ``steps`` steps from ``theta`` (tangents over the last ``keep``):
+    ``(d outer / d lam, end state, outer at the end)``, all detached. A step that is not
+    pure for ``torch.func.jvp`` is a ``ValueError`` that starts with ``label``."""
     try:
-        return _forward(step, outer_objective, theta, as_leaves(hparams, "hparams"), steps, keep)
+        return _forward(step, outer, theta, lam, steps, keep)
     except RuntimeError as err:
         # what torch says when a step calls torch.autograd.grad inside the transform
         hints = ("functorch", "torch.func", "does not require grad")
         if not any(h in str(err) for h in hints):
             raise
         raise ValueError(
-            "mode='forward': step/outer_objective must be pure for torch.func.jvp (take "
+            f"{label}: the step and the objective must be pure for torch.func.jvp (take "
             "gradients with torch.func.grad, not torch.autograd.grad or requires_grad_); "
             f"torch said: {str(err).splitlines()[0]}"
         ) from err
-
-
-def _apply(step: Step, theta: Vec, lam: Vec) -> Vec:
-    out = tuple(step(theta, lam))
-    if len(out) != len(theta):
-        raise ValueError(f"step returned {len(out)} tensors for {len(theta)} params")
-    return out
-
-
-def _reverse(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, keep: int) -> Vec:
-    theta = tuple(t.requires_grad_(True) for t in theta)
-    for t in range(steps):
-        with torch.enable_grad():
-            theta = _apply(step, theta, lam)
-        if t < steps - keep:  # outside the differentiated window: cut the graph
-            theta = tuple(p.detach().requires_grad_(True) for p in theta)
-    with torch.enable_grad():
-        value = outer(theta, lam)
-        out = zeros_for_none(torch.autograd.grad(value, lam, allow_unused=True), lam)
-    check_finite(out, "hypergradient")
-    return out
 
 
 def _basis(lam: Vec) -> tuple[int, Vec]:
@@ -142,27 +158,30 @@ def _basis(lam: Vec) -> tuple[int, Vec]:
     return n, tuple(c.to(h.dtype).reshape(n, *h.shape) for c, h in zip(cols, lam, strict=True))
 
 
-def _forward(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, keep: int) -> Vec:
+def _forward(
+    step: IndexedStep, outer: Objective, theta: Vec, lam: Vec, steps: int, keep: int
+) -> tuple[Vec, Vec, Tensor]:
     n, basis = _basis(lam)
+    first = steps - keep
     with torch.no_grad():  # the torch.func transforms still differentiate
-        for _ in range(steps - keep):
-            theta = _apply(step, theta, lam)
+        for i in range(first):
+            theta = apply_step(step, theta, lam, i)
 
-        def push(th: Vec, t_th: Vec, t_lam: Vec) -> tuple[Vec, Vec]:
-            return jvp(lambda a, b: _apply(step, a, b), (th, lam), (t_th, t_lam))
+        def push(th: Vec, t_th: Vec, t_lam: Vec, i: int) -> tuple[Vec, Vec]:
+            return jvp(lambda a, b: apply_step(step, a, b, i), (th, lam), (t_th, t_lam))
 
-        theta, t_theta = _first_tangent(step, theta, lam, basis, n)
+        theta, t_theta = _first_tangent(step, theta, lam, basis, n, first)
         if n == 1:  # one scalar: no vmap, a plain jvp per step
             t_lam = tuple(b[0] for b in basis)
             flat = tuple(t[0] for t in t_theta)
-            for _ in range(keep - 1):
-                theta, flat = push(theta, flat, t_lam)
+            for i in range(first + 1, steps):
+                theta, flat = push(theta, flat, t_lam, i)
             t_theta = tuple(t.unsqueeze(0) for t in flat)
         else:
-            batched = vmap(push, in_dims=(None, 0, 0), out_dims=(None, 0))
-            for _ in range(keep - 1):
+            for i in range(first + 1, steps):
+                batched = vmap(partial(push, i=i), in_dims=(None, 0, 0), out_dims=(None, 0))
                 theta, t_theta = batched(theta, t_theta, basis)
-    derivs = _contract(outer, theta, t_theta, lam, n)
+    derivs, value = _contract(outer, theta, t_theta, lam, n)
     sizes = [h.numel() for h in lam]
     out = tuple(
         d.reshape(h.shape).to(h.dtype) for d, h in zip(derivs.split(sizes), lam, strict=True)
@@ -170,10 +189,12 @@ def _forward(step: Step, outer: Objective, theta: Vec, lam: Vec, steps: int, kee
     guard = FiniteGuard()
     guard.add(t_theta, "tangent")
     guard.check(out)  # a non-finite result names "tangent" if that is, else "hypergradient"
-    return out
+    return out, tuple(t.detach() for t in theta), value
 
 
-def _first_tangent(step: Step, theta: Vec, lam: Vec, basis: Vec, n: int) -> tuple[Vec, Vec]:
+def _first_tangent(
+    step: IndexedStep, theta: Vec, lam: Vec, basis: Vec, n: int, i: int
+) -> tuple[Vec, Vec]:
     """``theta_1 = step(theta, lambda)`` and its tangents ``Z_1 = d theta_1 / d lambda``.
 
     The window starts from ``Z = 0``, so ``Z_1 = (d step / d lambda) e_i`` at a fixed
@@ -188,7 +209,7 @@ def _first_tangent(step: Step, theta: Vec, lam: Vec, basis: Vec, n: int) -> tupl
     lam_req = tuple(h.detach().requires_grad_(True) for h in lam)
     found: dict[int, Tensor] = {}
     with torch.enable_grad():
-        out = _apply(step, theta, lam_req)
+        out = apply_step(step, theta, lam_req, i)
         live = [i for i, o in enumerate(out) if o.requires_grad]
         dummy = tuple(torch.zeros_like(out[i]).requires_grad_(True) for i in live)
         pulled = torch.autograd.grad(
@@ -215,8 +236,11 @@ def _first_tangent(step: Step, theta: Vec, lam: Vec, basis: Vec, n: int) -> tupl
     return tuple(o.detach() for o in out), tangents
 
 
-def _contract(outer: Objective, theta: Vec, t_theta: Vec, lam: Vec, n: int) -> Tensor:
-    """``d_lambda outer + (d_theta outer)^T t_theta`` at ``theta_T``: shape ``(n,)``.
+def _contract(
+    outer: Objective, theta: Vec, t_theta: Vec, lam: Vec, n: int
+) -> tuple[Tensor, Tensor]:
+    """``d_lambda outer + (d_theta outer)^T t_theta`` at ``theta_T`` (shape ``(n,)``) and
+    ``outer`` there (detached).
 
     ``d_theta outer`` is one reverse pass whatever ``n`` (MetaMD Eq. 49, Franceschi et
     al.'s forward-mode hypergradient ``nabla E(s_T) Z_T``); it costs a forward and a
@@ -225,9 +249,10 @@ def _contract(outer: Objective, theta: Vec, t_theta: Vec, lam: Vec, n: int) -> T
     th = tuple(t.detach().requires_grad_(True) for t in theta)
     lm = tuple(h.detach().requires_grad_(True) for h in lam)
     with torch.enable_grad():
-        grads = torch.autograd.grad(outer(th, lm), th + lm, allow_unused=True)
+        value = outer(th, lm)
+        grads = torch.autograd.grad(value, th + lm, allow_unused=True)
     grads = zeros_for_none(grads, th + lm)
     derivs = torch.cat([g.reshape(-1) for g in grads[len(th) :]])
     for g, t in zip(grads[: len(th)], t_theta, strict=True):
         derivs = derivs + (t.reshape(n, -1) @ g.reshape(-1)).to(derivs.dtype)
-    return derivs
+    return derivs, value.detach()
