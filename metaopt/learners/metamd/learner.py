@@ -149,10 +149,11 @@ class MetaMD:
         sums = [torch.zeros_like(p) for p in params]
         stats = torch.zeros(4, dtype=torch.float64, device=params[0].device)
         for i in range(rank, self.config.tasks_per_step, world_size):
-            grads, value, train_loss = self._advance(i)
-            if grads is None:
+            kept_run = self._advance(i)
+            if kept_run is None:
                 stats[2] += 1
                 continue
+            grads, value, train_loss = kept_run
             for acc, g in zip(sums, grads, strict=True):
                 acc.add_(g.to(acc.dtype))
             stats[0] += 1
@@ -160,7 +161,7 @@ class MetaMD:
             stats[3] += train_loss
         if all_reduce is not None:
             all_reduce([*sums, stats])
-        kept = float(stats[0])
+        kept, total, dropped, loss_total = stats.tolist()  # one host sync for the record
         norm = float("nan")
         if kept > 0:
             for p, acc in zip(params, sums, strict=True):
@@ -174,11 +175,11 @@ class MetaMD:
         self.meta_steps += 1
         record = MetaStep(
             step=self.meta_steps,
-            meta_objective=float(stats[1]) / kept if kept else float("nan"),
+            meta_objective=total / kept if kept else float("nan"),
             hypergrad_norm=norm,
             seconds=time.perf_counter() - start,
-            skipped=int(stats[2]),
-            extra={"train_loss": float(stats[3]) / kept if kept else float("nan")},
+            skipped=int(dropped),
+            extra={"train_loss": loss_total / kept if kept else float("nan")},
         )
         self.history.append(record)
         return record
@@ -233,9 +234,9 @@ class MetaMD:
         window = c.steps_per_window
         return (i * c.inner_steps // c.tasks_per_step) // window * window
 
-    def _advance(self, i: int) -> tuple[tuple[Tensor, ...] | None, float, float]:
-        """One window of run ``i``: ``(hypergradient or None if dropped, objective, mean
-        training loss of the window)``."""
+    def _advance(self, i: int) -> tuple[tuple[Tensor, ...], Tensor, Tensor] | None:
+        """One window of run ``i``: ``(hypergradient, objective, mean training loss of the
+        window)`` as tensors (summed on the device), or ``None`` when the run is dropped."""
         c = self.config
         run = self._runs[i]
         if run is None or run.t >= run.end:
@@ -253,17 +254,17 @@ class MetaMD:
             result = self.engine.obj(problem, run.carry, **options)
         except NonFiniteHypergradient as err:
             return self._drop(i, run, f"{err} (term {err.term!r})")
-        if not finite([*problem.params(result.state), result.value]):
+        if not finite([*problem.params(result.state), result.value]):  # one host sync
             return self._drop(i, run, "non-finite inner run")
         run.state, run.carry = result.state, result.carry
         run.t += steps
-        return result.grads, float(result.value), run.window_losses(result.state, steps)
+        return result.grads, result.value, run.window_mean_loss(result.state, steps)
 
-    def _drop(self, i: int, run: InnerRun, reason: str) -> tuple[None, float, float]:
+    def _drop(self, i: int, run: InnerRun, reason: str) -> None:
         name = getattr(run.task, "name", type(run.task).__name__)
         log.warning("meta-step %d: dropped the run on %s (%s)", self.meta_steps, name, reason)
         self._runs[i] = None  # its state is broken: the next meta-step draws a new run
-        return None, float("nan"), float("nan")
+        return None
 
     # --- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

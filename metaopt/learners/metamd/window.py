@@ -226,9 +226,9 @@ class InnerRun:
             closed_form=closed_form,
         )
 
-    def window_losses(self, state: tuple[Tensor, ...], steps: int) -> float:
-        """The mean training loss of a window, from its end state's running sum."""
-        return float(self.layout.unpack(state)[2][0]) / steps
+    def window_mean_loss(self, state: tuple[Tensor, ...], steps: int) -> Tensor:
+        """The mean training loss of a window (0-dim, float64), from its end state's sum."""
+        return self.layout.unpack(state)[2][0].double() / steps
 
 
 def _sum_dtype(params: Mapping[str, Tensor]) -> torch.dtype:
