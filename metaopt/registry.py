@@ -70,14 +70,24 @@ def keyword_options(fn: Callable[..., Any], *, supplied: Collection[str] = ()) -
 
 
 def check_options(
-    fn: Callable[..., Any], options: Mapping[str, Any], what: str, *, supplied: Collection[str] = ()
+    fn: Callable[..., Any],
+    options: Mapping[str, Any],
+    what: str,
+    *,
+    supplied: Collection[str] = (),
+    hook: bool = False,
 ) -> None:
     """``ValueError`` naming ``what``, the ``options`` that ``fn`` cannot take and the ones it
-    can (see :func:`keyword_options`), before ``fn`` is called."""
+    can (see :func:`keyword_options`), before ``fn`` is called. With ``hook=True``, ``fn``'s
+    optional ``validate(**options)`` attribute then checks the values (engines and
+    meta-objectives carry one)."""
     allowed = keyword_options(fn, supplied=supplied)
     unknown = [] if allowed is None else sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"{what}: unknown option(s) {unknown}; its options are {allowed}")
+    validate = getattr(fn, "validate", None) if hook else None
+    if validate is not None:
+        validate(**options)
 
 
 @dataclass(frozen=True)

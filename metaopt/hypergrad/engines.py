@@ -76,10 +76,7 @@ def check_engine(name: str, options: Mapping[str, Any]) -> Entry[Engine]:
     ``validate(**options)`` hook), so a learner refuses bad options at construction."""
     entry = ENGINES.get(name)
     merged = {**entry.options, **options}
-    check_options(entry.obj, merged, "engine_options", supplied=("problem", "carry"))
-    validate = getattr(entry.obj, "validate", None)
-    if validate is not None:
-        validate(**merged)
+    check_options(entry.obj, merged, "engine_options", supplied=("problem", "carry"), hook=True)
     return entry
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metaopt.hypergrad._common import positive_int
 from metaopt.hypergrad.errors import check_finite
 from metaopt.hypergrad.problem import EngineResult, Problem, detached, run_window
 
@@ -38,8 +39,7 @@ __all__ = ["check_es_options", "es_grad", "pes_grad"]
 
 def check_es_options(pairs: int, sigma: float) -> None:
     """``ValueError`` unless ``pairs`` is a positive integer and ``sigma`` a positive number."""
-    if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
-        raise ValueError(f"pairs={pairs!r}: must be a positive integer")
+    positive_int("pairs", pairs)
     if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0:
         raise ValueError(f"sigma={sigma!r}: must be a positive number")
     if not math.isfinite(sigma):

@@ -143,6 +143,12 @@ class KroneckerPreconditioner(nn.Module):
         return self.apply(grads)
 
     # --- MetaMD identities (families with a metric M = P^{-1}) ---------------------------
+    @property
+    def has_metric(self) -> bool:
+        """Whether every block knows its metric ``M = P^{-1}`` (what the Bregman identities
+        and the implicit hypergradient need)."""
+        return all(self.block(v).has_metric for v in self.views)
+
     def _metric_blocks(self) -> list[tuple[LayerView, Family]]:
         pairs = [(v, self.block(v)) for v in self.views]
         bad = sorted({type(b).__name__ for _, b in pairs if not b.has_metric})

@@ -174,10 +174,7 @@ def check_meta_objective(name: str, options: Mapping[str, Any]) -> None:
     construction, before anything runs."""
     fn = get_meta_objective(name)
     supplied = tuple(inspect.signature(fn).parameters)[:1]  # the context
-    check_options(fn, options, "objective_options", supplied=supplied)
-    validate = getattr(fn, "validate", None)
-    if validate is not None:
-        validate(**options)
+    check_options(fn, options, "objective_options", supplied=supplied, hook=True)
 
 
 def evaluate_meta_objective(name: str, ctx: MetaContext, **options: Any) -> Tensor:

@@ -113,7 +113,6 @@ class APO:
         self.meta_steps = 0
         self.skipped_meta_steps = 0
         self.history: list[MetaStep] = []
-        self._last_meta_norm = float("nan")
         ref = next(model.parameters())
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=ref.device)
 
@@ -186,7 +185,11 @@ class APO:
 
     def hparam_log(self) -> dict[str, float]:
         """Adapted hyperparameters now, as floats (one host sync)."""
-        return {k: float(v) for k, v in self.rule.current(self.rule.meta_parameters()).items()}
+        now = self.rule.current(self.rule.meta_parameters())
+        if not now:
+            return {}
+        values = torch.stack([v.detach().reshape(()).double() for v in now.values()]).tolist()
+        return dict(zip(now, values, strict=True))
 
     def check_finite(self) -> None:
         """Raise ``FloatingPointError`` naming the first step whose loss was non-finite."""

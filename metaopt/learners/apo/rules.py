@@ -41,10 +41,6 @@ def _preconditioner(model: nn.Module, family: str, **options: Any) -> KroneckerP
     return pre.to(dtype=meta_dtype(next(model.parameters())))
 
 
-def _rule_name(cfg: Any) -> str:
-    return "sgdm" if cfg.base == "sgdm" else cfg.base
-
-
 @ADAPTS.register("lr", bases=_LR_BASES, lr_adapt=True)
 class LrRule(Rule):
     """``adapt="lr"``: ``phi = log lr`` of any base."""
@@ -84,7 +80,7 @@ class LrRule(Rule):
 
     def learned_optimizer(self, meta):
         lr = float(meta["log_lr"].detach().exp())
-        return LearnedOptimizer(None, _rule_name(self.cfg), _deploy_hp(self.cfg, self.hp), lr)
+        return LearnedOptimizer(None, self.cfg.base, _deploy_hp(self.cfg, self.hp), lr)
 
 
 @ADAPTS.register("rmsprop-eps-rho", bases=("rmsprop",), lr_adapt=True)
@@ -197,7 +193,7 @@ class LayerLrRule(Rule):
         # lr_l = lr exp(s_l) is the scalar family's direction exp(s) d applied to the rule's
         # step d: the preconditioner on the direction
         hp = _deploy_hp(self.cfg, self.hp)
-        return LearnedOptimizer(self.preconditioner, _rule_name(self.cfg), hp, self.cfg.lr,
+        return LearnedOptimizer(self.preconditioner, self.cfg.base, hp, self.cfg.lr,
                                 compose="direction")  # fmt: skip
 
 
@@ -282,5 +278,5 @@ class PrecondRule(Rule):
 
 def _deploy_hp(cfg: Any, hp: dict[str, Any]) -> dict[str, Any]:
     """A base's hyperparameters as the registered rule of the same name takes them."""
-    rule = get_rule(_rule_name(cfg) if cfg.base != "kfac" else "sgdm")
+    rule = get_rule("sgdm" if cfg.base == "kfac" else cfg.base)
     return {k: v for k, v in hp.items() if k in rule.hparam_defaults}

@@ -102,9 +102,7 @@ class MetaMD:
         ref = next(iter(model.parameters()), None)
         if ref is not None and ref.is_floating_point():
             self.preconditioner.to(dtype=torch.promote_types(ref.dtype, torch.float32))
-        if config.implicit and not all(
-            self.preconditioner.block(v).has_metric for v in self.preconditioner.views
-        ):
+        if config.implicit and not self.preconditioner.has_metric:
             raise ValueError(
                 f"engine={config.engine!r}: the implicit hypergradient needs a family with an "
                 f"explicit metric M (lowrank, rank1, diag, scalar); preconditioner="

@@ -199,7 +199,7 @@ class InnerRun:
             return call(hparams, evaluate)
 
         inner_objective, closed_form = None, {}
-        if all(pre.block(v).has_metric for v in pre.views):
+        if pre.has_metric:
             theta1 = self.theta1
 
             def inner_objective(ps: tuple[Tensor, ...], hparams: tuple[Tensor, ...]) -> Tensor:
