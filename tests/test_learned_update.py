@@ -185,3 +185,23 @@ def test_an_in_place_block_at_two_steps_of_the_rule_is_refused_naming_its_parame
                    compose="direction", inplace=True)  # fmt: skip
     # step sizes lr / (1 - 0.9^t): t = 5 for the weight, t = 1 for the bias
     assert f"weight: {0.01 / (1 - 0.9**5):.6g}, bias: {0.01 / (1 - 0.9):.6g}" in str(err.value)
+
+
+@pytest.mark.parametrize("rule", ["adam", "adamw", "rmsprop"])
+def test_the_step_counter_is_kept_on_the_cpu_like_torch_optim(rule):
+    # the meta device stands in for an accelerator: reading a counter kept beside the
+    # parameters fails there, as it would wait for the device on a GPU
+    cls, hp = TORCH[rule]
+    ours = nn.Linear(3, 2, device="meta")
+    theirs = nn.Linear(3, 2, device="meta")
+    for m in (ours, theirs):
+        for p in m.parameters():
+            p.grad = torch.empty_like(p)
+    ref = cls(theirs.parameters(), lr=0.01, foreach=False, **hp)
+    opt = Preconditioned(ours.named_parameters(), None, lr=0.01, rule=rule)
+    for _ in range(2):
+        ref.step()
+        opt.step()
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        mine, want = opt.state[p]["step"], ref.state[q]["step"]
+        assert (mine.device, mine.dtype, float(mine)) == (want.device, want.dtype, float(want))
