@@ -330,8 +330,13 @@ def load_learned_optimizer(path: str | os.PathLike[str], model: nn.Module) -> Le
             "save_preconditioner); deploy it with metaopt.optim.Preconditioned(params, "
             "metaopt.load_preconditioner(path, model), lr=...)"
         )
+    hparams = spec.get("hparams", {})
+    if not isinstance(hparams, dict):
+        raise ValueError(
+            f"{str(path)!r}: metadata field 'optimizer.hparams' is {hparams!r}; expected a dict"
+        )
     pre = load_preconditioner(path, model)
-    hp = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("hparams", {}).items()}
+    hp = {k: tuple(v) if isinstance(v, list) else v for k, v in hparams.items()}
     try:
         return LearnedOptimizer(pre, spec["rule"], hp, spec["lr"], spec.get("compose", "gradient"))
     except (KeyError, TypeError) as err:
