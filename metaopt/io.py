@@ -144,7 +144,8 @@ def save_preconditioner(
     Raises:
         ValueError: a tensor holds NaN or infinity (named); nothing is written.
     """
-    bad = first_non_finite(preconditioner.state_dict())
+    state = preconditioner.state_dict()
+    bad = first_non_finite(state)
     if bad is not None:
         raise ValueError(
             f"preconditioner tensor {bad!r} is not finite; refusing to write {str(path)!r}"
@@ -162,7 +163,7 @@ def save_preconditioner(
     if optimizer is not None:
         meta["optimizer"] = dict(optimizer)
     header = {"metaopt": json.dumps(meta)}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in preconditioner.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
