@@ -89,7 +89,8 @@ def _teardown(namespace: dict[str, Any]) -> None:
             del sys.modules[name]
     for reg, before in state["names"]:
         for name in set(reg) - before:
-            reg.unregister(name)
+            if name in reg:  # an entry's removal takes its aliases with it
+                reg.unregister(name)
     shutil.rmtree(work, ignore_errors=True)
     namespace.clear()
 

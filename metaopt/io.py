@@ -144,7 +144,8 @@ def save_preconditioner(
     Raises:
         ValueError: a tensor holds NaN or infinity (named); nothing is written.
     """
-    bad = first_non_finite(preconditioner.state_dict())
+    state = preconditioner.state_dict()
+    bad = first_non_finite(state)
     if bad is not None:
         raise ValueError(
             f"preconditioner tensor {bad!r} is not finite; refusing to write {str(path)!r}"
@@ -162,7 +163,7 @@ def save_preconditioner(
     if optimizer is not None:
         meta["optimizer"] = dict(optimizer)
     header = {"metaopt": json.dumps(meta)}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in preconditioner.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
@@ -330,8 +331,13 @@ def load_learned_optimizer(path: str | os.PathLike[str], model: nn.Module) -> Le
             "save_preconditioner); deploy it with metaopt.optim.Preconditioned(params, "
             "metaopt.load_preconditioner(path, model), lr=...)"
         )
+    hparams = spec.get("hparams", {})
+    if not isinstance(hparams, dict):
+        raise ValueError(
+            f"{str(path)!r}: metadata field 'optimizer.hparams' is {hparams!r}; expected a dict"
+        )
     pre = load_preconditioner(path, model)
-    hp = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("hparams", {}).items()}
+    hp = {k: tuple(v) if isinstance(v, list) else v for k, v in hparams.items()}
     try:
         return LearnedOptimizer(pre, spec["rule"], hp, spec["lr"], spec.get("compose", "gradient"))
     except (KeyError, TypeError) as err:

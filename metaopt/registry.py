@@ -180,19 +180,27 @@ class Registry(Generic[T]):
         if to not in self._objects:
             raise ValueError(f"{self.kind} alias {key!r}: target {to!r} is not registered")
         self._check_free(key, replace)
-        self._objects.pop(key, None)
+        if key in self._objects:
+            self._remove_entry(key)
         self._aliases[key] = (to, dict(options))
 
     def unregister(self, name: str) -> None:
-        """Remove ``name`` (an entry or an alias); ``ValueError`` if it is not registered."""
+        """Remove ``name``: an alias, or an entry together with the aliases that point to
+        it; ``ValueError`` if it is not registered."""
         key = self._key(name)
         if key in self._aliases:
             del self._aliases[key]
         elif key in self._objects:
-            del self._objects[key]
-            del self._meta[key]
+            self._remove_entry(key)
         else:
             raise ValueError(f"{self.kind} {key!r} is not registered")
+
+    def _remove_entry(self, key: str) -> None:
+        """Drop the entry ``key`` and its aliases (they would name nothing)."""
+        del self._objects[key]
+        del self._meta[key]
+        for alias in [a for a, (to, _) in self._aliases.items() if to == key]:
+            del self._aliases[alias]
 
     # --- lookup ------------------------------------------------------------------------
     def get(self, name: str) -> Entry[T]:

@@ -253,3 +253,18 @@ def test_stale_temp_files_and_first_non_finite(tmp_path):
     tree = {"a": [torch.zeros(2), (torch.ones(1), {"b": torch.tensor([1.0, float("inf")])})]}
     assert first_non_finite(tree, "state") == "state.a.1.1.b"
     assert first_non_finite({"i": torch.tensor([2**62]), "f": 1e308 * 10, "x": "nan"}) is None
+
+
+@pytest.mark.parametrize("hparams", [[["momentum", 0.9]], "momentum=0.9", 3])
+def test_malformed_optimizer_hparams_are_refused_naming_the_field(tmp_path, hparams):
+    from metaopt import load_learned_optimizer, save_learned_optimizer
+    from metaopt.optim import LearnedOptimizer
+
+    path = tmp_path / "opt.safetensors"
+    pre = KroneckerPreconditioner.for_model(_model(), "rank1")
+    save_learned_optimizer(LearnedOptimizer(pre, "sgdm", {}, 0.1), path)
+    _rewrite(path, meta=lambda m: m["optimizer"].update(hparams=hparams))
+    with pytest.raises(ValueError) as err:
+        load_learned_optimizer(path, _model())
+    message = f"metadata field 'optimizer.hparams' is {hparams!r}; expected a dict"
+    assert message in str(err.value) and "\n" not in str(err.value)

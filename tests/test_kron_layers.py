@@ -32,10 +32,16 @@ CONV_CASES = [
     dict(kernel_size=(3, 2), stride=2, padding=1, dilation=1, bias=False),
     dict(kernel_size=2, stride=(1, 2), padding=(2, 1), dilation=2, bias=True),
     dict(kernel_size=3, stride=1, padding=1, dilation=1, bias=True, padding_mode="reflect"),
+    # "same" with an even kernel pads one more after than before (h: 0 + 1, w: 1 + 2 here)
+    dict(kernel_size=(2, 4), padding="same", dilation=1, bias=True, padding_mode="reflect"),
+    dict(kernel_size=4, stride=1, padding="same", dilation=1, bias=False, padding_mode="circular"),
+    dict(kernel_size=(2, 3), stride=1, padding="same", dilation=(1, 2), bias=True),
+    dict(kernel_size=3, stride=2, padding="valid", dilation=1, bias=True, padding_mode="reflect"),
 ]
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # torch's
 def test_conv_view_gradient_equals_patch_outer_products(case):
     """dL/dW (as out x in*kh*kw [+1]) == sum over examples and positions of g a^T."""
     torch.manual_seed(0)

@@ -136,3 +136,72 @@ def test_adam_with_a_preconditioner_equals_the_dense_oracle(compose, family):
                                             compose=compose, count=t)  # fmt: skip
     for n in want:
         torch.testing.assert_close(theta[n], want[n], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("compose", ["gradient", "direction"])
+def test_a_tensor_lr_steps_a_weight_and_bias_block_like_the_dense_oracle(compose):
+    # a tensor lr makes Adam's step size lr / (1 - b1^t) a new tensor per parameter; with one
+    # count for the whole block they are one step size, and theta_T is linear in lr (the
+    # gradients are given), so d(sum theta_T)/d lr = sum(theta_T - theta_0) / lr
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    pre = KroneckerPreconditioner.for_model(model, "ekfac-shaped").double()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in pre.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(5)
+    seq = [{n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in
+            model.named_parameters()} for _ in range(3)]  # fmt: skip
+    want = _dense_adam_oracle(pre, model, compose, 0.05, seq)
+    rule = get_rule("adam")
+    hp = rule.hparams()
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    states = {n: rule.init(t, hp) for n, t in theta.items()}
+    for t, g in enumerate(seq, start=1):
+        theta, states = preconditioned_step(theta, g, states, pre, rule, hp, lr,
+                                            compose=compose, count=t)  # fmt: skip
+    for n in want:
+        torch.testing.assert_close(theta[n], want[n], rtol=1e-10, atol=1e-12)
+    (dlr,) = torch.autograd.grad(sum(t.sum() for t in theta.values()), lr)
+    moved = sum((want[n] - p.detach()).sum() for n, p in model.named_parameters())
+    torch.testing.assert_close(dlr, moved / 0.05, rtol=1e-9, atol=1e-12)
+
+
+def test_an_in_place_block_at_two_steps_of_the_rule_is_refused_naming_its_parameters():
+    from metaopt.optim.update import block_step
+
+    model = nn.Linear(4, 3)
+    pre = KroneckerPreconditioner.for_model(model, "ekfac-shaped")
+    (view,) = pre.views
+    rule = get_rule("adam")
+    hp = rule.hparams()
+    params = [model.weight.detach(), model.bias.detach()]
+    states = [rule.init(p, hp) for p in params]
+    states[0].step.fill_(4)  # the weight has taken four steps, the bias none
+    grads = [torch.ones_like(p) for p in params]
+    with pytest.raises(ValueError, match="different steps of the rule") as err:
+        block_step(pre.block(view), view, params, grads, states, rule, hp, 0.01,
+                   compose="direction", inplace=True)  # fmt: skip
+    # step sizes lr / (1 - 0.9^t): t = 5 for the weight, t = 1 for the bias
+    assert f"weight: {0.01 / (1 - 0.9**5):.6g}, bias: {0.01 / (1 - 0.9):.6g}" in str(err.value)
+
+
+@pytest.mark.parametrize("rule", ["adam", "adamw", "rmsprop"])
+def test_the_step_counter_is_kept_on_the_cpu_like_torch_optim(rule):
+    # the meta device stands in for an accelerator: reading a counter kept beside the
+    # parameters fails there, as it would wait for the device on a GPU
+    cls, hp = TORCH[rule]
+    ours = nn.Linear(3, 2, device="meta")
+    theirs = nn.Linear(3, 2, device="meta")
+    for m in (ours, theirs):
+        for p in m.parameters():
+            p.grad = torch.empty_like(p)
+    ref = cls(theirs.parameters(), lr=0.01, foreach=False, **hp)
+    opt = Preconditioned(ours.named_parameters(), None, lr=0.01, rule=rule)
+    for _ in range(2):
+        ref.step()
+        opt.step()
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        mine, want = opt.state[p]["step"], ref.state[q]["step"]
+        assert (mine.device, mine.dtype, float(mine)) == (want.device, want.dtype, float(want))

@@ -84,3 +84,29 @@ def test_check_options_names_the_bad_option_and_the_allowed_ones():
         check_options(factory, {"init_scal": 0.1}, "family 'x'", supplied=("shape",))
     with pytest.raises(ValueError, match=r"\['shape'\]"):  # a supplied name is no option
         check_options(factory, {"shape": (1, 2)}, "family 'x'", supplied=("shape",))
+
+
+def test_unregistering_an_entry_removes_its_aliases():
+    reg: Registry = Registry("thing")
+    reg.register("lowrank", object())
+    reg.register("diag", object())
+    reg.alias("rank1", "lowrank", rank=1)
+    reg.alias("rank2", "lowrank", rank=2)
+    reg.alias("d", "diag")
+    reg.unregister("lowrank")
+    assert reg.available() == ["d", "diag"] and "rank1" not in reg and len(reg) == 2
+    with pytest.raises(ValueError, match=r"'rank1' is unknown; choose one of \['d', 'diag'\]"):
+        reg.get("rank1")
+    with pytest.raises(ValueError, match="thing 'rank2' is not registered"):
+        reg.unregister("rank2")
+    reg.unregister("d")  # an alias alone leaves its target
+    assert reg.available() == ["diag"] and reg.get("diag").target == "diag"
+
+
+def test_an_entry_replaced_by_an_alias_takes_its_aliases_with_it():
+    reg: Registry = Registry("thing")
+    reg.register("lowrank", object())
+    x = reg.register("x", object())
+    reg.alias("rank1", "lowrank", rank=1)
+    reg.alias("lowrank", "x", replace=True)
+    assert reg.available() == ["lowrank", "x"] and reg["lowrank"] is x

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaopt.kron.family_base import Family, decay_
+from metaopt.kron.family_base import Family, add_scaled_, decay_
 from metaopt.kron.lowrank import LowRankFamily
 from metaopt.registry import Registry, check_options, keyword_options
 
@@ -99,8 +99,12 @@ class EKFACFamily(Family):
             ga.addmm_(self._p(g, dtype), a)
         bn = B @ torch.mul(B.T @ ga, S2)
         for target, a in zip(targets, rows, strict=True):
-            decay_(target, beta)
-            target.addmm_(self._p(bn, target.dtype), self._p(a.T, target.dtype), alpha=alpha)
+            b, a_t = self._p(bn, target.dtype), self._p(a.T, target.dtype)
+            if beta == 0.0:  # overwrite (a scratch buffer) in one pass: its old values unread
+                torch.addmm(target, b, a_t, beta=0, alpha=alpha, out=target)
+            else:
+                decay_(target, beta)
+                target.addmm_(b, a_t, alpha=alpha)
 
     def _factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """No-grad ``(A, B, S^2)`` in ``dtype``, cached until ``A``, ``B`` or ``S`` change
@@ -143,8 +147,7 @@ class DiagFamily(Family):
     ) -> None:
         scales = self.log_scale.exp().split([g.shape[1] for g in grads], dim=1)
         for target, g, sc in zip(targets, grads, scales, strict=True):
-            decay_(target, beta)
-            target.addcmul_(g, sc.to(g.dtype), value=alpha)
+            add_scaled_(target, g, sc, alpha, beta)
 
     def metric_apply(self, X: Tensor) -> Tensor:
         """``M X = exp(-s) * X``."""
@@ -196,8 +199,7 @@ class ScalarFamily(Family):
     ) -> None:
         scale = self.log_scale.exp()
         for target, g in zip(targets, grads, strict=True):
-            decay_(target, beta)
-            target.addcmul_(g, scale.to(g.dtype), value=alpha)
+            add_scaled_(target, g, scale, alpha, beta)
 
     def metric_apply(self, X: Tensor) -> Tensor:
         """``M X = exp(-s) X``."""

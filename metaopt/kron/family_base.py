@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Family", "decay_"]
+__all__ = ["Family", "add_scaled_", "decay_"]
 
 
 def decay_(target: Tensor, beta: float) -> None:
@@ -31,6 +31,17 @@ def decay_(target: Tensor, beta: float) -> None:
         target.zero_()
     elif beta != 1.0:
         target.mul_(beta)
+
+
+def add_scaled_(target: Tensor, grad: Tensor, scale: Tensor, alpha: float, beta: float) -> None:
+    """``target = beta * target + alpha * scale * grad`` in place (``scale`` broadcasts to
+    ``grad``); ``beta=0`` writes ``target`` in one pass without reading it."""
+    scale = scale.to(grad.dtype)
+    if beta == 0.0:
+        torch.mul(grad, scale if alpha == 1.0 else scale * alpha, out=target)
+    else:
+        decay_(target, beta)
+        target.addcmul_(grad, scale, value=alpha)
 
 
 class Family(nn.Module, abc.ABC):

@@ -111,16 +111,12 @@ class LayerView:
         elif self.kind == "conv2d":
             conv = self.module
             assert isinstance(conv, nn.Conv2d)
-            if isinstance(conv.padding, str):
-                raise ValueError(
-                    f"layer {self.name!r}: string padding {conv.padding!r} is not supported for "
-                    "curvature statistics; use explicit integer padding"
-                )
-            padding: tuple[int, ...] | int = conv.padding
-            if conv.padding_mode != "zeros":
-                # F.pad wants (left, right, top, bottom): the conv's (h, w) padding reversed
-                pad = tuple(x for p in reversed(conv.padding) for x in (p, p))
-                inp = F.pad(inp, pad, mode=conv.padding_mode)
+            pads = _conv_padding(conv)
+            padding: tuple[int, ...] | int = tuple(before for before, _ in pads)
+            if conv.padding_mode != "zeros" or any(a != b for a, b in pads):
+                # F.pad wants (left, right, top, bottom): the (h, w) pairs reversed
+                mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+                inp = F.pad(inp, tuple(x for pair in reversed(pads) for x in pair), mode=mode)
                 padding = 0
             patches = F.unfold(
                 inp,
@@ -151,6 +147,20 @@ class LayerView:
     def positions(self, grad_out: Tensor) -> int:
         """Spatial positions per example (1 for linear)."""
         return 1 if self.kind == "linear" else grad_out.shape[-1] * grad_out.shape[-2]
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[tuple[int, int], ...]:
+    """``(before, after)`` padding of each spatial dimension ``(h, w)`` of ``conv``.
+
+    ``padding="same"`` pads ``dilation * (kernel - 1)`` in all, ``total // 2`` before and the
+    rest after (an odd total, e.g. an even kernel, pads one more after), as ``nn.Conv2d`` does;
+    ``"valid"`` pads nothing."""
+    if conv.padding == "valid":
+        return ((0, 0), (0, 0))
+    if conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        return tuple((t // 2, t - t // 2) for t in totals)
+    return tuple((p, p) for p in conv.padding)
 
 
 def _kron_view(prefix: str, module: nn.Module, params: dict[str, Tensor]) -> LayerView | None:

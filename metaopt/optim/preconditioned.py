@@ -132,12 +132,20 @@ class Preconditioned(torch.optim.Optimizer):
         return plan
 
     def _states(self, params: Iterable[Tensor], hp: dict[str, Any]) -> list[Any]:
-        """The rule's typed state of each parameter (created on its first step)."""
+        """The rule's typed state of each parameter (created on its first step). A step
+        counter lives on the CPU, as ``torch.optim`` keeps it (not capturable, not fused):
+        the rule reads it every step, which on an accelerator would wait for the device."""
         out = []
         for p in params:
             saved = self.state[p]
             if not saved:
-                saved.update(self.rule.init(p, hp)._asdict())
+                fresh = self.rule.init(p, hp)._asdict()
+                if isinstance(fresh.get("step"), Tensor):  # zero, as every fresh state
+                    fresh["step"] = torch.zeros_like(fresh["step"], device="cpu")
+                saved.update(fresh)
+            step = saved.get("step")
+            if isinstance(step, Tensor) and step.device.type != "cpu":  # a loaded state
+                saved["step"] = step.cpu()
             out.append(
                 self.rule.state_type(**{k: saved.get(k) for k in self.rule.state_type._fields})
             )

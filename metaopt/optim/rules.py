@@ -234,9 +234,12 @@ class SGDRule(UpdateRule):
             return Direction(grad, None, lr), state
         buf = state.momentum_buffer
         buf = torch.add(torch.mul(buf, mu, out=_out(buf, inplace)), grad, out=_out(buf, inplace))
-        d = grad.add(buf, alpha=mu) if hp["nesterov"] and not isinstance(mu, Tensor) else buf
-        if hp["nesterov"] and isinstance(mu, Tensor):
+        if not hp["nesterov"]:
+            d = buf
+        elif isinstance(mu, Tensor):
             d = grad + mu * buf
+        else:
+            d = grad.add(buf, alpha=mu)
         return Direction(d, None, lr), MomentumState(buf)
 
 

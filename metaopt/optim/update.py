@@ -30,7 +30,7 @@ from torch import Tensor
 from metaopt.kron.family_base import Family
 from metaopt.kron.layers import LayerView
 from metaopt.kron.preconditioner import KroneckerPreconditioner
-from metaopt.optim.rules import Scalar, SGDRule, UpdateRule
+from metaopt.optim.rules import Direction, Scalar, SGDRule, UpdateRule
 
 __all__ = ["COMPOSE", "block_step", "preconditioned_step"]
 
@@ -91,12 +91,8 @@ def block_step(
         d, s = rule.direction(g, s, hp, lr, inplace=inplace, count=count)
         steps.append(d)
         new_states.append(s)
-    sizes = {id(d.step_size) if isinstance(d.step_size, Tensor) else d.step_size for d in steps}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"block {view.name!r}: its parameters are at different steps of the rule "
-            f"(step sizes {sorted(map(str, sizes))}); a layer's weight and bias step together"
-        )
+    if count is None:  # in place, each parameter's step number comes from its own state
+        _check_one_step_size(view, steps)
     step_size = steps[0].step_size
     directions = view.blocks_of([d.tensor(reuse_denom=inplace) for d in steps])
     if inplace and not isinstance(step_size, Tensor):
@@ -110,6 +106,23 @@ def block_step(
         else:
             new.append(p.add_(d, alpha=-step_size) if inplace else p.add(d, alpha=-step_size))
     return new, new_states
+
+
+def _check_one_step_size(view: LayerView, steps: list[Direction]) -> None:
+    """``ValueError`` naming each parameter's step size unless the block's parameters share
+    one (``P`` mixes them, so they must be at the same step of the rule). A tensor step size
+    is shared when it is the same tensor; a functional caller gives one ``count`` for the
+    whole block, so its step sizes (new tensors per parameter for a tensor ``lr``) agree."""
+    shared = {id(d.step_size) if isinstance(d.step_size, Tensor) else d.step_size for d in steps}
+    if len(shared) == 1:
+        return
+    sizes = ", ".join(
+        f"{n}: {float(d.step_size):.6g}" for n, d in zip(view.params, steps, strict=True)
+    )
+    raise ValueError(
+        f"block {view.name!r}: its parameters are at different steps of the rule (step sizes "
+        f"{sizes}); a layer's weight and bias step together"
+    )
 
 
 def _as_params(view: LayerView, blocks: list[Tensor], like: list[Tensor]) -> list[Tensor]:
