@@ -45,7 +45,6 @@ from meta_train.runner import (
 from metaopt.cli_support import (
     VALUE_SYNTAX,
     check_output_dir,
-    check_types,
     import_modules,
     imports_in,
     parse_options,
@@ -261,35 +260,16 @@ def prepare(argv: Sequence[str] | None) -> tuple[TrainConfig, Any, dict[str, Any
     return config, spec, resume_state
 
 
-def _check_option_types(learner: Any) -> None:
-    """Every dataclass ``config`` the learner holds (its own, or one an attribute holds, as
-    APO's inside the online adapter) must hold values of its annotated types, and a
-    ``preconditioner_options`` table those of its family's constructor, so
-    ``--option 'preconditioner_options={learn_scale = "maybe"}'`` is refused rather than
-    truthy."""
-    from metaopt.kron.families import FAMILIES
-
-    holders = [learner, *vars(learner).values()] if hasattr(learner, "__dict__") else [learner]
-    for holder in holders:
-        config = getattr(holder, "config", None)
-        if dataclasses.is_dataclass(config) and not isinstance(config, type):
-            check_types(config)
-            family = getattr(config, "preconditioner", None)
-            options = getattr(config, "preconditioner_options", None)
-            if isinstance(family, str) and family in FAMILIES and isinstance(options, dict):
-                check_types(FAMILIES.get(family).obj, options)
-
-
 def _build(config: TrainConfig, spec: Any, resume_state: dict[str, Any] | None) -> Any:
-    """The learner, its option types checked and, on resume, the checkpoint loaded into it
-    once here, so a checkpoint that does not fit it is refused before anything is written."""
+    """The learner (its config checks its options' values and types) and, on resume, the
+    checkpoint loaded into it once here, so a checkpoint that does not fit it is refused
+    before anything is written."""
     seed_everything(config.seed)  # factor initialisations etc. drawn from global RNGs
     source = resolve_source(config)
     try:
         learner = spec.builder()(config, source, _local_device(config.device))
     except TypeError as err:  # an option the learner does not take
         raise UsageError(f"learner={config.learner!r} options: {_one_line(err)}") from None
-    _check_option_types(learner)
     if resume_state is not None:
         try:
             learner.load_state_dict(resume_state["learner"])
