@@ -86,7 +86,7 @@ class Dist:
         if self.world_size == 1:
             return [obj]
         out: list[Any] = [None] * self.world_size if self.is_main else []
-        dist.gather_object(obj, out if self.is_main else None, dst=0)
+        self._collective(dist.gather_object, obj, out if self.is_main else None, dst=0)
         return out if self.is_main else [obj]
 
     def barrier(self) -> None:
