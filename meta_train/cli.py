@@ -184,12 +184,14 @@ def resolve_source(config: TrainConfig) -> Any:
     try:
         if config.family is not None:
             family = tasks.get_family(config.family, **opts)
-            _check_draw(family, config)
-            return family
-        suite = tasks.get_suite(config.suite, **opts)
+        else:
+            suite = tasks.get_suite(config.suite, **opts)
     except TypeError as err:  # an option the suite/family does not take
         name = config.family or config.suite
         raise UsageError(f"source options {sorted(opts)} for {name!r}: {_one_line(err)}") from None
+    if config.family is not None:
+        _check_draw(family, config)
+        return family
     if config.holdout is None:
         return [suite.task(d) for d in suite.domains]
     return suite.meta_train_tasks(config.holdout)
@@ -202,7 +204,10 @@ def _check_draw(family: Any, config: TrainConfig) -> None:
 
     import tasks
 
-    task = family.sample(torch.Generator().manual_seed(config.seed))
+    try:
+        task = family.sample(torch.Generator().manual_seed(config.seed))
+    except TypeError as err:  # tasks.TaskFamily's own check of what sample() returned
+        raise UsageError(f"family={config.family!r}: {_one_line(err)}") from None
     if not isinstance(task, tasks.Task):
         raise UsageError(
             f"family={config.family!r}: sample() returned a {type(task).__name__}, not a tasks.Task"

@@ -371,7 +371,11 @@ def test_a_family_whose_sample_is_not_a_task_exits_2(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     argv = ["--import", str(plugin), "--learner", "metasgd", "--family", "plugin-broken"]
     err = _bad(capsys, [*argv, "--out", str(out)])
-    assert "sample() returned a int, not a tasks.Task" in err and not out.exists()
+    assert err == (
+        "meta_train: error: family='plugin-broken': task family 'family' (PluginBroken): "
+        "sample() returned a int, not a tasks.Task\n"
+    )
+    assert not out.exists()
 
 
 def test_the_test_learner_is_a_meta_learner() -> None:
