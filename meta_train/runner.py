@@ -176,6 +176,11 @@ def run(
 ) -> LearnedOptimizer:
     """Meta-train ``learner`` to ``total`` meta-steps; returns its learned optimizer.
 
+    On resume, ``learner`` already holds ``resume_state["learner"]`` (the caller loads it,
+    before anything is written, to refuse a checkpoint that does not fit; loading is not
+    cheap: MetaMD re-draws every inner run in flight); ``resume_state`` restores the random
+    generators and the metrics log here.
+
     Raises:
         Stopped: a SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written.
         NonFiniteState: the learner's state holds a NaN or infinity where a checkpoint or
@@ -186,7 +191,6 @@ def run(
     out = Path(out)
     metrics = MetricsLog(out / METRICS)
     if resume_state is not None:
-        learner.load_state_dict(resume_state["learner"])
         _set_rng_state(resume_state["rng"])
         if dist.is_main:
             metrics.truncate_after(int(resume_state["step"]))
