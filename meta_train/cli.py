@@ -47,6 +47,7 @@ from metaopt.cli_support import (
     check_output_dir,
     import_modules,
     imports_in,
+    one_line,
     parse_options,
     typed_task_options,
 )
@@ -168,10 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def resolve_source(config: TrainConfig) -> Any:
     """The task source: a suite's training tasks (a list) or a ``TaskFamily``."""
     import tasks
@@ -188,7 +185,7 @@ def resolve_source(config: TrainConfig) -> Any:
             suite = tasks.get_suite(config.suite, **opts)
     except TypeError as err:  # an option the suite/family does not take
         name = config.family or config.suite
-        raise UsageError(f"source options {sorted(opts)} for {name!r}: {_one_line(err)}") from None
+        raise UsageError(f"source options {sorted(opts)} for {name!r}: {one_line(err)}") from None
     if config.family is not None:
         _check_draw(family, config)
         return family
@@ -207,7 +204,7 @@ def _check_draw(family: Any, config: TrainConfig) -> None:
     try:
         task = family.sample(torch.Generator().manual_seed(config.seed))
     except TypeError as err:  # tasks.TaskFamily's own check of what sample() returned
-        raise UsageError(f"family={config.family!r}: {_one_line(err)}") from None
+        raise UsageError(f"family={config.family!r}: {one_line(err)}") from None
     if not isinstance(task, tasks.Task):
         raise UsageError(
             f"family={config.family!r}: sample() returned a {type(task).__name__}, not a tasks.Task"
@@ -274,14 +271,14 @@ def _build(config: TrainConfig, spec: Any, resume_state: dict[str, Any] | None) 
     try:
         learner = spec.builder()(config, source, _local_device(config.device))
     except TypeError as err:  # an option the learner does not take
-        raise UsageError(f"learner={config.learner!r} options: {_one_line(err)}") from None
+        raise UsageError(f"learner={config.learner!r} options: {one_line(err)}") from None
     if resume_state is not None:
         try:
             learner.load_state_dict(resume_state["learner"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(
                 f"checkpoint {str(Path(config.out) / CHECKPOINT)!r} does not fit learner "
-                f"{config.learner!r} with these settings: {_one_line(err)}"
+                f"{config.learner!r} with these settings: {one_line(err)}"
             ) from None
     return learner
 
@@ -329,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"learner={config.learner!r}: runs online in one process only")
         learner = _build(config, spec, resume_state)
     except (ValueError, CheckpointError) as err:
-        print(f"meta_train: error: {_one_line(err)}", file=sys.stderr)
+        print(f"meta_train: error: {one_line(err)}", file=sys.stderr)
         return 2
     dist = setup(config.device, timeout_s=config.dist_timeout)
     out = Path(config.out)
@@ -354,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except CollectiveFailed as err:
         print(
-            f"meta_train: error: {_one_line(err)}; another rank hung or died, so this run "
+            f"meta_train: error: {one_line(err)}; another rank hung or died, so this run "
             f"stops (raise --dist-timeout, now {config.dist_timeout:g} s, only if ranks are "
             "legitimately that slow; --resume continues from the last checkpoint)",
             file=sys.stderr,

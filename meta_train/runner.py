@@ -39,6 +39,7 @@ from meta_train.checkpoint import (
 from meta_train.config import IDENTITY_EXEMPT, TrainConfig
 from meta_train.distributed import Dist
 from meta_train.metrics import MetricsLog, plot_metrics
+from metaopt.cli_support import one_line
 from metaopt.io import first_non_finite
 from metaopt.learners import MetaLearner, MetaStep
 from metaopt.optim import LearnedOptimizer
@@ -111,7 +112,7 @@ def _divergence(learner: MetaLearner, state: dict[str, Any]) -> str | None:
         try:
             check()
         except FloatingPointError as err:
-            return f"the learner reports: {' '.join(str(err).split())}"
+            return f"the learner reports: {one_line(err)}"
     return None
 
 
@@ -227,9 +228,8 @@ def run(
                     rank=dist.rank, world_size=dist.world_size, all_reduce=dist.all_reduce
                 )
             except FloatingPointError as err:  # the learner's own divergence check
-                detail = " ".join(str(err).split()) or type(err).__name__
                 raise NonFiniteState(
-                    f"the learner stopped ({detail})", learner.meta_steps + 1
+                    f"the learner stopped ({one_line(err)})", learner.meta_steps + 1
                 ) from None
             if not isinstance(record, MetaStep):
                 raise TypeError(f"learner {config.learner!r}: meta_step() returned {record!r}")
