@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints/ci.txt | $(BIN)/python
 	$(BIN)/python -m pip install -c constraints/ci.txt -e '.[dev]'
 	touch $(STAMP)
 
-$(DOCS_STAMP): pyproject.toml | $(BIN)/python
+$(DOCS_STAMP): pyproject.toml constraints/ci.txt | $(BIN)/python
 	$(BIN)/python -m pip install -c constraints/ci.txt -e '.[dev,docs]'
 	touch $(DOCS_STAMP)
 

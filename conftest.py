@@ -15,6 +15,9 @@ when the page is done, so no page changes what the other tests see.
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib
 import os
 import re
 import shutil
@@ -27,6 +30,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent
+_PACKAGES = ("metaopt", "tasks", "meta_train", "meta_test")
 
 try:
     from sybil import Region, Sybil
@@ -39,29 +43,32 @@ _TITLE = re.compile(r'title="(?P<title>[^"]+)"')
 _MARK = re.compile(r"<!--\s*test:\s*(?P<mark>slow|skip)\s*-->\s*$")
 
 
+@functools.cache
+def _registry_names() -> tuple[tuple[str, str], ...]:
+    """``(module, name)`` of each module-level ``NAME = Registry(...)`` in the packages'
+    source (read, not imported: a table in a module nothing has imported yet is found too)."""
+    names = []
+    for package in _PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            if "Registry(" not in text:
+                continue
+            module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            for node in ast.parse(text).body:
+                target = node.target if isinstance(node, ast.AnnAssign) else None
+                if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                    target = node.targets[0]
+                call = getattr(getattr(node, "value", None), "func", None)
+                if isinstance(target, ast.Name) and getattr(call, "id", None) == "Registry":
+                    names.append((module.removesuffix(".__init__"), target.id))
+    return tuple(names)
+
+
 def _registries() -> list[Any]:
     """Every name table a page may add to (restored after the page)."""
-    import meta_test.specs
     import meta_train.builtin  # noqa: F401  (registers the built-in learners)
-    import meta_train.learners
-    import metaopt.hypergrad.engines
-    import metaopt.kron.families
-    import metaopt.learners.apo.adapts
-    import metaopt.learners.base
-    import metaopt.learners.metamd.config
-    import metaopt.objectives.base
-    import metaopt.optim.registry
-    import metaopt.optim.rules
-    import tasks.registry
 
-    return [
-        tasks.registry.TASKS, tasks.registry.TASK_FAMILIES, tasks.registry.SUITES,
-        metaopt.objectives.base.OBJECTIVES, metaopt.hypergrad.engines.ENGINES,
-        metaopt.kron.families.FAMILIES, metaopt.optim.rules.RULES,
-        metaopt.learners.apo.adapts.ADAPTS, metaopt.learners.metamd.config.PRESETS,
-        metaopt.learners.base.META_OPTIMIZERS, meta_test.specs.SPECS,
-        meta_train.learners.LEARNERS, metaopt.optim.registry.OPTIMIZERS,
-    ]  # fmt: skip
+    return [getattr(importlib.import_module(m), name) for m, name in _registry_names()]
 
 
 def _setup(namespace: dict[str, Any]) -> None:

@@ -3,8 +3,8 @@
 For each learner (the default ``kron-adamw`` recipe, ``metasgd``) on rotated digits, one
 meta-step (``learner.meta_step()``: ``k`` inner-run windows, each an engine call, plus
 drawing batches, averaging and the meta-optimizer step) is timed against ``k`` calls of
-the same engine on the same kind of window built beforehand (``InnerRun.window``, outside
-the timer). Rounds are interleaved and the median of the per-round ratios is reported; the
+the same engine on the same kind of window built beforehand (``MetaMD.window_problem``,
+outside the timer). Rounds are interleaved and the median of the per-round ratios is reported; the
 target is at most 1.1. Prints one JSON object as its last line.
 
     python bench/meta_train_step.py [--rounds 15] [--threads 1] [--window 20]
@@ -30,28 +30,14 @@ def bench(preset: str, rounds: int, window: int) -> dict:
                      inner_steps=10 * window)  # fmt: skip
     c = learner.config
     task = suite.task("0")
-    entry = learner.engine
 
     def bare() -> float:
         runs = [InnerRun.start(task, 1 + i, 2 + i, 0, learner.rule, learner.rule_hparams,
                                c.batch_size) for i in range(c.tasks_per_step)]  # fmt: skip
-        problems = [
-            r.window(
-                c.steps_per_window,
-                learner.preconditioner,
-                learner.rule,
-                learner.rule_hparams,
-                lr=c.lr,
-                compose=c.compose,
-                meta_objective=c.meta_objective,
-                objective_options=c.objective_options,
-                meta_step=0,
-            )  # fmt: skip
-            for r in runs
-        ]
+        calls = [learner.window_problem(r, c.steps_per_window, i) for i, r in enumerate(runs)]
         t0 = time.perf_counter()
-        for p in problems:
-            entry.obj(p, None, **entry.options, **c.engine_options)
+        for problem, options in calls:
+            learner.engine.obj(problem, None, **options)
         return time.perf_counter() - t0
 
     def step() -> float:

@@ -19,6 +19,7 @@ meta-training wall time) is written as JSON (rendered into the results pages by
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -63,19 +64,13 @@ def one(
     return row
 
 
-def table(summary: dict) -> str:
-    names = [*BASELINES, "learned"]
-    metric = next(iter(summary["rows"].values()))["optimizers"]["adam"]["test_metric_name"]
-    scale = 100.0 if metric == "accuracy" else 1.0
-    head = "| held out | " + " | ".join(f"{n} AUC" for n in names) + " | "
-    head += " | ".join(f"{n} test {metric}{' %' if scale == 100 else ''}" for n in names) + " |"
-    lines = [head, "|" + "---|" * (1 + 2 * len(names))]
-    for label, row in summary["rows"].items():
-        o = row["optimizers"]
-        aucs = " | ".join(f"{o[n]['auc_train_loss']:.4g}" for n in names)
-        tests = " | ".join(f"{scale * o[n]['test_metric']:.4g}" for n in names)
-        lines.append(f"| {label} | {aucs} | {tests} |")
-    return "\n".join(lines) + "\n"
+def table(summary: dict, filename: str = "summary.json") -> str:
+    """``summary`` as the results page shows it (``tools/results_pages.py``'s renderer)."""
+    path = Path(__file__).resolve().parent.parent / "tools" / "results_pages.py"
+    spec = importlib.util.spec_from_file_location("results_pages", path)
+    pages = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pages)
+    return pages.learned_section(filename, summary)
 
 
 def main() -> None:
@@ -111,7 +106,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(table(summary))  # the docs render the JSON: python tools/results_pages.py
+    # the docs render the same JSON the same way: python tools/results_pages.py
+    print(table(summary, out.with_suffix(".json").name))
 
 
 if __name__ == "__main__":

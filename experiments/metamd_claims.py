@@ -274,7 +274,6 @@ def momentum(args: argparse.Namespace) -> dict[str, Any]:
 
 # --- closed form vs Neumann on the MLP -------------------------------------------------------
 def agreement(args: argparse.Namespace) -> dict[str, Any]:
-    from metaopt.hypergrad import get_engine
     from metaopt.learners.metamd.window import InnerRun
     from tasks import get_suite
 
@@ -288,20 +287,16 @@ def agreement(args: argparse.Namespace) -> dict[str, Any]:
         preconditioner_options={"init_scale": 0.5},
         engine="closed_form",
     )
-    pre, cfg, rule, hp = learner.preconditioner, learner.config, learner.rule, learner.rule_hparams
+    cfg, rule, hp = learner.config, learner.rule, learner.rule_hparams
 
     def run(config: Any) -> tuple[torch.Tensor, float]:
-        entry = get_engine(config.engine)
+        variant = MetaMD([task], config)  # the same seed: the same preconditioner values
         times, flat = [], None
         for _ in range(args.repeats):  # the engine call (the window included), median
             inner = InnerRun.start(task, 0, 0, 0, rule, hp, config.batch_size)
-            problem = inner.window(
-                config.inner_steps, pre, rule, hp, lr=config.lr, compose=config.compose,
-                meta_objective=config.meta_objective, objective_options=config.objective_options,
-                meta_step=0,
-            )  # fmt: skip
+            problem, options = variant.window_problem(inner, config.inner_steps)
             start = time.perf_counter()
-            res = entry.obj(problem, None, **{**entry.options, **config.engine_options})
+            res = variant.engine.obj(problem, None, **options)
             times.append(time.perf_counter() - start)
             flat = torch.cat([g.reshape(-1) for g in res.grads])
         return flat, sorted(times)[len(times) // 2]

@@ -41,6 +41,7 @@ from metaopt.cli_support import (
     import_modules,
     imports_in,
     int_arg,
+    one_line,
     parse_options,
     typed_task_options,
 )
@@ -225,8 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import_modules(imports_in(argv))
         return _run(argv)
     except ValueError as err:  # UsageError included: every bad input is a ValueError
-        message = " ".join(str(err).split())
-        print(f"meta_test: error: {message}", file=sys.stderr)
+        print(f"meta_test: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -35,6 +35,7 @@ from meta_test.specs import (
     search_space,
     split_spec,
 )
+from metaopt.cli_support import MAX_SEED, check_int
 
 __all__ = ["run_comparison", "selection_objective"]
 
@@ -51,8 +52,8 @@ def _trial_record(t: Trial) -> dict[str, Any]:
 
 
 def _seed_list(name: str, seeds: Sequence[int]) -> list[int]:
-    seeds = [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    seeds = [check_int(f"{name}[{k}]", s, 0, MAX_SEED) for k, s in enumerate(seeds)]
+    if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"{name}={seeds!r}: must be distinct non-negative integers (at least one)")
     return seeds
 
@@ -167,7 +168,8 @@ def run_comparison(
         task: a ``tasks.Task`` or a registered task name (built with ``task_options``).
         specs: optimizer specs (``meta_test.specs``), e.g. ``["sgdm", "adam", "kfac"]``.
         steps: training steps per run (>= 1).
-        seeds: seeds of the reported runs (default ``(0, 1, 2)``).
+        seeds: seeds of the reported runs, distinct integers in ``[0, 2**32 - 1]`` (default
+            ``(0, 1, 2)``).
         hpo: ``"none"``, ``"grid"``, ``"botorch"`` (or ``"random"``).
         out: directory for ``results.json``, ``report.md`` and plots (``None``: no files).
             Refused if non-empty unless ``overwrite``, and even then if it holds an input
@@ -211,9 +213,9 @@ def run_comparison(
     seeds = _seed_list("seeds", seeds)
     if search_seeds is not None and search_seed is not None:
         raise ValueError("search_seed and search_seeds: give one of them")
-    if search_seeds is None:
-        search_seeds = [seeds[0] if search_seed is None else int(search_seed)]
-    search_seeds = _seed_list("search_seeds", search_seeds)
+    if search_seed is not None:
+        search_seeds = [check_int("search_seed", search_seed, 0, MAX_SEED)]
+    search_seeds = _seed_list("search_seeds", seeds[:1] if search_seeds is None else search_seeds)
     if search_aggregate not in AGGREGATES:
         raise ValueError(
             f"search_aggregate={search_aggregate!r}: must be one of {list(AGGREGATES)}"

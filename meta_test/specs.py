@@ -319,12 +319,11 @@ LEARNED_LR_FACTORS = (0.5, 2**-0.5, 1.0, 2**0.5, 2.0)
 
 
 def _learned_builder(spec: str, model: nn.Module, task: Any, hp: dict[str, Any]) -> Trainer:
-    from metaopt.io import load_learned_optimizer
+    from metaopt.io import load_optimizer
 
-    learned = load_learned_optimizer(spec.split(":", 1)[1], model)
     hp = dict(hp)
-    opt = learned.build(model.named_parameters(), hp.pop("lr", None), **hp)
-    pre = learned.preconditioner
+    opt = load_optimizer(spec.split(":", 1)[1], model, hp.pop("lr", None), **hp)
+    pre = opt.preconditioner  # a learned file always holds one
     return OptimizerTrainer(model, task, opt, num_meta_parameters=pre.num_meta_parameters())
 
 

@@ -45,9 +45,9 @@ from meta_train.runner import (
 from metaopt.cli_support import (
     VALUE_SYNTAX,
     check_output_dir,
-    check_types,
     import_modules,
     imports_in,
+    one_line,
     parse_options,
     typed_task_options,
 )
@@ -169,10 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def resolve_source(config: TrainConfig) -> Any:
     """The task source: a suite's training tasks (a list) or a ``TaskFamily``."""
     import tasks
@@ -185,12 +181,14 @@ def resolve_source(config: TrainConfig) -> Any:
     try:
         if config.family is not None:
             family = tasks.get_family(config.family, **opts)
-            _check_draw(family, config)
-            return family
-        suite = tasks.get_suite(config.suite, **opts)
+        else:
+            suite = tasks.get_suite(config.suite, **opts)
     except TypeError as err:  # an option the suite/family does not take
         name = config.family or config.suite
-        raise UsageError(f"source options {sorted(opts)} for {name!r}: {_one_line(err)}") from None
+        raise UsageError(f"source options {sorted(opts)} for {name!r}: {one_line(err)}") from None
+    if config.family is not None:
+        _check_draw(family, config)
+        return family
     if config.holdout is None:
         return [suite.task(d) for d in suite.domains]
     return suite.meta_train_tasks(config.holdout)
@@ -203,7 +201,10 @@ def _check_draw(family: Any, config: TrainConfig) -> None:
 
     import tasks
 
-    task = family.sample(torch.Generator().manual_seed(config.seed))
+    try:
+        task = family.sample(torch.Generator().manual_seed(config.seed))
+    except TypeError as err:  # tasks.TaskFamily's own check of what sample() returned
+        raise UsageError(f"family={config.family!r}: {one_line(err)}") from None
     if not isinstance(task, tasks.Task):
         raise UsageError(
             f"family={config.family!r}: sample() returned a {type(task).__name__}, not a tasks.Task"
@@ -261,42 +262,23 @@ def prepare(argv: Sequence[str] | None) -> tuple[TrainConfig, Any, dict[str, Any
     return config, spec, resume_state
 
 
-def _check_option_types(learner: Any) -> None:
-    """Every dataclass ``config`` the learner holds (its own, or one an attribute holds, as
-    APO's inside the online adapter) must hold values of its annotated types, and a
-    ``preconditioner_options`` table those of its family's constructor, so
-    ``--option 'preconditioner_options={learn_scale = "maybe"}'`` is refused rather than
-    truthy."""
-    from metaopt.kron.families import FAMILIES
-
-    holders = [learner, *vars(learner).values()] if hasattr(learner, "__dict__") else [learner]
-    for holder in holders:
-        config = getattr(holder, "config", None)
-        if dataclasses.is_dataclass(config) and not isinstance(config, type):
-            check_types(config)
-            family = getattr(config, "preconditioner", None)
-            options = getattr(config, "preconditioner_options", None)
-            if isinstance(family, str) and family in FAMILIES and isinstance(options, dict):
-                check_types(FAMILIES.get(family).obj, options)
-
-
 def _build(config: TrainConfig, spec: Any, resume_state: dict[str, Any] | None) -> Any:
-    """The learner, its option types checked and, on resume, the checkpoint loaded into it
-    once here, so a checkpoint that does not fit it is refused before anything is written."""
+    """The learner (its config checks its options' values and types) and, on resume, the
+    checkpoint loaded into it once here, so a checkpoint that does not fit it is refused
+    before anything is written."""
     seed_everything(config.seed)  # factor initialisations etc. drawn from global RNGs
     source = resolve_source(config)
     try:
         learner = spec.builder()(config, source, _local_device(config.device))
     except TypeError as err:  # an option the learner does not take
-        raise UsageError(f"learner={config.learner!r} options: {_one_line(err)}") from None
-    _check_option_types(learner)
+        raise UsageError(f"learner={config.learner!r} options: {one_line(err)}") from None
     if resume_state is not None:
         try:
             learner.load_state_dict(resume_state["learner"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(
                 f"checkpoint {str(Path(config.out) / CHECKPOINT)!r} does not fit learner "
-                f"{config.learner!r} with these settings: {_one_line(err)}"
+                f"{config.learner!r} with these settings: {one_line(err)}"
             ) from None
     return learner
 
@@ -344,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"learner={config.learner!r}: runs online in one process only")
         learner = _build(config, spec, resume_state)
     except (ValueError, CheckpointError) as err:
-        print(f"meta_train: error: {_one_line(err)}", file=sys.stderr)
+        print(f"meta_train: error: {one_line(err)}", file=sys.stderr)
         return 2
     dist = setup(config.device, timeout_s=config.dist_timeout)
     out = Path(config.out)
@@ -369,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except CollectiveFailed as err:
         print(
-            f"meta_train: error: {_one_line(err)}; another rank hung or died, so this run "
+            f"meta_train: error: {one_line(err)}; another rank hung or died, so this run "
             f"stops (raise --dist-timeout, now {config.dist_timeout:g} s, only if ranks are "
             "legitimately that slow; --resume continues from the last checkpoint)",
             file=sys.stderr,

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from metaopt.cli_support import one_line
+
 __all__ = ["CollectiveFailed", "Dist", "setup"]
 
 
@@ -52,7 +54,7 @@ class Dist:
         try:
             call(*args, **kwargs)
         except RuntimeError as err:  # gloo/NCCL: "Timed out waiting ...", "Connection closed"
-            reason = " ".join(str(err).split())[:300]
+            reason = one_line(err)[:300]
             raise CollectiveFailed(
                 f"rank {self.rank}: {call.__name__} failed (waited up to {self.timeout_s:g} s): "
                 f"{reason}"
@@ -86,7 +88,7 @@ class Dist:
         if self.world_size == 1:
             return [obj]
         out: list[Any] = [None] * self.world_size if self.is_main else []
-        dist.gather_object(obj, out if self.is_main else None, dst=0)
+        self._collective(dist.gather_object, obj, out if self.is_main else None, dst=0)
         return out if self.is_main else [obj]
 
     def barrier(self) -> None:

@@ -37,9 +37,19 @@ class DomainCycle(Iterator[tuple[Tensor, Tensor]]):
         model: the model being trained (its parameters are overwritten at each change).
         seed: seeds initialisations, task draws and batch orders.
         steps_per_domain: training steps on each domain before moving to the next.
+        task: the first visit's task when the caller has drawn it already (``None``: drawn
+            here; a family's draw is not free).
     """
 
-    def __init__(self, source: Any, model: nn.Module, *, seed: int, steps_per_domain: int) -> None:
+    def __init__(
+        self,
+        source: Any,
+        model: nn.Module,
+        *,
+        seed: int,
+        steps_per_domain: int,
+        task: Any = None,
+    ) -> None:
         if isinstance(steps_per_domain, bool) or steps_per_domain < 1:
             raise ValueError(f"steps_per_domain={steps_per_domain!r}: must be a positive integer")
         self.source = source
@@ -49,7 +59,7 @@ class DomainCycle(Iterator[tuple[Tensor, Tensor]]):
         self.on_new_domain: Callable[[], None] = lambda: None
         self.visit = 0
         self.domain_step = 0
-        self.task = self._task(0)
+        self.task = self._task(0) if task is None else task
         self._open_streams()
         self.fsd = _Draw(self)
 
@@ -58,7 +68,7 @@ class DomainCycle(Iterator[tuple[Tensor, Tensor]]):
         """A cycle with a fresh model of the first domain's task."""
         first = _task_of(source, _seed(seed, 0))
         model = first.make_model(_seed(seed, 0))
-        return cls(source, model, seed=seed, steps_per_domain=steps_per_domain)
+        return cls(source, model, seed=seed, steps_per_domain=steps_per_domain, task=first)
 
     def _task(self, visit: int) -> Any:
         return _task_of(self.source, _seed(self.seed, visit), visit)

@@ -39,6 +39,7 @@ from meta_train.checkpoint import (
 from meta_train.config import IDENTITY_EXEMPT, TrainConfig
 from meta_train.distributed import Dist
 from meta_train.metrics import MetricsLog, plot_metrics
+from metaopt.cli_support import one_line
 from metaopt.io import first_non_finite
 from metaopt.learners import MetaLearner, MetaStep
 from metaopt.optim import LearnedOptimizer
@@ -111,7 +112,7 @@ def _divergence(learner: MetaLearner, state: dict[str, Any]) -> str | None:
         try:
             check()
         except FloatingPointError as err:
-            return f"the learner reports: {' '.join(str(err).split())}"
+            return f"the learner reports: {one_line(err)}"
     return None
 
 
@@ -176,6 +177,11 @@ def run(
 ) -> LearnedOptimizer:
     """Meta-train ``learner`` to ``total`` meta-steps; returns its learned optimizer.
 
+    On resume, ``learner`` already holds ``resume_state["learner"]`` (the caller loads it,
+    before anything is written, to refuse a checkpoint that does not fit; loading is not
+    cheap: MetaMD re-draws every inner run in flight); ``resume_state`` restores the random
+    generators and the metrics log here.
+
     Raises:
         Stopped: a SIGTERM/SIGINT arrived; a checkpoint of the last finished step was written.
         NonFiniteState: the learner's state holds a NaN or infinity where a checkpoint or
@@ -186,7 +192,6 @@ def run(
     out = Path(out)
     metrics = MetricsLog(out / METRICS)
     if resume_state is not None:
-        learner.load_state_dict(resume_state["learner"])
         _set_rng_state(resume_state["rng"])
         if dist.is_main:
             metrics.truncate_after(int(resume_state["step"]))
@@ -223,9 +228,8 @@ def run(
                     rank=dist.rank, world_size=dist.world_size, all_reduce=dist.all_reduce
                 )
             except FloatingPointError as err:  # the learner's own divergence check
-                detail = " ".join(str(err).split()) or type(err).__name__
                 raise NonFiniteState(
-                    f"the learner stopped ({detail})", learner.meta_steps + 1
+                    f"the learner stopped ({one_line(err)})", learner.meta_steps + 1
                 ) from None
             if not isinstance(record, MetaStep):
                 raise TypeError(f"learner {config.learner!r}: meta_step() returned {record!r}")

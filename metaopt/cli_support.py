@@ -8,7 +8,8 @@
   config dataclass or the keyword options of a factory;
 - output folders: :func:`check_output_dir` (not a file, not under one, writable);
 - ``--import MODULE`` (:func:`import_modules`): user modules that register tasks, families,
-  objectives, engines, learners or specs, imported before any name is resolved.
+  objectives, engines, learners or specs, imported before any name is resolved;
+- error messages: :func:`one_line`, an exception's message as the one line a CLI prints.
 
 Every failure is a one-line ``ValueError`` (``argparse.ArgumentTypeError`` for argparse
 types) naming the field, the value and what is allowed.
@@ -45,6 +46,7 @@ __all__ = [
     "import_modules",
     "imports_in",
     "int_arg",
+    "one_line",
     "parse_dtype",
     "parse_key_value",
     "parse_options",
@@ -62,6 +64,12 @@ VALUE_SYNTAX = (
 )
 _BARE_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.+\-:/]*")
 _DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def one_line(err: BaseException) -> str:
+    """``err``'s message with its whitespace runs (newlines included) as single spaces; its
+    type's name when the message is empty."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 # --- KEY=VALUE --------------------------------------------------------------------------
@@ -286,9 +294,8 @@ def import_modules(names: Sequence[str]) -> None:
             else:
                 importlib.import_module(name)
         except (Exception, SystemExit) as err:
-            reason = " ".join(str(err).split()) or type(err).__name__
             raise ValueError(
-                f"--import {name!r}: cannot be imported ({type(err).__name__}: {reason})"
+                f"--import {name!r}: cannot be imported ({type(err).__name__}: {one_line(err)})"
             ) from None
 
 

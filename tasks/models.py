@@ -49,7 +49,7 @@ from typing import Any
 
 from torch import nn
 
-from metaopt.registry import Registry
+from metaopt.registry import Registry, keyword_options
 from tasks.nets import (
     ACTIVATIONS,
     alexnet_small,
@@ -128,14 +128,15 @@ def get_model(
         ValueError: unknown name (listing the names) or option (listing the options).
     """
     builder = MODELS.get(name).obj
-    params = [p for p in inspect.signature(builder).parameters if p != "num_classes"]
-    unknown = sorted(set(options) - set(params))
+    allowed = keyword_options(builder, supplied=("num_classes",))  # None: it takes **options
+    unknown = [] if allowed is None else sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(
-            f"model {name!r}: unknown option(s) {unknown}; options are {params} and input_shape"
+            f"model {name!r}: unknown option(s) {unknown}; options are {allowed} and input_shape"
         )
     if input_shape is not None:
-        for key, value in _geometry(params, input_shape).items():
+        named = list(inspect.signature(builder).parameters)  # the geometry it names
+        for key, value in _geometry(named, input_shape).items():
             options.setdefault(key, value)
     if num_classes is not None:
         options["num_classes"] = num_classes

@@ -2,6 +2,7 @@
 central finite differences, hand-computed K=1 updates, and exact resume."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -720,3 +721,18 @@ def test_joint_forward_can_be_turned_off_for_row_coupling_modules(joint):
         assert got == pytest.approx(fd, rel=1e-6, abs=1e-9)
     with pytest.raises(ValueError, match="joint_forward=1"):
         APOConfig(joint_forward=1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("nesterov", "yes", "nesterov='yes': must be true or false"),
+        ("check_every_step", "no", "check_every_step='no': must be true or false"),
+        ("fresh_loss_batch", 1, "fresh_loss_batch=1: must be true or false"),
+    ],
+)
+def test_config_refuses_values_of_the_wrong_type(field, value, needle):
+    """The field annotations are the contract (``nesterov: bool``): ``"yes"``, truthy as it is,
+    is not a boolean, and through the Python API as well as the CLI."""
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        APOConfig(**{field: value})

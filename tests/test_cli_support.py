@@ -20,6 +20,7 @@ from metaopt.cli_support import (
     import_modules,
     imports_in,
     int_arg,
+    one_line,
     parse_dtype,
     parse_key_value,
     parse_options,
@@ -212,3 +213,9 @@ def test_import_modules_by_name_and_by_file(tmp_path: Path, monkeypatch) -> None
     assert "broken_plugin" not in sys.modules
     argv = ["--import", "a", "--out", "x", "--import=b.c", "--option", "import=3"]
     assert imports_in(argv) == ["a", "b.c"]
+
+
+def test_one_line_joins_a_message_and_names_an_empty_one():
+    assert one_line(ValueError("a  b\n  c\td ")) == "a b c d"
+    assert one_line(KeyError()) == "KeyError"
+    assert one_line(RuntimeError("")) == "RuntimeError"

@@ -55,3 +55,20 @@ def test_without_learned_results_the_page_says_how_to_make_them(tmp_path, monkey
     gen = _generator()
     monkeypatch.setattr(gen, "RESULTS", tmp_path)
     assert "experiments/held_out.py" in gen.learned()
+
+
+def test_held_out_prints_its_summary_as_the_results_page_renders_it():
+    """experiments/held_out.py's printed table is the page's: rows without a baseline (a run
+    whose baselines were left out) render with a dash instead of failing."""
+    spec = importlib.util.spec_from_file_location("held_out", ROOT / "experiments/held_out.py")
+    held_out = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(held_out)
+    summary = {
+        "source": "meta-quadratics", "meta_train_flags": [], "steps": 50, "seeds": "0",
+        "rows": {"q": {"meta_train_seconds": 2.0, "optimizers": {
+            "learned": {"auc_train_loss": 0.5, "test_metric": 0.25,
+                        "test_metric_name": "mse", "hparams": {"lr": 0.1}}}}},
+    }  # fmt: skip
+    lines = held_out.table(summary).splitlines()
+    assert "| held out | learned AUC | learned test mse | meta-train s |" in lines
+    assert "| q | 0.5 | 0.25 | 2 |" in lines

@@ -8,6 +8,7 @@ training-loss curve, so every expected selection is computed by hand from the ta
 
 import json
 import math
+import re
 import statistics
 
 import pytest
@@ -316,3 +317,18 @@ def test_cli_passes_the_selection_flags(tmp_path, capsys) -> None:
     text = build_parser().format_help()  # the flags are documented in --help
     for flag in ("--search-seeds", "--search-aggregate", "--search-steps", "steps-to-target"):
         assert flag in text, flag
+
+
+@pytest.mark.parametrize(
+    ("bad", "needle"),
+    [
+        ({"seeds": [0.5]}, "seeds[0]=0.5: must be an integer in [0, 4294967295]"),
+        ({"seeds": [0, True]}, "seeds[1]=True: must be an integer"),
+        ({"search_seeds": [1, 2.0]}, "search_seeds[1]=2.0: must be an integer"),
+        ({"search_seed": 1.5}, "search_seed=1.5: must be an integer"),
+    ],
+)
+def test_seeds_that_are_not_integers_are_refused_not_truncated(bad, needle) -> None:
+    """``int(0.5)`` is 0: a fractional seed would silently run seed 0 (and ``True`` seed 1)."""
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        run_comparison(REG, ["test-weights"], steps=3, hpo="grid", **{"seeds": [0], **bad})

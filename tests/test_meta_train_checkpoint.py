@@ -552,3 +552,29 @@ def test_a_damaged_metrics_file_is_refused_on_resume(tmp_path, capsys, damage, n
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err and "metrics.jsonl" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+class _CountLoads(meta_train_lsq.Wrapped):
+    """Wraps a learner; records every ``load_state_dict`` call in ``loads``."""
+
+    loads: list[int] = []
+
+    def load_state_dict(self, state):
+        self.loads.append(int(state["meta_steps"]))
+        super().load_state_dict(state)
+
+
+def test_a_resumed_run_loads_the_checkpoint_into_the_learner_once(tmp_path) -> None:
+    """Loading re-draws MetaMD's inner runs in flight: a resume does it once, not twice."""
+    build = meta_train_lsq.build
+    _CountLoads.loads.clear()
+    meta_train.register_learner("count-loads", lambda *a: _CountLoads(build(*a)))
+    args = ["--learner", "count-loads", "--family", "lsq-test", "--no-progress"]
+    args += ["--out", str(tmp_path / "run"), "--checkpoint-every", "2"]
+    try:
+        assert main([*args, "--outer-steps", "2"]) == 0
+        assert main([*args, "--outer-steps", "4", "--resume"]) == 0
+    finally:
+        meta_train.learners.LEARNERS.unregister("count-loads")
+    assert _CountLoads.loads == [2]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")["step"] == 4

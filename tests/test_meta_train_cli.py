@@ -371,10 +371,32 @@ def test_a_family_whose_sample_is_not_a_task_exits_2(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     argv = ["--import", str(plugin), "--learner", "metasgd", "--family", "plugin-broken"]
     err = _bad(capsys, [*argv, "--out", str(out)])
-    assert "sample() returned a int, not a tasks.Task" in err and not out.exists()
+    assert err == (
+        "meta_train: error: family='plugin-broken': task family 'family' (PluginBroken): "
+        "sample() returned a int, not a tasks.Task\n"
+    )
+    assert not out.exists()
 
 
 def test_the_test_learner_is_a_meta_learner() -> None:
     learner = meta_train_lsq.DiagLSQ(meta_train_lsq.LSQFamily())
     assert isinstance(learner, metaopt.MetaLearner)
     assert isinstance(meta_train_lsq.Wrapped(learner), metaopt.MetaLearner)
+
+
+def test_the_online_domain_cycle_draws_each_visits_task_once() -> None:
+    """``--learner apo`` on a family: one ``sample`` per domain visit, the first included."""
+    from meta_train.online import DomainCycle
+
+    draws: list[int] = []
+
+    class Counted(meta_train_lsq.LSQFamily):
+        def sample(self, generator):
+            draws.append(generator.initial_seed())
+            return super().sample(generator)
+
+    cycle = DomainCycle.start(Counted(), seed=0, steps_per_domain=2)
+    assert len(draws) == 1
+    for _ in range(3):  # the third batch is the second visit's first
+        next(cycle)
+    assert len(draws) == 2 and draws[0] != draws[1]

@@ -74,3 +74,36 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     for ra, rb in zip(a, b, strict=True):
         assert abs(ra["meta_objective"] - rb["meta_objective"]) <= 1e-6 * abs(ra["meta_objective"])
         assert ra["skipped"] == rb["skipped"] == 0
+
+
+HUNG_AT_GATHER = """
+import sys, time
+from meta_train.distributed import CollectiveFailed, setup
+
+d = setup("cpu", timeout_s=2)
+d.barrier()
+if d.rank == 1:  # hangs where rank 0 gathers the checkpoint's states
+    time.sleep(20)
+    sys.exit(0)
+try:
+    d.gather_objects({"rank": d.rank})
+except CollectiveFailed as err:
+    print(f"CollectiveFailed: {err}", flush=True)
+    sys.exit(3)
+"""
+
+
+def test_a_rank_hung_at_the_checkpoint_gather_is_a_collective_failure(tmp_path: Path) -> None:
+    """The gather of the ranks' states (every checkpoint) waits ``timeout_s`` like every other
+    collective and then raises ``CollectiveFailed`` (the CLI's one-line exit 1), not torch's
+    error with a traceback."""
+    script = tmp_path / "hung.py"
+    script.write_text(HUNG_AT_GATHER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]  # fmt: skip
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("CollectiveFailed")), None)
+    assert line is not None, proc.stderr[-3000:]
+    assert "rank 0: gather_object failed (waited up to 2 s)" in line

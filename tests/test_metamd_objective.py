@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -243,3 +244,25 @@ def test_metamd_paper_preset_is_the_papers():
 def test_learn_scale_needs_the_lowrank_family():
     with pytest.raises(ValueError, match=r"family 'diag': unknown option\(s\) \['learn_scale'\]"):
         MetaMDConfig(preconditioner="diag", preconditioner_options={"learn_scale": True})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (
+            {"preconditioner_options": {"learn_scale": "maybe"}},
+            "learn_scale='maybe': must be true or false",
+        ),
+        ({"preconditioner_options": {"learn_scale": 1}}, "learn_scale=1: must be true or false"),
+        ({"preconditioner_options": {"init_scale": "big"}}, "init_scale='big': must be float"),
+    ],
+)
+def test_the_python_api_refuses_values_of_the_wrong_type(overrides, needle):
+    """The annotations (``LowRankFamily(learn_scale: bool, init_scale: float)``, the config's
+    ``preset: str``) are the contract: a truthy string is not a boolean."""
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        MetaMD([regression_task(0)], **overrides)
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        MetaMDConfig(**overrides)
+    with pytest.raises(ValueError, match=re.escape("preset=3: must be str")):
+        MetaMDConfig(preset=3)

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 import tasks
-from tasks.models import available_models, get_model
+from tasks.models import MODELS, available_models, get_model, register_model
 
 NAMES = [
     "alexnet-small",
@@ -191,3 +191,27 @@ def test_same_seed_same_weights(name):
     a, b, c = ([p.detach() for p in m.parameters()] for m in builds)
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
     assert not all(torch.equal(p, q) for p, q in zip(a, c, strict=True))
+
+
+def test_a_user_builder_taking_keyword_options_gets_every_option():
+    """``builder(num_classes=..., **options)`` (the registry's contract): a builder with
+    ``**options`` checks its own options, so every one reaches it; one with named options
+    only still has unknown ones refused."""
+
+    def wide(in_features: int = 3, num_classes: int = 2, **options):
+        return nn.Linear(in_features, options.pop("width") * num_classes)
+
+    def narrow(num_classes: int = 2, width: int = 4):
+        return nn.Linear(5, width * num_classes)
+
+    register_model("test-wide", wide)
+    register_model("test-narrow", narrow)
+    try:
+        model = get_model("test-wide", num_classes=3, width=5, input_shape=(1, 2, 3))
+        assert (model.in_features, model.out_features) == (6, 15)  # 1*2*3 inputs, 5*3 outputs
+        assert get_model("test-narrow", num_classes=3, width=5).out_features == 15
+        with pytest.raises(ValueError, match=r"model 'test-narrow': unknown option\(s\) \['w'\]"):
+            get_model("test-narrow", w=5)
+    finally:
+        MODELS.unregister("test-wide")
+        MODELS.unregister("test-narrow")

@@ -7,8 +7,12 @@ with a fresh object). To add a registry (engines, APO rules and adapts, ...), ap
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -167,3 +171,28 @@ def test_a_name_belongs_to_one_kind_of_task_registry() -> None:
     with pytest.raises(ValueError, match="'digits' is already registered as a task"):
         tasks.register_suite("digits", replace=True)(_factory())
     assert "digits" not in SUITES
+
+
+def test_the_doc_pages_restore_every_registry_the_packages_define():
+    """Every module-level ``NAME = Registry(...)`` of the packages (found by a text search of
+    their source) is a table the doc-example harness (conftest.py) restores after a page, so
+    a name a page registers never leaks into later tests."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("_docs_conftest", root / "conftest.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    restored = {id(r) for r in harness._registries()}
+    assignment = re.compile(r"^(\w+)(?::[^=\n]*)? = Registry\(", re.MULTILINE)
+    defined = []
+    for package in ("metaopt", "tasks", "meta_train", "meta_test"):
+        for path in sorted((root / package).rglob("*.py")):
+            module = ".".join(path.relative_to(root).with_suffix("").parts)
+            for name in assignment.findall(path.read_text(encoding="utf-8")):
+                defined.append((module.removesuffix(".__init__"), name))
+    assert len(defined) >= 15  # TASKS, MODELS, FSD_DIVERGENCES, ...
+    missing = [
+        f"{module}.{name}"
+        for module, name in defined
+        if id(getattr(importlib.import_module(module), name)) not in restored
+    ]
+    assert missing == []

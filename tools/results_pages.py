@@ -198,37 +198,42 @@ def learned() -> str:
     loaded = [(path, _load(path)) for path in files]
     # each source's default-recipe file (named after the source) before its variants
     loaded.sort(key=lambda pd: (pd[1]["source"], pd[0].stem != pd[1]["source"], pd[0].stem))
-    out = []
-    for path, d in loaded:
-        flags = " ".join(d.get("meta_train_flags") or []) or "(defaults)"
-        out.append(
-            f"### {d['source']}: `{path.name}`\n\n"
-            f"meta_train flags: `{flags}`; {d['steps']} steps, seeds {d['seeds']}\n"
-        )
-        if d.get("note"):
-            out.append(f"*{d['note']}*\n")
-        names: list[str] = []
-        for row in d["rows"].values():
-            names += [n for n in row["optimizers"] if n not in names]
-        first = next(iter(d["rows"].values()))["optimizers"]
-        metric = next(iter(first.values()))["test_metric_name"]
-        scale, unit = (100.0, " %") if metric == "accuracy" else (1.0, "")
-        head = ["held out", *(f"{n} AUC" for n in names),
-                *(f"{n} test {metric}{unit}" for n in names), "meta-train s"]  # fmt: skip
-        rows = []
-        for label, row in d["rows"].items():
-            o = row["optimizers"]
-            rows.append([label, *(_num(o[n]["auc_train_loss"], 4) if n in o else "—"
-                                  for n in names),
-                         *(_num(scale * o[n]["test_metric"], 4) if n in o else "—"
-                           for n in names),
-                         _num(row.get("meta_train_seconds"))])  # fmt: skip
-        out.append(_table(head, rows))
-        tuned = []
-        for label, row in d["rows"].items():
-            o = row["optimizers"]
-            tuned.append([label, *(_hp(o[n]["hparams"]) if n in o else "—" for n in names)])
-        out.append("\nSelected configurations:\n\n" + _table(["held out", *names], tuned))
+    return "\n".join(learned_section(path.name, d) for path, d in loaded)
+
+
+def learned_section(filename: str, d: dict[str, Any]) -> str:
+    """One ``experiments/held_out.py`` summary ``d`` (the file ``filename``) as Markdown: its
+    source and flags, a table of every optimizer's training-loss AUC and test metric per
+    held-out domain (a dash where a row lacks an optimizer) and the configurations selected."""
+    flags = " ".join(d.get("meta_train_flags") or []) or "(defaults)"
+    out = [
+        f"### {d['source']}: `{filename}`\n\n"
+        f"meta_train flags: `{flags}`; {d['steps']} steps, seeds {d['seeds']}\n"
+    ]
+    if d.get("note"):
+        out.append(f"*{d['note']}*\n")
+    names: list[str] = []
+    for row in d["rows"].values():
+        names += [n for n in row["optimizers"] if n not in names]
+    first = next(iter(d["rows"].values()))["optimizers"]
+    metric = next(iter(first.values()))["test_metric_name"]
+    scale, unit = (100.0, " %") if metric == "accuracy" else (1.0, "")
+    head = ["held out", *(f"{n} AUC" for n in names),
+            *(f"{n} test {metric}{unit}" for n in names), "meta-train s"]  # fmt: skip
+    rows = []
+    for label, row in d["rows"].items():
+        o = row["optimizers"]
+        rows.append([label, *(_num(o[n]["auc_train_loss"], 4) if n in o else "—"
+                              for n in names),
+                     *(_num(scale * o[n]["test_metric"], 4) if n in o else "—"
+                       for n in names),
+                     _num(row.get("meta_train_seconds"))])  # fmt: skip
+    out.append(_table(head, rows))
+    tuned = []
+    for label, row in d["rows"].items():
+        o = row["optimizers"]
+        tuned.append([label, *(_hp(o[n]["hparams"]) if n in o else "—" for n in names)])
+    out.append("\nSelected configurations:\n\n" + _table(["held out", *names], tuned))
     return "\n".join(out)
 
 

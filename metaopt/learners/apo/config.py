@@ -1,4 +1,5 @@
-"""APO's configuration: one dataclass, validated at construction (``__post_init__``)."""
+"""APO's configuration: one dataclass, validated at construction (``__post_init__``): every
+field against its range and its annotated type."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from metaopt.cli_support import check_types
 from metaopt.learners.apo.adapts import ADAPTS
 from metaopt.learners.base import META_OPTIMIZERS
 from metaopt.objectives.base import check_meta_objective
@@ -194,3 +196,4 @@ class APOConfig:
             raise ValueError(f"fixed_lr={self.fixed_lr!r}: must be True or False")
         if self.fixed_lr and self.adapt != "rmsprop-eps-rho":
             raise ValueError(f"fixed_lr=True: only for adapt='rmsprop-eps-rho', not {self.adapt!r}")
+        check_types(self)  # what the checks above leave: every field of its annotated type

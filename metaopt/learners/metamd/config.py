@@ -1,7 +1,8 @@
 """MetaMD's configuration and its named presets (complete recipes).
 
-One dataclass, validated in ``__post_init__``: a bad value, an unknown family, rule,
-engine or meta-objective, or an option that the engine or the objective does not take
+One dataclass, validated in ``__post_init__``: a bad value, a value of another type than
+its field's (or its family option's) annotation, an unknown family, rule, engine or
+meta-objective, or an option that the family, the engine or the objective does not take
 fails at construction with a message naming the field, the value and what is allowed.
 """
 
@@ -12,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from metaopt.cli_support import check_types
 from metaopt.hypergrad.engines import ENGINES, check_engine
 from metaopt.kron.families import FAMILIES, resolve_family
 from metaopt.learners.base import META_OPTIMIZERS
@@ -108,7 +110,8 @@ class MetaMDConfig:
             raise ValueError(
                 f"preconditioner={self.preconditioner!r}: choose one of {sorted(FAMILIES)}"
             )
-        resolve_family(self.preconditioner, self.preconditioner_options)
+        family, family_options = resolve_family(self.preconditioner, self.preconditioner_options)
+        check_types(family, family_options)  # ``learn_scale="maybe"`` is refused, not truthy
         get_rule(self.rule).hparams(self.rule_options)
         check_compose(self.compose)
         if self.meta_optimizer not in META_OPTIMIZERS:
@@ -123,6 +126,7 @@ class MetaMDConfig:
                 f"engine={self.engine!r}: the implicit function theorem differentiates the end "
                 f"of a whole inner run; window={self.window} must be None or inner_steps"
             )
+        check_types(self)  # what the checks above leave: every field of its annotated type
 
     @property
     def implicit(self) -> bool:

@@ -32,7 +32,7 @@ from torch.autograd.graph import increment_version
 
 from metaopt.hypergrad.engines import ENGINES
 from metaopt.hypergrad.errors import NonFiniteHypergradient
-from metaopt.hypergrad.problem import finite
+from metaopt.hypergrad.problem import Problem, finite
 from metaopt.kron.preconditioner import KroneckerPreconditioner
 from metaopt.learners.base import LearnedOptimizer, MetaStep, make_meta_optimizer
 from metaopt.learners.metamd.config import MetaMDConfig, preset_config
@@ -240,14 +240,7 @@ class MetaMD:
         if run is None or run.t >= run.end:
             run = self._runs[i] = self._draw(i, self.meta_steps)
         steps = min(c.steps_per_window, run.end - run.t)
-        problem = run.window(
-            steps, self.preconditioner, self.rule, self.rule_hparams, lr=c.lr, compose=c.compose,
-            meta_objective=c.meta_objective, objective_options=c.objective_options,
-            meta_step=self.meta_steps,
-        )  # fmt: skip
-        options = {**self.engine.options, **c.engine_options}
-        if self._engine_takes_seed and "seed" not in options:
-            options["seed"] = int(draw_generator(c.seed, self.meta_steps, i).initial_seed())
+        problem, options = self.window_problem(run, steps, i)
         try:
             result = self.engine.obj(problem, run.carry, **options)
         except NonFiniteHypergradient as err:
@@ -257,6 +250,29 @@ class MetaMD:
         run.state, run.carry = result.state, result.carry
         run.t += steps
         return result.grads, result.value, run.window_mean_loss(result.state, steps)
+
+    def window_problem(
+        self, run: InnerRun, steps: int, i: int = 0
+    ) -> tuple[Problem, dict[str, Any]]:
+        """The next ``steps`` inner steps of ``run`` (run ``i`` in flight) as this learner's
+        engine takes them: ``(problem, options)`` for ``self.engine.obj(problem, run.carry,
+        **options)``.
+
+        ``problem`` is :meth:`InnerRun.window` under this learner's preconditioner, rule,
+        learning rate, composition and meta-objective at this meta-step (it draws the
+        window's batches); ``options`` are the engine alias's, then ``config.engine_options``,
+        then, for an engine that takes a ``seed`` and was given none, one drawn from
+        ``(seed, meta-step, i)``."""
+        c = self.config
+        problem = run.window(
+            steps, self.preconditioner, self.rule, self.rule_hparams, lr=c.lr, compose=c.compose,
+            meta_objective=c.meta_objective, objective_options=c.objective_options,
+            meta_step=self.meta_steps,
+        )  # fmt: skip
+        options = {**self.engine.options, **c.engine_options}
+        if self._engine_takes_seed and "seed" not in options:
+            options["seed"] = int(draw_generator(c.seed, self.meta_steps, i).initial_seed())
+        return problem, options
 
     def _drop(self, i: int, run: InnerRun, reason: str) -> None:
         name = getattr(run.task, "name", type(run.task).__name__)
