@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from metaopt.cli_support import one_line
 from metaopt.kron.preconditioner import KroneckerPreconditioner
 from metaopt.optim.learned import LearnedOptimizer
 from metaopt.optim.preconditioned import Preconditioned
@@ -271,7 +272,7 @@ def load_preconditioner(path: str | os.PathLike[str], model: nn.Module) -> Krone
     except (TypeError, ValueError) as err:
         raise ValueError(
             f"preconditioner {name!r}: metadata family={meta['family']!r} with options "
-            f"{meta['options']} does not build ({' '.join(str(err).split())})"
+            f"{meta['options']} does not build ({one_line(err)})"
         ) from None
     saved, ours = meta["layers"], pre.layer_shapes()
     problems = []

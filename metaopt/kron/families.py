@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaopt.cli_support import check_types
 from metaopt.kron.family_base import Family, add_scaled_, decay_
 from metaopt.kron.lowrank import LowRankFamily
 from metaopt.registry import Registry, check_options, keyword_options
@@ -258,7 +259,7 @@ def family_options(family: str) -> list[str]:
 def resolve_family(family: str, options: Mapping[str, Any]) -> tuple[type[Family], dict[str, Any]]:
     """``(class, options)`` for ``family``: an alias's fixed options merged in (``rank1`` is
     ``lowrank`` with ``rank=1``; giving it another ``rank`` is an error), and every option
-    checked against the class's signature. Nothing is built."""
+    checked against the class's signature (names and annotated types). Nothing is built."""
     entry = FAMILIES.get(family)
     for key, fixed in entry.options.items():
         if key in options and options[key] != fixed:
@@ -268,6 +269,7 @@ def resolve_family(family: str, options: Mapping[str, Any]) -> tuple[type[Family
             )
     merged = {**options, **entry.options}
     check_options(entry.obj, merged, f"family {family!r}", supplied=_shape_parameter(entry.obj))
+    check_types(entry.obj, merged)  # ``learn_scale="maybe"`` is refused, not truthy
     return entry.obj, merged
 
 

@@ -110,8 +110,7 @@ class MetaMDConfig:
             raise ValueError(
                 f"preconditioner={self.preconditioner!r}: choose one of {sorted(FAMILIES)}"
             )
-        family, family_options = resolve_family(self.preconditioner, self.preconditioner_options)
-        check_types(family, family_options)  # ``learn_scale="maybe"`` is refused, not truthy
+        resolve_family(self.preconditioner, self.preconditioner_options)
         get_rule(self.rule).hparams(self.rule_options)
         check_compose(self.compose)
         if self.meta_optimizer not in META_OPTIMIZERS:
