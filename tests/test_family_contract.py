@@ -34,6 +34,7 @@ from metaopt.kron import (
     make_family,
     register_family,
 )
+from tests._kron import randomize, vec
 
 F64 = torch.float64
 NAMES = FAMILIES.available()
@@ -57,23 +58,12 @@ class _Net(nn.Module):
         self.gain = nn.Parameter(torch.ones(3))  # lone parameter: a 1 x 3 diag view
 
 
-def _randomize(module: nn.Module, scale: float, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-
-
 def _preconditioner(name: str, seed: int | None = 1) -> tuple[nn.Module, KroneckerPreconditioner]:
     model = _Net().double()
     pre = KroneckerPreconditioner.for_model(model, name).double()
     if seed is not None:
-        _randomize(pre, 0.4, seed)
+        randomize(pre, 0.4, seed)
     return model, pre
-
-
-def _vec(tensors: dict[str, Tensor], names: list[str]) -> Tensor:
-    return torch.cat([tensors[n].reshape(-1) for n in names])
 
 
 def _oracle(fam: Family) -> Tensor:
@@ -118,7 +108,7 @@ def test_apply_equals_the_dense_kron_oracle(name: str) -> None:
         torch.testing.assert_close(fam.apply(G).reshape(-1), P @ G.reshape(-1), msg=view_name)
     names = [n for n, _ in model.named_parameters()]
     grads = {n: torch.randn(p.shape, generator=g, dtype=F64) for n, p in model.named_parameters()}
-    torch.testing.assert_close(_vec(pre.apply(grads), names), pre.dense() @ _vec(grads, names))
+    torch.testing.assert_close(vec(pre.apply(grads), names), pre.dense() @ vec(grads, names))
 
 
 # --- differentiability -------------------------------------------------------------------
@@ -259,8 +249,8 @@ def test_metric_apply_is_the_inverse_of_dense(name: str) -> None:
         with pytest.raises(ValueError, match="has no metric"):
             pre.metric_apply(v)
         return
-    want = torch.linalg.solve(pre.dense(), _vec(v, names))
-    torch.testing.assert_close(_vec(pre.metric_apply(v), names), want)
+    want = torch.linalg.solve(pre.dense(), vec(v, names))
+    torch.testing.assert_close(vec(pre.metric_apply(v), names), want)
 
 
 # --- a user's family ---------------------------------------------------------------------

@@ -13,7 +13,6 @@ import pickle
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from meta_test.cli import main as meta_test_main
 from meta_train.checkpoint import load_checkpoint
 from meta_train.cli import main as train_main
 from meta_train.metrics import read_metrics
+from tests._cli import assert_identical, free_port, rewrite_safetensors, snapshot, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 LSQ = ["--learner", "lsq-diag", "--family", "lsq-test", "--no-progress"]
@@ -36,24 +36,9 @@ LSQ += ["--inner-steps", "10", "--inner-lr", "0.02", "--meta-lr", "0.05"]
 DIGITS = ["--suite", "rotated-digits", "--holdout", "75", "--no-progress"]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
-    return env
-
-
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
 def _one_line_error(err: str, tool: str) -> str:
     assert err.count("\n") == 1 and err.startswith(f"{tool}: error: "), err
     return err
-
-
-def _identical(a: Path, b: Path) -> None:
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 # --- SIGKILL, inside checkpoint writes too ----------------------------------------------------
@@ -61,7 +46,7 @@ def _victim(out: Path, steps: int, pause: float) -> subprocess.Popen:
     script = str(ROOT / "tests" / "meta_train_lsq.py")
     argv = [sys.executable, script, *LSQ, "--out", str(out), "--outer-steps", str(steps)]
     argv += ["--checkpoint-every", "1", *(["--resume"] if (out / "config.json").exists() else [])]
-    env = _env(META_TRAIN_LSQ_PAUSE_IN_CHECKPOINT_WRITE=str(pause))
+    env = subprocess_env(META_TRAIN_LSQ_PAUSE_IN_CHECKPOINT_WRITE=str(pause))
     return subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
 
 
@@ -101,7 +86,7 @@ def test_sigkill_inside_a_checkpoint_write_loses_nothing_and_resumes_identically
     assert train_main([*LSQ, "--out", str(out), "--outer-steps", str(steps), "--resume"]) == 0
     assert not any(p.exists() for p in leftovers)  # removed at the next start
     assert train_main([*LSQ, "--out", str(full), "--outer-steps", str(steps)]) == 0
-    _identical(full / "learned_optimizer.safetensors", out / "learned_optimizer.safetensors")
+    assert_identical(full / "learned_optimizer.safetensors", out / "learned_optimizer.safetensors")
     a, b = read_metrics(full / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
     assert [r["meta_objective"] for r in a] == [r["meta_objective"] for r in b]
 
@@ -122,7 +107,7 @@ def test_repeated_sigkills_at_random_points_resume_bit_identically(tmp_path):
     assert train_main([*LSQ, "--out", str(out), "--outer-steps", str(steps), "--resume"]) == 0
     assert not list(out.glob(".*.tmp"))
     assert train_main([*LSQ, "--out", str(full), "--outer-steps", str(steps)]) == 0
-    _identical(full / "learned_optimizer.safetensors", out / "learned_optimizer.safetensors")
+    assert_identical(full / "learned_optimizer.safetensors", out / "learned_optimizer.safetensors")
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1)), f"seed {seed}"
 
@@ -269,22 +254,6 @@ def _good_file(path: Path) -> Path:
     return path
 
 
-def _edit(path: Path, *, meta=None, tensors=None) -> None:
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), framework="pt") as fh:
-        info = json.loads(fh.metadata()["metaopt"])
-    data = load_file(str(path))
-    if meta is not None:
-        meta(info)
-    if tensors is not None:
-        tensors(data)
-    save_file(data, str(path), metadata={"metaopt": json.dumps(info)})
-
-
 def _nan(data):
     key = sorted(data)[0]
     data[key].view(-1)[0] = float("nan")
@@ -333,13 +302,13 @@ def test_hostile_preconditioner_files_are_one_line_errors(tmp_path, capsys, kind
         "other-model": {"meta": lambda m: m["layers"].update(extra=[3, 3])},
     }
     if kind in edits:
-        _edit(path, **edits[kind])
-    before = _snapshot(tmp_path)
+        rewrite_safetensors(path, **edits[kind])
+    before = snapshot(tmp_path)
     capsys.readouterr()
     argv = [*TASK, "--optimizers", f"sgd,learned:{path}", "--out", str(tmp_path / "o")]
     assert meta_test_main(argv) == 2
     assert needle in _one_line_error(capsys.readouterr().err, "meta_test")
-    assert not marker.exists() and _snapshot(tmp_path) == before
+    assert not marker.exists() and snapshot(tmp_path) == before
 
 
 # --- output folders -------------------------------------------------------------------------
@@ -347,19 +316,19 @@ def test_meta_test_overwrite_refuses_the_folder_of_its_own_meta_train_input(tmp_
     run = tmp_path / "D"
     train = ["--learner", "metamd", *DIGITS, "--outer-steps", "1", "--tasks-per-step", "1"]
     assert train_main([*train, "--inner-steps", "2", "--out", str(run)]) == 0
-    before = _snapshot(run)
+    before = snapshot(run)
     argv = [*TASK, "--optimizers", f"sgd,learned:{run / 'learned_optimizer.safetensors'}"]
     capsys.readouterr()
     assert meta_test_main([*argv, "--out", str(run), "--overwrite"]) == 2
     err = _one_line_error(capsys.readouterr().err, "meta_test")
     assert "an input of this run" in err and "choose another --out" in err
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
     # a folder that holds a meta_train run in a subfolder is refused as well
     assert meta_test_main([*argv, "--out", str(tmp_path), "--overwrite"]) == 2
-    assert "D/" in capsys.readouterr().err and _snapshot(run) == before
+    assert "D/" in capsys.readouterr().err and snapshot(run) == before
     # elsewhere it deploys the learned file and leaves the run as it was
     assert meta_test_main([*argv, "--out", str(tmp_path / "elsewhere")]) == 0
-    assert _snapshot(run) == before
+    assert snapshot(run) == before
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
@@ -406,12 +375,6 @@ def test_a_family_whose_sample_is_not_a_task_is_named() -> None:
 
 
 # --- a hung rank ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_pid(parent: int, rank: int) -> int:
     kids = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True)
     for pid in kids.stdout.split():
@@ -426,12 +389,12 @@ def test_a_stopped_rank_fails_the_job_within_the_dist_timeout(tmp_path):
     timeout = 5
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
             str(ROOT / "tests" / "meta_train_lsq.py"), "--learner", "metamd",
             *LSQ[2:], "--outer-steps", "100000", "--checkpoint-every", "2",
             "--dist-timeout", str(timeout), "--out", str(out)]  # fmt: skip
-    job = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)  # fmt: skip
+    job = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     victim = None
     try:
         deadline = time.monotonic() + 120

@@ -11,6 +11,7 @@ from torch import nn
 from metaopt import load_preconditioner, save_preconditioner
 from metaopt.io import read_preconditioner_metadata
 from metaopt.kron import KroneckerPreconditioner
+from tests._cli import rewrite_safetensors
 
 
 def _model(hidden=5):
@@ -135,22 +136,6 @@ def test_saved_file_has_ordinary_permissions(tmp_path):
 
 
 # --- hostile files: every one a one-line ValueError naming the field or tensor ---------------
-def _rewrite(path, *, meta=None, tensors=None):
-    """Re-save ``path`` with its metadata and/or tensors changed by the given functions."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    with safe_open(str(path), framework="pt") as fh:
-        header = dict(fh.metadata())
-    info = json.loads(header["metaopt"])
-    if meta is not None:
-        meta(info)
-    data = load_file(str(path))
-    if tensors is not None:
-        tensors(data)
-    save_file(data, str(path), metadata={"metaopt": json.dumps(info)})
-
-
 def _saved(tmp_path, family="rank1"):
     path = tmp_path / "pre.safetensors"
     save_preconditioner(KroneckerPreconditioner.for_model(_model(), family), path)
@@ -171,7 +156,7 @@ def test_non_finite_tensors_are_refused_on_load_naming_the_tensor(tmp_path, bad)
     def poison(data):
         data[key].view(-1)[0] = bad
 
-    _rewrite(path, tensors=poison)
+    rewrite_safetensors(path, tensors=poison)
     with pytest.raises(ValueError, match=f"tensor '{key}' holds NaN or infinity") as err:
         load_preconditioner(path, _model())
     assert "\n" not in str(err.value)
@@ -205,7 +190,7 @@ def test_writing_a_non_finite_preconditioner_is_refused_and_keeps_the_old_file(t
 )
 def test_malformed_metadata_is_refused_naming_the_field(tmp_path, edit, message):
     path = _saved(tmp_path)
-    _rewrite(path, meta=edit)
+    rewrite_safetensors(path, meta=edit)
     with pytest.raises(ValueError) as err:
         load_preconditioner(path, _model())
     assert message in str(err.value) and "\n" not in str(err.value)
@@ -219,7 +204,7 @@ def test_tensor_shapes_that_disagree_with_the_metadata_are_refused(tmp_path):
     def grow(data):
         data[key] = torch.zeros(want[0] + 1, *want[1:], dtype=data[key].dtype)
 
-    _rewrite(path, tensors=grow)
+    rewrite_safetensors(path, tensors=grow)
     with pytest.raises(ValueError) as err:
         load_preconditioner(path, _model())
     grown = [want[0] + 1, *want[1:]]
@@ -229,14 +214,14 @@ def test_tensor_shapes_that_disagree_with_the_metadata_are_refused(tmp_path):
     def integer(data):
         data[key] = torch.zeros(*want, dtype=torch.int64)
 
-    _rewrite(path, tensors=integer)
+    rewrite_safetensors(path, tensors=integer)
     with pytest.raises(ValueError, match=f"tensor '{key}' has dtype torch.int64"):
         load_preconditioner(path, _model())
 
     def drop(data):
         del data[key]
 
-    _rewrite(path, tensors=drop)
+    rewrite_safetensors(path, tensors=drop)
     with pytest.raises(ValueError, match=f"missing tensors \\['{key}'\\]"):
         load_preconditioner(path, _model())
 

@@ -7,21 +7,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 from metaopt.kron import KroneckerPreconditioner, make_family
+from tests._kron import randomize, vec
 
 torch.set_default_dtype(torch.float32)
 F64 = torch.float64
 
 
-def _randomize(module: nn.Module, scale: float = 0.5, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-
-
 def _lowrank(shape, rank, learn_scale=False, seed=0):
     fam = make_family("lowrank", shape, rank=rank, learn_scale=learn_scale).double()
-    _randomize(fam, 0.7, seed)
+    randomize(fam, 0.7, seed)
     return fam
 
 
@@ -38,7 +32,7 @@ def _oracle_forward(fam):
 @pytest.mark.parametrize("shape", [(3, 4), (5, 2), (1, 6)])
 def test_ekfac_direction_matches_dense_formula(shape):
     fam = make_family("ekfac-shaped", shape).double()
-    _randomize(fam)
+    randomize(fam)
     A, B, S = fam.A.detach(), fam.B.detach(), fam.S.detach()
     C = torch.kron(B, A)
     P = C @ torch.diag(S.reshape(-1) ** 2) @ C.T
@@ -83,7 +77,7 @@ def test_min_eigenvalue_of_identity_plus_low_rank_is_one():
 @pytest.mark.parametrize("family", ["diag", "scalar"])
 def test_diag_and_scalar_families(family):
     fam = make_family(family, (3, 4)).double()
-    _randomize(fam)
+    randomize(fam)
     s = fam.log_scale.detach().exp()
     P = torch.diag(s.expand(3, 4).reshape(-1))
     G = torch.randn(3, 4, dtype=F64)
@@ -141,7 +135,7 @@ def test_property_lowrank_apply_inverts_forward(out_dim, in_dim, rank, seed):
 @given(out_dim=st.integers(1, 5), in_dim=st.integers(1, 5), seed=st.integers(0, 10_000))
 def test_property_ekfac_dense_is_symmetric_psd(out_dim, in_dim, seed):
     fam = make_family("ekfac-shaped", (out_dim, in_dim)).double()
-    _randomize(fam, 1.0, seed)
+    randomize(fam, 1.0, seed)
     P = fam.dense()
     torch.testing.assert_close(P, P.T)
     assert torch.linalg.eigvalsh(P).min() > -1e-9 * P.abs().max()
@@ -161,10 +155,6 @@ def _model():
     ).double()
 
 
-def _vec(tensors, names):
-    return torch.cat([tensors[n].reshape(-1) for n in names])
-
-
 @pytest.mark.parametrize(
     ("family", "options"),
     [
@@ -179,15 +169,15 @@ def _vec(tensors, names):
 def test_preconditioner_apply_equals_dense(family, options):
     model = _model()
     pre = KroneckerPreconditioner.for_model(model, family, **options).double()
-    _randomize(pre, 0.4)
+    randomize(pre, 0.4)
     names = [n for n, _ in model.named_parameters()]
     grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     out = pre.apply(grads)
     P = pre.dense()
-    torch.testing.assert_close(_vec(out, names), P @ _vec(grads, names))
+    torch.testing.assert_close(vec(out, names), P @ vec(grads, names))
     for _ in range(2):  # lowrank's cached-factor path must agree (and its cache be reused)
         got = pre.apply(grads, meta_constant=True)
-        torch.testing.assert_close(_vec(got, names), P @ _vec(grads, names))
+        torch.testing.assert_close(vec(got, names), P @ vec(grads, names))
     torch.testing.assert_close(P, P.T)
     assert torch.linalg.eigvalsh(P).min() > -1e-9
     assert pre.num_meta_parameters() == sum(p.numel() for p in pre.parameters())
@@ -196,7 +186,7 @@ def test_preconditioner_apply_equals_dense(family, options):
 def test_preconditioner_skip_is_identity_and_lowrank_identities_match_dense():
     model = _model()
     pre = KroneckerPreconditioner.for_model(model, "lowrank", rank=1, skip=r"^5\.").double()
-    _randomize(pre, 0.6)
+    randomize(pre, 0.6)
     names = [n for n, _ in model.named_parameters()]
     grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     out = pre.apply(grads)
@@ -206,7 +196,7 @@ def test_preconditioner_skip_is_identity_and_lowrank_identities_match_dense():
     M = torch.linalg.inv(P)
     theta = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     ref = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    d = _vec(theta, names) - _vec(ref, names)
+    d = vec(theta, names) - vec(ref, names)
     torch.testing.assert_close(pre.bregman(theta, ref), 0.5 * d @ M @ d)
     # lambda and ||M - I||_F are over the covered (non-skipped) blocks
     covered = torch.tensor(
@@ -232,12 +222,12 @@ def test_preconditioner_metric_apply_equals_inverse_of_dense(family, options):
     """``metric_apply(v) = M v`` with ``M = inv(dense())`` (skipped parameters: identity)."""
     model = _model()
     pre = KroneckerPreconditioner.for_model(model, family, skip=r"^5\.", **options).double()
-    _randomize(pre, 0.5)
+    randomize(pre, 0.5)
     names = [n for n, _ in model.named_parameters()]
     v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     got = pre.metric_apply(v)
-    want = torch.linalg.solve(pre.dense(), _vec(v, names))
-    torch.testing.assert_close(_vec(got, names), want)
+    want = torch.linalg.solve(pre.dense(), vec(v, names))
+    torch.testing.assert_close(vec(got, names), want)
 
 
 def test_identities_refused_for_ekfac():
@@ -253,7 +243,7 @@ def test_meta_gradient_matches_finite_differences(family):
     """d/dphi of a scalar function of apply(g): autograd vs central differences (gradcheck)."""
     model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Flatten(), nn.Linear(8, 2)).double()
     pre = KroneckerPreconditioner.for_model(model, family).double()
-    _randomize(pre, 0.3)
+    randomize(pre, 0.3)
     grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     weights = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     names = [n for n, _ in pre.named_parameters()]
@@ -269,7 +259,7 @@ def test_meta_gradient_matches_finite_differences(family):
 def test_bf16_gradient_with_fp32_preconditioner():
     model = nn.Linear(6, 4)
     pre = KroneckerPreconditioner.for_model(model, "rank1")
-    _randomize(pre, 0.5)
+    randomize(pre, 0.5)
     g32 = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     g16 = {n: g.bfloat16() for n, g in g32.items()}
     out16 = pre.apply(g16)
@@ -293,7 +283,7 @@ def test_metric_mixed_matches_dense_oracle_and_autograd(family, shape, options):
     """``metric_mixed(X, D) = d/d phi <X, M(phi) D>`` against autograd of the dense
     ``x^T inv(P) d`` (float64) and against autograd of ``<X, metric_apply(D)>``."""
     fam = make_family(family, shape, **options).double()
-    _randomize(fam, 0.7, seed=3)
+    randomize(fam, 0.7, seed=3)
     g = torch.Generator().manual_seed(4)
     X, D = (torch.randn(shape, generator=g, dtype=F64) for _ in range(2))
     got = fam.metric_mixed([X], [D])
@@ -333,7 +323,7 @@ def test_metric_inverse_mixed_matches_dense_oracle(family, shape, options):
     held constant: against autograd of the dense ``(P0 v)^T inv(P(phi)) d`` (float64),
     whole and as column blocks (a layer with a bias column)."""
     fam = make_family(family, shape, **options).double()
-    _randomize(fam, 0.7, seed=8)
+    randomize(fam, 0.7, seed=8)
     g = torch.Generator().manual_seed(9)
     v, D = (torch.randn(shape, generator=g, dtype=F64) for _ in range(2))
     params = tuple(fam.parameters())
@@ -363,7 +353,7 @@ def _conv_bn_bregman_case(learn_scale, seed):
     pre = KroneckerPreconditioner.for_model(
         model, "lowrank", rank=2, learn_scale=learn_scale, skip=r"^4\."
     ).double()
-    _randomize(pre, 0.5, seed=seed)
+    randomize(pre, 0.5, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
     theta = {n: r + torch.randn(r.shape, generator=g, dtype=F64) for n, r in ref.items()}

@@ -37,6 +37,8 @@ def test_every_learner_is_a_meta_learner_and_steps_through_it():
         assert isinstance(learner.learned_optimizer(), metaopt.LearnedOptimizer)
     assert [type(x).default_preset for x in offline] == ["kron-adamw", "metasgd", "metacurvature"]
     assert {"kron-adamw", "metamd-paper", "metasgd", "metacurvature"} <= set(PRESETS.available())
+    # the protocol is structural: a plain torch optimizer must not pass for a meta-learner
+    assert not isinstance(torch.optim.SGD(model.parameters(), lr=0.1), MetaLearner)
 
 
 def test_a_user_engine_is_used_by_metamd_through_the_registry():

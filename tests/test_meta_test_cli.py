@@ -21,6 +21,7 @@ from meta_test.comparison import selection_objective
 from meta_test.report import REQUIRED_KEYS
 from meta_test.space import ADAM_LR_GRID, LR_GRID, WD_GRID
 from metaopt.kron import KroneckerPreconditioner
+from tests._cli import NO_GPU, snapshot
 
 TASK = "meta-test-tiny"
 
@@ -94,10 +95,6 @@ def test_selection_objective() -> None:
     assert selection_objective(t) == ("accuracy", True)
 
 
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
 def _bad_file(tmp_path: Path) -> str:
     """A learned optimizer saved for a 4 -> 3 linear model: the wrong architecture."""
     pre = KroneckerPreconditioner.for_model(nn.Linear(4, 3), "rank1")
@@ -134,14 +131,14 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(
         args[extra[i]] = extra[i + 1].replace("LEARNED", f"learned:{_bad_file(tmp_path)}")
     if len(extra) % 2:
         flags = extra[-1:]
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     argv = [x for kv in args.items() for x in kv] + flags + ["--no-progress"]
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("meta_test: error: ")
     assert message in err
-    assert _snapshot(tmp_path) == before  # nothing written, nothing changed
+    assert snapshot(tmp_path) == before  # nothing written, nothing changed
     assert sorted(os.listdir(tmp_path)) == sorted({Path(k).parts[0] for k in before} | {"out"})
 
 
@@ -261,9 +258,6 @@ def _fails(capsys, argv) -> str:
     return err
 
 
-NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-
-
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -328,14 +322,14 @@ def test_overwrite_never_deletes_an_input_or_a_meta_train_run(tmp_path, capsys) 
     out.mkdir()
     pre = KroneckerPreconditioner.for_model(_tiny().make_model(0), "rank1")
     metaopt.save_preconditioner(pre, out / "learned.safetensors")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     argv = _argv(out, "--overwrite")
     argv[argv.index("sgd")] = f"sgd,learned:{out / 'learned.safetensors'}"
     err = _fails(capsys, argv)
     assert "holds" in err and "an input of this run" in err and "choose another --out" in err
     # the same file not named as an input: still a learned preconditioner, still refused
     assert "learned.safetensors" in _fails(capsys, _argv(out, "--overwrite"))
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
     (out / "learned.safetensors").unlink()
     (out / "run").mkdir()
     (out / "run" / "config.json").write_text('{"learner": "metamd", "outer_steps": 3}')

@@ -23,6 +23,7 @@ import metaopt
 from meta_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from meta_train.cli import main
 from meta_train.metrics import read_metrics
+from tests._cli import assert_identical, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 MD = ["--learner", "metamd", "--family", "lsq-test", "--no-progress"]
@@ -30,22 +31,8 @@ MD = ["--learner", "metamd", "--family", "lsq-test", "--no-progress"]
 MD += ["--inner-steps", "10", "--inner-lr", "0.02", "--meta-lr", "0.05", "--option", "window=5"]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
-
-
-def _assert_identical(a: Path, b: Path) -> None:
-    ta, tb = _tensors(a), _tensors(b)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
 
 
 # --- format ---------------------------------------------------------------------------------
@@ -174,7 +161,7 @@ def test_sigkill_at_a_random_step_then_resume_is_identical(tmp_path: Path) -> No
     kill_at = random.randint(every + 1, 45)
     victim = subprocess.Popen(
         [sys.executable, script, *_cli(tmp_path / "killed", steps, "--checkpoint-every", "4")],
-        env=_env(),
+        env=subprocess_env(),
         stderr=subprocess.DEVNULL,
     )
     metrics = tmp_path / "killed" / "metrics.jsonl"
@@ -194,7 +181,7 @@ def test_sigkill_at_a_random_step_then_resume_is_identical(tmp_path: Path) -> No
     assert ck_step % every == 0 and done - every <= ck_step <= done, (ck_step, done)
     assert main([*_cli(tmp_path / "killed", steps, "--checkpoint-every", "4"), "--resume"]) == 0
     assert main(_cli(tmp_path / "full", steps, "--checkpoint-every", "4")) == 0
-    _assert_identical(
+    assert_identical(
         tmp_path / "full" / "learned_optimizer.safetensors",
         tmp_path / "killed" / "learned_optimizer.safetensors",
     )
@@ -257,7 +244,7 @@ def test_sigterm_checkpoints_the_finished_step_and_resume_is_identical(
     assert not (tmp_path / "t" / "learned_optimizer.safetensors").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     assert main([*stopped, "--resume"]) == 0
-    _assert_identical(
+    assert_identical(
         tmp_path / "full" / "learned_optimizer.safetensors",
         tmp_path / "t" / "learned_optimizer.safetensors",
     )
@@ -481,7 +468,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch(tmp_path,
     (out / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text().splitlines()[0] + "\n")
     (out / ".checkpoint.safetensors.k1ll3d0x.tmp").write_bytes(b"\0" * 100)
     assert main([*args, "--out", str(out), "--resume"]) == 0
-    _assert_identical(full / "learned_optimizer.safetensors", out / "learned_optimizer.safetensors")
+    assert_identical(full / "learned_optimizer.safetensors", out / "learned_optimizer.safetensors")
     ours, theirs = read_metrics(out / "metrics.jsonl"), read_metrics(full / "metrics.jsonl")
     assert [(r["step"], r["meta_objective"]) for r in ours] == [
         (r["step"], r["meta_objective"]) for r in theirs

@@ -17,13 +17,10 @@ import metaopt
 from meta_train.cli import build_parser, main
 from meta_train.config import FIELDS, TrainConfig
 from meta_train.metrics import read_metrics
+from tests._cli import NO_GPU, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--inner-steps", "5", "--inner-lr", "0.02", "--meta-lr", "0.05", "--no-progress"]
-
-
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def test_help_documents_every_option_with_its_default(capsys) -> None:
@@ -161,10 +158,10 @@ def test_non_empty_out_needs_resume_and_resume_needs_the_same_run(tmp_path, caps
     run = ["--learner", "lsq-diag", *BASE, "--outer-steps", "3", "--out", str(out)]
     assert "is not empty" in _bad(capsys, run)
     assert "no checkpoint.safetensors" in _bad(capsys, [*run, "--resume"])
-    assert _snapshot(out) == {"keep.txt": b"precious"}
+    assert snapshot(out) == {"keep.txt": b"precious"}
     done = tmp_path / "done"
     assert main(["--learner", "lsq-diag", *BASE, "--outer-steps", "3", "--out", str(done)]) == 0
-    before = _snapshot(done)
+    before = snapshot(done)
     again = ["--learner", "lsq-diag", *BASE, "--out", str(done)]
     assert "is not empty" in _bad(capsys, [*again, "--outer-steps", "3"])
     err = _bad(capsys, [*again, "--outer-steps", "5", "--seed", "9", "--resume"])
@@ -172,7 +169,7 @@ def test_non_empty_out_needs_resume_and_resume_needs_the_same_run(tmp_path, caps
     assert "exists and is not a directory" in _bad(
         capsys, [*again, "--out", str(done / "config.json")]
     )
-    assert _snapshot(done) == before
+    assert snapshot(done) == before
     # a longer run resumes from the finished one and extends it
     assert main([*again, "--outer-steps", "5", "--resume"]) == 0
     assert [r["step"] for r in read_metrics(done / "metrics.jsonl")] == [1, 2, 3, 4, 5]
@@ -208,9 +205,6 @@ def test_apo_is_refused_under_torchrun(tmp_path, capsys, monkeypatch) -> None:
 
 
 # --- strict values ---------------------------------------------------------------------------
-NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-
-
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -357,7 +351,7 @@ def test_import_registers_a_family_for_python_dash_m_meta_train(tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = metaopt.read_metadata(tmp_path / "D" / "learned_optimizer.safetensors")
     assert meta["user"]["config"]["family"] == "plugin-regression"
-    assert meta["layers"] == {"weight": [1, 3], "bias": [1, 1]} or "weight" in str(meta["layers"])
+    assert meta["layers"] == {"weight": [1, 3], "bias": [1, 1]}
     # without --import the family is unknown: one line, exit 2
     argv[3:5] = []
     argv[-1] = str(tmp_path / "E")

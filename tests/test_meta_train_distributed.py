@@ -8,8 +8,6 @@ reduction being tested.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +18,9 @@ from safetensors.torch import load_file
 
 from meta_train.cli import main
 from meta_train.metrics import read_metrics
+from tests._cli import free_port, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
@@ -37,8 +30,6 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     args += ["--inner-steps", "8", "--option", "window=4", "--inner-lr", "0.02", "--meta-lr", "0.5"]
     args += ["--meta-optimizer", "sgd"]
     args += ["--outer-steps", str(steps), "--checkpoint-every", "2", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     proc = subprocess.run(
         [
             sys.executable,
@@ -47,13 +38,13 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
             "--nnodes=1",
             "--nproc_per_node=2",
             "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
+            f"--master_port={free_port()}",
             str(ROOT / "tests" / "meta_train_lsq.py"),
             *args,
             "--out",
             str(tmp_path / "two"),
         ],
-        env=env,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,21 +1,20 @@
 """meta_train refuses to write a learned optimizer that nothing was learned into, or that
 diverged to absurd values (exit 1, one line, no file)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests._cli import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 LSQ = ["--family", "lsq-test", "--no-progress", "--outer-steps", "3", "--inner-steps", "4"]
 
 
 def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}  # fmt: skip
     cmd = [sys.executable, str(ROOT / "tests" / "meta_train_lsq.py"), *LSQ, *extra,
            "--out", str(tmp_path / "run")]  # fmt: skip
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
 def test_an_absurd_result_is_refused(tmp_path):

@@ -186,12 +186,3 @@ def test_one_user_defined_meta_objective_runs_with_metamd_and_apo():
         apo.step(next(stream), fsd_batch=next(stream))
     assert len(calls) > n_metamd  # the same function ran inside APO's meta steps
     assert apo.hparam_log() != lr0  # and its meta-gradient moved APO's learning rate
-
-
-def test_every_learner_is_a_meta_learner():
-    family = RegressionFamily()
-    for cls in (MetaMD, MetaSGD, MetaCurvature):
-        assert isinstance(cls(family, **SMALL), metaopt.MetaLearner), cls
-    model = regression_task(0).make_model(0)
-    assert isinstance(metaopt.APO(model, torch.nn.functional.mse_loss), metaopt.MetaLearner)
-    assert not isinstance(torch.optim.SGD(model.parameters(), lr=0.1), metaopt.MetaLearner)

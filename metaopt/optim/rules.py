@@ -291,8 +291,9 @@ class RMSpropRule(UpdateRule):
     """``torch.optim.RMSprop`` (not centered): ``v = alpha v + (1 - alpha) g^2``,
     ``d = g / ((v + eps_root)^power + eps)`` (``power`` 1/2 computed as ``sqrt``), then
     optional heavy-ball momentum on ``d``. ``power`` is rho of APO's RMSprop (Bae et al.
-    2022, earlier version, Eq. 21); a tensor ``power`` needs ``eps_root > 0`` where
-    ``v = 0``."""
+    2022, earlier version, Eq. 21). With a tensor ``power``, where ``v = 0`` the derivative
+    in ``power`` is finite without ``eps_root`` (torch takes ``0 log 0`` as 0); the one in
+    ``v`` (``power v^(power - 1)``, infinite for ``power < 1``) needs ``eps_root > 0``."""
 
     defaults: ClassVar[dict[str, Any]] = {
         "alpha": 0.99,

@@ -52,7 +52,8 @@ class APOConfig:
         weight_decay: L2 added to the gradient.
         betas, eps, eps_root: Adam / RMSprop constants (``eps`` is also RMSprop's initial
             eps for ``"rmsprop-eps-rho"``). ``eps_root=None``: ``1e-30`` for
-            ``"rmsprop-eps-rho"`` (the derivative in rho needs ``v + eps_root > 0``), else 0.
+            ``"rmsprop-eps-rho"``, else 0; the derivative in rho is finite at ``v = 0``
+            without it, the derivative in ``v`` there only with ``eps_root > 0``.
         alpha: RMSprop's decay of the squared-gradient average (default 0.99).
         power: RMSprop's initial power rho (default 0.5).
         damping: K-FAC's initial damping (default 1e-3).
