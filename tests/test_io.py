@@ -248,7 +248,7 @@ def test_malformed_optimizer_hparams_are_refused_naming_the_field(tmp_path, hpar
     path = tmp_path / "opt.safetensors"
     pre = KroneckerPreconditioner.for_model(_model(), "rank1")
     save_learned_optimizer(LearnedOptimizer(pre, "sgdm", {}, 0.1), path)
-    _rewrite(path, meta=lambda m: m["optimizer"].update(hparams=hparams))
+    rewrite_safetensors(path, meta=lambda m: m["optimizer"].update(hparams=hparams))
     with pytest.raises(ValueError) as err:
         load_learned_optimizer(path, _model())
     message = f"metadata field 'optimizer.hparams' is {hparams!r}; expected a dict"

@@ -90,10 +90,9 @@ def test_a_rank_hung_at_the_checkpoint_gather_is_a_collective_failure(tmp_path: 
     error with a traceback."""
     script = tmp_path / "hung.py"
     script.write_text(HUNG_AT_GATHER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script)]  # fmt: skip
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script)]  # fmt: skip
+    proc = subprocess.run(argv, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     line = next((x for x in proc.stdout.splitlines() if x.startswith("CollectiveFailed")), None)
     assert line is not None, proc.stderr[-3000:]
